@@ -1,0 +1,196 @@
+"""Typed configuration: plain dataclasses, no registries.
+
+A recipe (``recipes/*.py``) builds a :class:`Recipe` from these defaults and overrides fields; the command line
+can override any field with ``--set section.field=value`` (see :func:`apply_overrides`).
+Defaults are the official DINO R50 4-scale values (``../shared/reference/dino_official_facts.md``).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class BackboneConfig:
+    # "resnet50" (or any torchvision resnet name) builds a torchvision ResNet with FrozenBatchNorm2d;
+    # "timm:<model_name>" builds a timm model with features_only=True (e.g. "timm:swin_large_patch4_window12_384").
+    name: str = "resnet50"
+    # Indices of the backbone stages fed to the transformer: (1, 2, 3) = C3..C5 (4-scale), (0, 1, 2, 3) = C2..C5 (5-scale).
+    return_levels: tuple[int, ...] = (1, 2, 3)
+    # None: random init (tests, never downloads). A file path: load that state dict.
+    # "torchvision" / "timm": download the library's pretrained weights (needs internet).
+    pretrained: str | None = None
+    # Official: stem and layer1 frozen for ResNet; all stages train otherwise.
+    freeze_stem_and_layer1: bool = True
+    gradient_checkpointing: bool = False
+    # Extra keyword arguments for timm.create_model (e.g. {"img_size": 384}).
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TransformerConfig:
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.0
+    num_feature_levels: int = 4
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 900
+    two_stage_bbox_size: float = 0.05  # proposal w/h at level 0, doubled each level
+    pe_temperature: float = 20.0
+
+
+@dataclass
+class DenoisingConfig:
+    enabled: bool = True
+    dn_number: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0  # the official configs say 0.4 but every official training script sets 1.0
+    labelbook_size: int = 91  # label embedding table has labelbook_size + 1 rows
+
+
+@dataclass
+class MatcherConfig:
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    focal_alpha: float = 0.25
+
+
+@dataclass
+class LossConfig:
+    cls_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    interm_loss_coef: float = 1.0
+    dn_loss_coef: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    aux_loss: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    num_classes: int = 91  # COCO: category ids are used directly as labels (max id 90)
+    num_select: int = 300  # post-processing top-k over queries x classes
+
+
+@dataclass
+class DataConfig:
+    # "shapes": the built-in synthetic COCO-format dataset generated into `root`; "coco": a COCO-format dataset.
+    dataset: str = "shapes"
+    root: str = "data/shapes"
+    train_images: str = "train"  # relative to root unless absolute
+    train_annotations: str = "annotations/train.json"
+    val_images: str = "val"
+    val_annotations: str = "annotations/val.json"
+    # "official": COCO category ids used directly as labels (num_classes 91). "contiguous": ids mapped to 0..K-1.
+    label_mapping: str = "contiguous"
+    num_classes: int | None = None  # None: derived from the annotations json
+    train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    train_max_size: int = 1333
+    crop_resize_scales: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)
+    val_scale: int = 800
+    val_max_size: int = 1333
+    num_workers: int = 2
+    # Shapes generator (only for dataset="shapes").
+    shapes_train_images: int = 512
+    shapes_val_images: int = 64
+    shapes_image_size: int = 128
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    epochs: int = 12
+    lr_drop_epochs: tuple[int, ...] = (11,)
+    lr_drop_factor: float = 0.1
+    # The official effective batch; per-device batch x processes x accumulation is made to equal it.
+    total_batch_size: int = 16
+    batch_size_per_device: int | None = None  # None: chosen from total_batch_size and the number of processes
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (accelerate's flag)
+    ema: bool = False
+    ema_decay: float = 0.9997
+    checkpoint_every_steps: int = 500
+    eval_every_epochs: int = 1
+    log_every_steps: int = 20
+    max_steps_per_epoch: int | None = None  # for smoke tests
+    tracker: str | None = "tensorboard"  # None disables accelerate trackers
+
+
+@dataclass
+class Recipe:
+    name: str = "dino_r50_4scale_12ep"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    """Parses an override's text with the type of the field's current value in mind."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if text.lower() in ("none", "null"):
+        return None
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    if isinstance(current, tuple) and isinstance(value, (list, tuple, int, float)):
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Applies ``section.field=value`` overrides in place and returns ``cfg``.
+
+    Raises ValueError naming the override when the path does not exist or the value cannot be parsed.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        obj = cfg
+        for name in parts[:-1]:
+            if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
+                raise ValueError(f"override {item!r}: no config section {name!r}")
+            obj = getattr(obj, name)
+        leaf = parts[-1]
+        if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
+            raise ValueError(f"override {item!r}: no field {leaf!r} in {type(obj).__name__}")
+        try:
+            setattr(obj, leaf, _parse_value(text.strip(), getattr(obj, leaf)))
+        except ValueError as err:
+            raise ValueError(f"override {item!r}: {err}") from None
+    return cfg
