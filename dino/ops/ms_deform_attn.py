@@ -29,16 +29,15 @@ def ms_deform_attn_pytorch(
     """
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    # Python ints so that tracing/export sees static split sizes when shapes are constants.
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()] if not torch.jit.is_tracing() else (
-        spatial_shapes[:, 0] * spatial_shapes[:, 1]
-    ).tolist()
+    # Python ints: split sizes stay static under tracing and export.
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    sizes = [h * w for h, w in shapes]
     value_list = value.split(sizes, dim=1)
     grids = 2 * sampling_locations - 1
     sampled = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(shapes):
         # (B, H*W, M, D) -> (B*M, D, H, W)
-        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * M, D, int(h), int(w))
+        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
         # (B, Q, M, P, 2) -> (B*M, Q, P, 2)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
