@@ -1,0 +1,52 @@
+"""``build_dataset``: the dataset named by a :class:`~dino.config.DataConfig` for one split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dino.config import DataConfig
+from dino.data.coco import CocoDetection
+from dino.data.shapes import generate_shapes_dataset
+from dino.data.transforms import build_transforms
+
+__all__ = ["DATASETS", "build_dataset", "split_paths"]
+
+DATASETS = ("shapes", "coco")
+
+
+def split_paths(data_cfg: DataConfig, split: str) -> tuple[Path, Path]:
+    """(images folder, annotations json) of ``split``; relative config paths are relative to ``data_cfg.root``."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    root = Path(data_cfg.root)
+    images = Path(data_cfg.train_images if split == "train" else data_cfg.val_images)
+    annotations = Path(data_cfg.train_annotations if split == "train" else data_cfg.val_annotations)
+    return (images if images.is_absolute() else root / images), (
+        annotations if annotations.is_absolute() else root / annotations
+    )
+
+
+def build_dataset(data_cfg: DataConfig, split: str) -> CocoDetection:
+    """The ``split`` ("train" or "val") dataset with the official transforms at the configured scales.
+
+    ``dataset="shapes"`` generates the synthetic dataset into ``data_cfg.root`` first (a no-op when it is there);
+    ``dataset="coco"`` reads any COCO-format dataset. ``dataset.num_classes`` and ``dataset.label_to_category_id``
+    follow ``data_cfg.label_mapping`` / ``data_cfg.num_classes``.
+    """
+    if data_cfg.dataset not in DATASETS:
+        raise ValueError(f"data.dataset must be one of {DATASETS}, got {data_cfg.dataset!r}")
+    if data_cfg.dataset == "shapes":
+        generate_shapes_dataset(
+            data_cfg.root,
+            data_cfg.shapes_train_images,
+            data_cfg.shapes_val_images,
+            data_cfg.shapes_image_size,
+            seed=data_cfg.shapes_seed,
+        )
+    images, annotations = split_paths(data_cfg, split)
+    return CocoDetection(
+        images,
+        annotations,
+        transforms=build_transforms(data_cfg, split),
+        label_mapping=data_cfg.label_mapping,
+        num_classes=data_cfg.num_classes,
+    )

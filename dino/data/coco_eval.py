@@ -1,0 +1,133 @@
+"""COCO box AP with pycocotools: predictions -> COCO results, the 12 summary stats and their standard table."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["STAT_NAMES", "coco_gt", "evaluate_coco", "format_ap_table", "predictions_to_coco"]
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# (kind, IoU, area, maxDets) of each stat, in pycocotools' summarize() order.
+_STAT_ROWS = (
+    ("AP", "0.50:0.95", "all", 100),
+    ("AP", "0.50", "all", 100),
+    ("AP", "0.75", "all", 100),
+    ("AP", "0.50:0.95", "small", 100),
+    ("AP", "0.50:0.95", "medium", 100),
+    ("AP", "0.50:0.95", "large", 100),
+    ("AR", "0.50:0.95", "all", 1),
+    ("AR", "0.50:0.95", "all", 10),
+    ("AR", "0.50:0.95", "all", 100),
+    ("AR", "0.50:0.95", "small", 100),
+    ("AR", "0.50:0.95", "medium", 100),
+    ("AR", "0.50:0.95", "large", 100),
+)
+
+
+def coco_gt(dataset: Any):
+    """The pycocotools ``COCO`` ground truth of a :class:`~dino.data.coco.CocoDetection` (also through ``Subset``)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if not hasattr(dataset, "coco"):
+        raise TypeError(f"coco_gt: {type(dataset).__name__} has no COCO ground truth (expected CocoDetection)")
+    return dataset.coco
+
+
+def label_to_category(dataset: Any) -> dict[int, int]:
+    """The dataset's ``label_to_category_id`` mapping (also through ``Subset``)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dict(dataset.label_to_category_id)
+
+
+def predictions_to_coco(
+    results: Sequence[Mapping[str, torch.Tensor]],
+    image_ids: Sequence[int],
+    label_to_category_id: Mapping[int, int] | Sequence[int] | None = None,
+) -> list[dict]:
+    """COCO result dicts from post-processed predictions.
+
+    Args:
+        results: per image ``{"scores": (K,), "labels": (K,) int64, "boxes": (K, 4) xyxy pixels in orig_size}``
+            (the output of ``PostProcess`` called with ``orig_size`` as the target size).
+        image_ids: the COCO image id of each result.
+        label_to_category_id: label -> category id (``dataset.label_to_category_id``); None: labels are category ids.
+            Predictions whose label has no category (e.g. label 0 with the official 91-class mapping) are dropped.
+    Returns:
+        ``[{"image_id", "category_id", "bbox": [x, y, w, h] pixels, "score"}, ...]``.
+    """
+    if len(results) != len(image_ids):
+        raise ValueError(f"predictions_to_coco: {len(results)} results but {len(image_ids)} image ids")
+    if label_to_category_id is not None and not isinstance(label_to_category_id, Mapping):
+        label_to_category_id = dict(enumerate(label_to_category_id))
+    out = []
+    for result, image_id in zip(results, image_ids):
+        boxes = result["boxes"].detach().float().cpu().reshape(-1, 4)
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        scores = result["scores"].detach().float().cpu().tolist()
+        labels = result["labels"].detach().cpu().tolist()
+        if not len(xywh) == len(scores) == len(labels):
+            raise ValueError(
+                f"predictions_to_coco: image {image_id} has {len(xywh)} boxes, {len(scores)} scores, {len(labels)} labels"
+            )
+        for box, score, label in zip(xywh, scores, labels):
+            if label_to_category_id is None:
+                category_id = int(label)
+            elif label in label_to_category_id:
+                category_id = int(label_to_category_id[label])
+            else:
+                continue
+            out.append({"image_id": int(image_id), "category_id": category_id, "bbox": box, "score": float(score)})
+    return out
+
+
+def evaluate_coco(
+    coco_gt: Any,
+    predictions: Sequence[dict],
+    image_ids: Sequence[int] | None = None,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """Box AP of COCO result dicts against ``coco_gt``; returns the 12 stats named in :data:`STAT_NAMES`.
+
+    ``image_ids`` restricts evaluation to those images (e.g. when only part of the val set was run); default all.
+    Empty predictions give all zeros. pycocotools' prints are silenced unless ``verbose``. A stat with no ground truth
+    in its area range is -1, as pycocotools reports it.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if not predictions:
+        return {name: 0.0 for name in STAT_NAMES}
+    known = set(coco_gt.getImgIds())
+    unknown = {p["image_id"] for p in predictions} - known
+    if unknown:
+        raise ValueError(f"evaluate_coco: predictions for image ids not in the ground truth: {sorted(unknown)[:10]}")
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        # loadRes adds fields to the dicts it is given; keep the caller's list untouched.
+        coco_dt = coco_gt.loadRes(copy.deepcopy(list(predictions)))
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(set(int(i) for i in image_ids))
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(v) for name, v in zip(STAT_NAMES, np.asarray(evaluator.stats, dtype=float))}
+
+
+def format_ap_table(stats: Mapping[str, float]) -> str:
+    """The standard 12-line pycocotools summary for stats named as in :data:`STAT_NAMES`."""
+    missing = [name for name in STAT_NAMES if name not in stats]
+    if missing:
+        raise ValueError(f"format_ap_table: stats lack {missing}")
+    lines = []
+    for name, (kind, iou, area, max_dets) in zip(STAT_NAMES, _STAT_ROWS):
+        title = "Average Precision" if kind == "AP" else "Average Recall"
+        lines.append(
+            f" {title:<18} ({kind}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = {stats[name]:0.3f}"
+        )
+    return "\n".join(lines)

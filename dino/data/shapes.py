@@ -1,0 +1,227 @@
+"""The built-in synthetic "shapes" detection dataset, written in COCO format.
+
+Each image shows 1-4 saturated rectangles, ellipses and triangles (categories 1, 2, 3) on a desaturated textured
+background (smooth noise, a gradient or stripes), so the classes are told apart by shape, not colour, and objects
+always stand out from the background. Objects span 15-50% of the image side and may overlap a little (at most 25% of
+the smaller box), later shapes drawn over earlier ones; the boxes are the full (unoccluded) extents.
+
+Layout under ``root``::
+
+    train/000000.png ...   val/000000.png ...
+    annotations/train.json  annotations/val.json
+    .shapes_stamp.json      (the generation parameters; a matching stamp makes generation a no-op)
+
+Generation is deterministic (numpy ``default_rng`` seeded from ``(seed, split, index)``) and atomic: everything is
+written into a temporary sibling folder that is renamed to ``root`` at the end, so concurrent callers (one per
+process) never see a half-written dataset.
+"""
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["CATEGORIES", "generate_shapes_dataset", "render_shapes_image"]
+
+CATEGORIES = [
+    {"id": 1, "name": "rectangle", "supercategory": "shape"},
+    {"id": 2, "name": "ellipse", "supercategory": "shape"},
+    {"id": 3, "name": "triangle", "supercategory": "shape"},
+]
+_STAMP = ".shapes_stamp.json"
+# Bump when the rendering changes so existing folders are regenerated.
+_VERSION = 1
+_MAX_OVERLAP = 0.25  # intersection / area of the smaller box
+_SPLITS = {"train": 0, "val": 1}
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) float32 in [0, 255], low saturation so saturated objects stand out."""
+    base = rng.uniform(50, 200, size=3)
+    base = base.mean() + 0.25 * (base - base.mean())  # desaturate
+    kind = rng.integers(3)
+    if kind == 0:  # smooth noise: upsampled low-resolution noise
+        cells = int(rng.integers(4, 17))
+        low = rng.normal(0, 30, size=(cells, cells)).astype(np.float32)
+        tex = np.asarray(Image.fromarray(low, mode="F").resize((size, size), Image.BICUBIC))
+    else:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        angle = rng.uniform(0, np.pi)
+        proj = np.cos(angle) * xx + np.sin(angle) * yy
+        if kind == 1:  # linear gradient
+            tex = (proj - proj.mean()) * rng.uniform(40, 100)
+        else:  # stripes
+            tex = np.sin(2 * np.pi * proj * rng.uniform(3, 10)) * rng.uniform(10, 30)
+    img = base[None, None, :] + tex[..., None] * rng.uniform(0.8, 1.2, size=3)
+    return np.clip(img, 0, 255)
+
+
+def _object_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0))
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / smaller
+
+
+def _place_boxes(rng: np.random.Generator, size: int) -> list[tuple[int, int, int, int]]:
+    """1-4 integer boxes (x0, y0, x1, y1), x1/y1 exclusive, inside the image, overlapping at most _MAX_OVERLAP."""
+    wanted = int(rng.integers(1, 5))
+    lo, hi = max(4, round(0.15 * size)), max(5, round(0.5 * size))
+    boxes: list[tuple[int, int, int, int]] = []
+    for _ in range(wanted * 20):
+        if len(boxes) == wanted:
+            break
+        w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        if max(w, h) > 2.5 * min(w, h):  # keep aspect ratios where shapes stay recognisable
+            continue
+        x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+        box = (x0, y0, x0 + w, y0 + h)
+        if all(_overlap(box, other) <= _MAX_OVERLAP for other in boxes):
+            boxes.append(box)
+    return boxes
+
+
+def _triangle(rng: np.random.Generator, box: tuple[int, int, int, int]) -> list[tuple[float, float]]:
+    """A triangle whose tight bounding box is ``box``: a base on one side, the apex on the opposite side."""
+    x0, y0, x1, y1 = box[0], box[1], box[2] - 1, box[3] - 1
+    t = rng.uniform(0.2, 0.8)
+    side = int(rng.integers(4))
+    if side == 0:  # apex up
+        return [(x0 + t * (x1 - x0), y0), (x0, y1), (x1, y1)]
+    if side == 1:  # apex down
+        return [(x0 + t * (x1 - x0), y1), (x0, y0), (x1, y0)]
+    if side == 2:  # apex left
+        return [(x0, y0 + t * (y1 - y0)), (x1, y0), (x1, y1)]
+    return [(x1, y0 + t * (y1 - y0)), (x0, y0), (x0, y1)]
+
+
+def render_shapes_image(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[dict]]:
+    """Draws one image; returns it and its objects as ``{"category_id", "bbox": [x, y, w, h]}`` (pixels)."""
+    canvas = Image.fromarray(_background(rng, size).astype(np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(canvas)
+    objects = []
+    for box in _place_boxes(rng, size):
+        category_id = int(rng.integers(1, 4))
+        colour = _object_colour(rng)
+        corners = [box[0], box[1], box[2] - 1, box[3] - 1]  # PIL's rectangle/ellipse bounds are inclusive
+        if category_id == 1:
+            draw.rectangle(corners, fill=colour)
+        elif category_id == 2:
+            draw.ellipse(corners, fill=colour)
+        else:
+            draw.polygon(_triangle(rng, box), fill=colour)
+        objects.append(
+            {"category_id": category_id, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]}
+        )
+    # Mild sensor noise over everything so flat colours are not a shortcut.
+    pixels = np.asarray(canvas, dtype=np.float32) + rng.normal(0, 4, size=(size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB"), objects
+
+
+def _write_split(folder: Path, split: str, count: int, size: int, seed: int) -> None:
+    (folder / split).mkdir(parents=True)
+    images, annotations = [], []
+    for index in range(count):
+        rng = np.random.default_rng([seed, _SPLITS[split], index])
+        image, objects = render_shapes_image(rng, size)
+        file_name = f"{index:06d}.png"
+        image.save(folder / split / file_name, format="PNG")
+        image_id = index + 1
+        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+        for obj in objects:
+            w, h = obj["bbox"][2], obj["bbox"][3]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": obj["category_id"],
+                    "bbox": obj["bbox"],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    data = {
+        "info": {"description": f"dino synthetic shapes, {split}", "version": str(_VERSION)},
+        "images": images,
+        "annotations": annotations,
+        "categories": CATEGORIES,
+    }
+    (folder / "annotations").mkdir(exist_ok=True)
+    with open(folder / "annotations" / f"{split}.json", "w") as f:
+        json.dump(data, f)
+
+
+def _read_stamp(root: Path) -> dict | None:
+    try:
+        with open(root / _STAMP) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def generate_shapes_dataset(
+    root: str | os.PathLike, num_train: int, num_val: int, image_size: int, seed: int = 0
+) -> Path:
+    """Generates the shapes dataset into ``root`` (see the module docstring) and returns ``root`` as a Path.
+
+    A no-op when ``root`` already holds a dataset generated with the same parameters. A ``root`` holding a shapes
+    dataset with other parameters is replaced; a non-empty ``root`` that is not a shapes dataset is an error (it is
+    never deleted). 512 + 64 images of 128 px take a couple of seconds.
+    """
+    for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("image_size", image_size, 32)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"generate_shapes_dataset: {name} must be an int >= {low}, got {value!r}")
+    root = Path(root)
+    params = {
+        "version": _VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "image_size": image_size,
+        "seed": seed,
+    }
+    old = _read_stamp(root)
+    if old == params:
+        return root
+    if root.exists() and old is None and any(root.iterdir()):
+        raise ValueError(
+            f"{root} exists, is not empty and is not a shapes dataset (no {_STAMP}); "
+            "refusing to overwrite it: choose another data.root"
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not secret
+    try:
+        _write_split(tmp, "train", num_train, image_size, seed)
+        _write_split(tmp, "val", num_val, image_size, seed)
+        with open(tmp / _STAMP, "w") as f:
+            json.dump(params, f)
+        if root.exists():
+            # Move the old folder aside first so `root` is never a mix of two generations.
+            trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            try:
+                os.replace(root, trash / "old")
+            except FileNotFoundError:  # another process moved it already
+                pass
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            # Another process finished first; its dataset is equally good if the parameters match.
+            if _read_stamp(root) != params:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

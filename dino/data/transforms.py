@@ -1,0 +1,155 @@
+"""Official DINO train/val augmentations on ``torchvision.transforms.v2`` with ``tv_tensors.BoundingBoxes``.
+
+A sample is ``(image, target)`` where ``image`` is a PIL image or ``tv_tensors.Image`` (uint8) and ``target`` a dict
+with ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY pixels, ``canvas_size`` = (h, w)) and ``labels (N,) int64``.
+Because the boxes are tv_tensors, every geometric transform moves them with the image, and
+``SanitizeBoundingBoxes`` drops boxes that a crop made degenerate together with their labels.
+
+Train (official ``make_coco_transforms('train')``): horizontal flip p=0.5, then with p=0.5 either a multi-scale resize
+(shorter side one of ``train_scales``, longer side at most ``train_max_size``) or resize to one of
+``crop_resize_scales`` -> random crop of side ``crop_size[0]..crop_size[1]`` -> the same multi-scale resize; then
+ImageNet normalisation. Val: shorter side ``val_scale``, longer side at most ``val_max_size``.
+Sanitising keeps boxes at least 1 pixel wide and high (torchvision's lower bound); the official code keeps any box of
+positive size, which differs only for sub-pixel slivers left by a crop.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import PIL.Image
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from dino.config import DataConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RandomResize",
+    "RandomSizeCrop",
+    "build_transforms",
+    "resized_size",
+]
+
+
+def _sample_size(flat_inputs: list[Any]) -> tuple[int, int]:
+    """(h, w) of the image in a flattened sample (falls back to the boxes' canvas)."""
+    for inpt in flat_inputs:
+        if isinstance(inpt, (tv_tensors.Image, PIL.Image.Image)):
+            h, w = F.get_size(inpt)
+            return int(h), int(w)
+    for inpt in flat_inputs:
+        if isinstance(inpt, tv_tensors.BoundingBoxes):
+            return tuple(int(s) for s in inpt.canvas_size)  # type: ignore[return-value]
+    raise TypeError("sample holds no image (PIL image or tv_tensors.Image) and no BoundingBoxes")
+
+
+def resized_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """Output (h, w) when the shorter side goes to ``size`` and the longer side stays <= ``max_size``.
+
+    Same arithmetic as the official ``get_size_with_aspect_ratio`` so the shorter side is exactly ``size`` when
+    the cap does not bite (no float truncation to ``size - 1``).
+    """
+    short, long = (height, width) if height <= width else (width, height)
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if height <= width else (new_long, new_short)
+
+
+class RandomResize(v2.Transform):
+    """Resizes the shorter side to a size drawn uniformly from ``sizes``, longer side capped at ``max_size``."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None) -> None:
+        super().__init__()
+        sizes = [int(s) for s in ([sizes] if isinstance(sizes, int) else sizes)]
+        if not sizes or min(sizes) <= 0:
+            raise ValueError(f"RandomResize: sizes must be a non-empty list of positive ints, got {sizes}")
+        if max_size is not None and max_size <= 0:
+            raise ValueError(f"RandomResize: max_size must be positive, got {max_size}")
+        self.sizes = sizes
+        self.max_size = max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = _sample_size(flat_inputs)
+        size = self.sizes[int(torch.randint(len(self.sizes), ()))]
+        return {"size": list(resized_size(h, w, size, self.max_size))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return F.resize(inpt, size=params["size"], antialias=True)
+
+
+class RandomSizeCrop(v2.Transform):
+    """Crops a random region whose width and height are drawn uniformly from ``[min_size, max_size]``.
+
+    Each side is also capped by the image side (and the lower bound lowered to it), so small images are never an
+    error: the official transform fails on images smaller than ``min_size``.
+    """
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        super().__init__()
+        if not 0 < min_size <= max_size:
+            raise ValueError(f"RandomSizeCrop: need 0 < min_size <= max_size, got ({min_size}, {max_size})")
+        self.min_size = int(min_size)
+        self.max_size = int(max_size)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = _sample_size(flat_inputs)
+        cw = int(torch.randint(min(self.min_size, w), min(self.max_size, w) + 1, ()))
+        ch = int(torch.randint(min(self.min_size, h), min(self.max_size, h) + 1, ()))
+        top = int(torch.randint(0, h - ch + 1, ()))
+        left = int(torch.randint(0, w - cw + 1, ()))
+        return {"top": top, "left": left, "height": ch, "width": cw}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return F.crop(inpt, **params)
+
+
+def _to_normalised_float() -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
+
+
+def build_transforms(data_cfg: DataConfig, split: str) -> v2.Compose:
+    """The official augmentation pipeline for ``split`` ("train" or "val") at the scales in ``data_cfg``.
+
+    Input ``(image, target)`` as described in the module docstring; output ``(image (3,H,W) float32 normalised,
+    target)`` with ``target["boxes"]`` still XYXY pixels on the transformed canvas.
+    """
+    if split == "train":
+        scales = tuple(data_cfg.train_scales)
+        multi_scale = RandomResize(scales, max_size=data_cfg.train_max_size)
+        lo, hi = data_cfg.crop_size
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomHorizontalFlip(p=0.5),
+                v2.RandomChoice(
+                    [
+                        multi_scale,
+                        v2.Compose(
+                            [
+                                RandomResize(tuple(data_cfg.crop_resize_scales)),
+                                RandomSizeCrop(lo, hi),
+                                RandomResize(scales, max_size=data_cfg.train_max_size),
+                            ]
+                        ),
+                    ]
+                ),
+                v2.SanitizeBoundingBoxes(),
+                *_to_normalised_float(),
+            ]
+        )
+    if split == "val":
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                RandomResize([data_cfg.val_scale], max_size=data_cfg.val_max_size),
+                *_to_normalised_float(),
+            ]
+        )
+    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
