@@ -108,6 +108,9 @@ class DataConfig:
     shapes_train_images: int = 512
     shapes_val_images: int = 64
     shapes_image_size: int = 128
+    shapes_seed: int = 0
+    # Batches are padded to a multiple of this (1: the batch maximum, as the official code).
+    size_divisibility: int = 1
 
 
 @dataclass
