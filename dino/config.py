@@ -139,6 +139,13 @@ class TrainConfig:
     log_every_steps: int = 20
     max_steps_per_epoch: int | None = None  # for smoke tests
     tracker: str | None = "tensorboard"  # None disables accelerate trackers
+    # Stop after this many optimizer steps in total (a clean stop after the step's checkpoint; resuming continues).
+    max_steps: int | None = None
+    keep_checkpoints: int = 2
+    auto_resume: bool = True  # continue from output_dir/checkpoints when present and no --resume is given
+    cpu: bool = False  # force the CPU even when a GPU is present
+    # Collective-op timeout: when a worker dies the others fail with an error after this long instead of hanging.
+    process_group_timeout_s: int = 600
 
 
 @dataclass
