@@ -85,23 +85,31 @@ class HungarianMatcher(nn.Module):
             )
         if len(targets) != logits.shape[0]:
             raise ValueError(f"got {len(targets)} targets for a batch of {logits.shape[0]} predictions")
+        if logits.dtype not in (torch.float32, torch.float64):
+            # Half-precision costs tie often and cannot go through numpy; the assignment deserves float32.
+            logits, boxes = logits.float(), boxes.float()
+        sizes = [len(t["labels"]) for t in targets]
+        batch, num_queries = logits.shape[:2]
+        if sum(sizes) == 0:
+            return [(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)) for _ in targets]
+        # One cost matrix for the whole batch and a single device-to-host copy, as official; the blocks off the
+        # image diagonal are wasted but cheap next to the sync each per-image copy would cost.
+        tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)
+        cost = matching_cost(
+            logits.flatten(0, 1), boxes.flatten(0, 1), tgt_labels, tgt_boxes,
+            self.cost_class, self.cost_bbox, self.cost_giou, self.focal_alpha,
+        )
+        cost = cost.view(batch, num_queries, -1).cpu()
         indices = []
-        for i, tgt in enumerate(targets):
-            labels, tgt_boxes = tgt["labels"], tgt["boxes"]
-            if labels.numel() == 0:
-                empty = torch.empty(0, dtype=torch.int64)
-                indices.append((empty, empty.clone()))
-                continue
-            cost = matching_cost(
-                logits[i], boxes[i], labels, tgt_boxes.to(boxes.dtype),
-                self.cost_class, self.cost_bbox, self.cost_giou, self.focal_alpha,
-            ).cpu()
-            if not torch.isfinite(cost).all():
+        for i, block in enumerate(cost.split(sizes, -1)):
+            image_cost = block[i]
+            if not torch.isfinite(image_cost).all():
                 raise ValueError(
                     f"matching cost of image {i} is not finite: pred_logits/pred_boxes or targets[{i}]['boxes'] hold "
                     "NaN/inf or degenerate boxes"
                 )
-            rows, cols = linear_sum_assignment(cost.numpy())
+            rows, cols = linear_sum_assignment(image_cost.numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
 

@@ -196,3 +196,16 @@ def test_bad_targets_are_named():
         crit(out, bad)
     with pytest.raises(ValueError, match="batch of 2"):
         crit(out, _targets()[:1])
+
+
+def test_bfloat16_outputs():
+    out = _outputs(dn_groups=1)
+
+    def cast(d):
+        return {k: (v.detach().to(torch.bfloat16).requires_grad_() if torch.is_tensor(v) else v) for k, v in d.items()}
+
+    out = {**cast(out), "aux_outputs": [cast(a) for a in out["aux_outputs"]], "interm_outputs": cast(out["interm_outputs"])}
+    losses = _criterion()(out, _targets())
+    assert all(torch.isfinite(v.float()) for v in losses.values())
+    losses["loss_ce"].backward()
+    assert out["pred_logits"].grad is not None

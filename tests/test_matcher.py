@@ -90,3 +90,11 @@ def test_bad_input_errors():
         HungarianMatcher()(outputs, targets)
     with pytest.raises(ValueError, match="cannot all be 0"):
         HungarianMatcher(0, 0, 0)
+
+
+def test_half_precision_outputs_match_like_float32():
+    outputs, targets = _random_case(6, batch=2, num_queries=5, num_classes=3, sizes=[2, 3])
+    half = {k: v.to(torch.bfloat16) for k, v in outputs.items()}
+    as_float = {k: v.float() for k, v in half.items()}
+    for (r1, c1), (r2, c2) in zip(HungarianMatcher()(half, targets), HungarianMatcher()(as_float, targets)):
+        assert torch.equal(r1, r2) and torch.equal(c1, c2)
