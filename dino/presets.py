@@ -1,0 +1,70 @@
+"""Model presets: the official DINO configurations and a small CPU-trainable one.
+
+``get_preset(name)`` returns a fresh :class:`~dino.config.ModelConfig` (callers may modify it).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from dino.config import BackboneConfig, DenoisingConfig, ModelConfig, TransformerConfig
+
+
+def dino_r50_4scale() -> ModelConfig:
+    """Official DINO-4scale R50: C3-C5 + one extra level, 900 queries, 91 COCO classes (46,893,182 params)."""
+    return ModelConfig(backbone=BackboneConfig(name="resnet50", return_levels=(1, 2, 3)),
+                       transformer=TransformerConfig(num_feature_levels=4))
+
+
+def dino_r50_5scale() -> ModelConfig:
+    """Official DINO-5scale R50: C2-C5 + one extra level."""
+    return ModelConfig(backbone=BackboneConfig(name="resnet50", return_levels=(0, 1, 2, 3)),
+                       transformer=TransformerConfig(num_feature_levels=5))
+
+
+def _swin_large(return_levels: tuple[int, ...]) -> BackboneConfig:
+    # strict_img_size=False: detection images are not 384x384 (timm pads to the window size itself).
+    return BackboneConfig(name="timm:swin_large_patch4_window12_384", return_levels=return_levels,
+                          freeze_stem_and_layer1=False, gradient_checkpointing=True,
+                          timm_kwargs={"strict_img_size": False})
+
+
+def dino_swinl_4scale() -> ModelConfig:
+    """DINO-4scale Swin-L (384, window 12): stages 1-3 + one extra level."""
+    return ModelConfig(backbone=_swin_large((1, 2, 3)), transformer=TransformerConfig(num_feature_levels=4))
+
+
+def dino_swinl_5scale() -> ModelConfig:
+    """DINO-5scale Swin-L: stages 0-3 + one extra level."""
+    return ModelConfig(backbone=_swin_large((0, 1, 2, 3)), transformer=TransformerConfig(num_feature_levels=5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quickstart preset: tuned for CPU training on the synthetic 3-class "shapes" dataset (128 px images).
+# The engine owner tunes this function; the official presets above stay as they are.
+# ---------------------------------------------------------------------------------------------------------------
+def dino_quickstart() -> ModelConfig:
+    """Small DINO for the 128 px, 3-class shapes dataset: ResNet-18, hidden 128, 2 encoder / 3 decoder layers."""
+    return ModelConfig(
+        backbone=BackboneConfig(name="resnet18", return_levels=(1, 2, 3)),
+        transformer=TransformerConfig(hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=512,
+                                      num_feature_levels=4, num_queries=100),
+        denoising=DenoisingConfig(dn_number=20, labelbook_size=3),
+        num_classes=3,
+        num_select=100,
+    )
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    "dino_r50_4scale": dino_r50_4scale,
+    "dino_r50_5scale": dino_r50_5scale,
+    "dino_swinl_4scale": dino_swinl_4scale,
+    "dino_swinl_5scale": dino_swinl_5scale,
+    "dino_quickstart": dino_quickstart,
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """Returns a new ModelConfig for preset ``name``; ValueError listing the known names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
