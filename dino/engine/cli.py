@@ -1,0 +1,137 @@
+"""``dino train`` and ``dino eval``; ``launch.py`` uses the same arguments and the same engine.
+
+    dino train recipes/quickstart.py --set optim.lr=2e-4 data.root=/data/shapes
+    accelerate launch --num_processes 8 launch.py recipes/dino_r50_4scale_12ep.py --set data.root=/data/coco
+    dino eval --recipe dino_r50_4scale_12ep --checkpoint checkpoint0011_4scale.pth --set data.root=/data/coco
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dino.config import Recipe
+from dino.engine.recipe import available_recipes, iter_fields, load_recipe
+
+OVERRIDE_HELP = (
+    "override recipe fields: --set optim.lr=1e-4 data.root=/data/coco model.transformer.num_queries=300 "
+    "(tuples as 1,2,3 or (1,2,3); none/null for None; repeatable)"
+)
+
+
+def _fields_epilog() -> str:
+    lines = [f"  {path} = {value!r}" for path, value in iter_fields(Recipe())]
+    return (
+        "A recipe is a Python file recipes/<name>.py defining `def recipe() -> Recipe:` (dino.config); pass its path "
+        f"or its name (available: {', '.join(available_recipes()) or 'none'}).\n"
+        "Every field below can be overridden with --set FIELD=VALUE (defaults shown; recipes change some):\n"
+        + "\n".join(lines)
+    )
+
+
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE", help=OVERRIDE_HELP)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe file (recipes/<name>.py) or recipe name")
+    add_override_argument(parser)
+    parser.add_argument(
+        "--resume", metavar="PATH",
+        help="continue from a checkpoint folder (output/checkpoints/step_*) or an output folder's latest checkpoint; "
+        "without it, a run continues from train.output_dir's latest checkpoint (train.auto_resume)",
+    )
+    parser.add_argument(
+        "--pretrained", metavar="PATH",
+        help="initialise from weights (model.safetensors or an official DINO .pth) before training (fine-tuning)",
+    )
+    parser.add_argument(
+        "--ignore-keys", nargs="+", default=[], metavar="REGEX",
+        help="with --pretrained: skip weights whose key matches any regex, e.g. the official fine-tuning case "
+        "--ignore-keys label_enc.weight class_embed",
+    )
+    parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe (after --set) and exit")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipe file or name giving the model and the validation data")
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="PATH",
+        help="model.safetensors (ours) or an official DINO .pth checkpoint (converted in memory)",
+    )
+    add_override_argument(parser)
+    parser.add_argument(
+        "--output-dir", metavar="DIR",
+        help="where results.json and predictions.json go (default: <train.output_dir>/eval/<checkpoint name>)",
+    )
+
+
+def _setup_logging() -> None:
+    # Only the main process (RANK 0, set by accelerate launch) logs at INFO.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.ignore_keys and not args.pretrained:
+        raise ValueError("--ignore-keys needs --pretrained")
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.print_recipe:
+        for path, value in iter_fields(cfg):
+            print(f"{path} = {value!r}")
+        return 0
+    _setup_logging()
+    from dino.engine.train import train
+
+    train(cfg, resume=args.resume, pretrained=args.pretrained, ignore_keys=args.ignore_keys)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    _setup_logging()
+    from dino.engine.evaluate import evaluate_checkpoint
+
+    output_dir = args.output_dir or Path(cfg.train.output_dir) / "eval" / Path(args.checkpoint).stem
+    evaluate_checkpoint(cfg, args.checkpoint, output_dir)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Adds ``train`` and ``eval`` to the ``dino`` command."""
+    train = subparsers.add_parser(
+        "train", help="train a recipe (multi-GPU: accelerate launch launch.py RECIPE)",
+        description="Train DINO from a recipe. For several GPUs or machines run the same arguments through "
+        "`accelerate launch [--num_processes N --num_machines M ...] launch.py`.",
+        epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+    evaluate = subparsers.add_parser(
+        "eval", help="COCO AP of a checkpoint (ours or official) on a recipe's validation set",
+        description="Evaluate a checkpoint on the recipe's validation split and print the 12-line COCO AP table. "
+        "Runs distributed under accelerate launch.",
+        epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval)
+
+
+def launch_main(argv: list[str] | None = None) -> int:
+    """Entry of ``launch.py``: the ``dino train`` arguments without the subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Train DINO from a recipe under Accelerate: "
+        "`accelerate launch [--num_processes N] [--num_machines M --machine_rank R --main_process_ip IP "
+        "--main_process_port PORT] launch.py RECIPE [--set FIELD=VALUE ...]`. Plain `python launch.py` runs one process.",
+        epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_train(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"launch.py: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,135 @@
+"""Distributed COCO evaluation: every process predicts its shard, AP is computed once on the main process.
+
+Accelerate pads the last shard with repeated images so all processes run the same number of batches; predictions
+are gathered as Python objects and de-duplicated by image id, so each validation image counts exactly once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dino.engine.checkpoint import write_json
+
+logger = logging.getLogger("dino.engine")
+
+
+def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """``(images (B,3,H,W), mask (B,H,W) bool, targets)`` from a :class:`dino.data.Batch` (or any 3-sequence)."""
+    images, mask, targets = batch
+    return images, mask, targets
+
+
+def build_val_loader(dataset: Dataset, batch_size: int, num_workers: int, size_divisibility: int = 1) -> DataLoader:
+    from dino.data import collate_fn
+
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=partial(collate_fn, size_divisibility=size_divisibility),
+        num_workers=num_workers,
+    )
+
+
+@torch.no_grad()
+def predict(accelerator: Accelerator, model: torch.nn.Module, postprocess, loader) -> list[dict]:
+    """This process's predictions: ``[{"image_id", "scores", "labels", "boxes" xyxy pixels of the original image}]``."""
+    model.eval()
+    records = []
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not accelerator.is_local_main_process, dynamic_ncols=True):
+        images, mask, targets = unpack_batch(batch)
+        with accelerator.autocast():
+            outputs = model(images, mask)
+        outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(outputs["pred_boxes"].device)
+        for target, result in zip(targets, postprocess(outputs, sizes)):
+            records.append({"image_id": int(target["image_id"]), **{k: v.cpu() for k, v in result.items()}})
+    return records
+
+
+def gather_predictions(accelerator: Accelerator, records: list[dict]) -> list[dict]:
+    """All processes' records, one per image id (padding duplicates dropped), sorted by image id."""
+    if accelerator.num_processes > 1:
+        records = gather_object(records)
+    unique = {}
+    for record in records:
+        unique.setdefault(record["image_id"], record)
+    return [unique[k] for k in sorted(unique)]
+
+
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    postprocess,
+    loader,
+    dataset: Dataset,
+    output_dir: str | Path | None = None,
+) -> dict | None:
+    """COCO box AP of ``model`` on ``dataset`` (whose prepared loader is ``loader``); call on every process.
+
+    Returns the 12 stats (``AP``, ``AP50``, ... as named by ``dino.data.STAT_NAMES``) plus ``num_images`` on the main
+    process, None elsewhere. With ``output_dir``, the main process writes ``results.json`` (stats) and
+    ``predictions.json`` (COCO-format detections of every image) there.
+    """
+    from dino.data import coco_gt, evaluate_coco, label_to_category, predictions_to_coco
+
+    records = gather_predictions(accelerator, predict(accelerator, model, postprocess, loader))
+    stats = None
+    if accelerator.is_main_process:
+        ids = [r["image_id"] for r in records]
+        detections = predictions_to_coco(records, ids, label_to_category(dataset))
+        stats = {**evaluate_coco(coco_gt(dataset), detections, image_ids=ids), "num_images": len(ids)}
+        if len(ids) != len(dataset):
+            logger.warning("evaluated %d images but the validation set has %d", len(ids), len(dataset))
+        if output_dir is not None:
+            output_dir = Path(output_dir)
+            write_json(stats, output_dir / "results.json")
+            _write_predictions(detections, output_dir / "predictions.json")
+    accelerator.wait_for_everyone()
+    return stats
+
+
+def _write_predictions(detections: list[dict], path: Path) -> None:
+    # Written compactly: COCO val gives 5000 x 300 detections.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(detections, f, separators=(",", ":"))
+    tmp.replace(path)
+
+
+def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | None = None) -> dict | None:
+    """Loads ``checkpoint`` (our safetensors or an official .pth) into the recipe's model and evaluates it.
+
+    Prints the 12-line COCO AP table on the main process and returns the stats there (None elsewhere).
+    """
+    from dino import build_model
+    from dino.data import build_dataset, format_ap_table
+    from dino.engine.checkpoint import load_weights
+    from dino.engine.train import build_accelerator, check_num_classes
+    from dino.postprocess import PostProcess
+
+    accelerator = build_accelerator(cfg, use_trackers=False)
+    dataset = build_dataset(cfg.data, "val")
+    check_num_classes(cfg, dataset)
+    model = build_model(cfg.model)
+    load_weights(model, checkpoint)
+    batch = cfg.optim.batch_size_per_device or 1
+    model, loader = accelerator.prepare(
+        model, build_val_loader(dataset, batch, cfg.data.num_workers, cfg.data.size_divisibility)
+    )
+    stats = evaluate(accelerator, model, PostProcess(cfg.model.num_select), loader, dataset, output_dir)
+    if accelerator.is_main_process:
+        print(f"{checkpoint} on {stats['num_images']} images of {cfg.data.root} ({cfg.data.val_annotations}):")
+        print(format_ap_table(stats))
+        if output_dir is not None:
+            print(f"results: {Path(output_dir) / 'results.json'}")
+    return stats

@@ -1,0 +1,40 @@
+"""AdamW with the official parameter groups and the step learning-rate schedule."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dino.config import OptimConfig
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Splits trainable parameters into the official two groups: names containing "backbone" get ``lr_backbone``.
+
+    With ``lr_backbone <= 0`` the backbone is frozen (official: the backbone trains only when lr_backbone > 0).
+    Weight decay applies to every parameter, as in the official code.
+    """
+    backbone, rest = [], []
+    for name, param in model.named_parameters():
+        if "backbone" in name:
+            if cfg.lr_backbone <= 0:
+                param.requires_grad_(False)
+            if param.requires_grad:
+                backbone.append(param)
+        elif param.requires_grad:
+            rest.append(param)
+    groups = [{"params": rest, "lr": cfg.lr, "name": "default"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr_backbone, "name": "backbone"})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.MultiStepLR:
+    """MultiStepLR stepped once per epoch: lr x ``lr_drop_factor`` after each epoch in ``lr_drop_epochs``."""
+    bad = [e for e in cfg.lr_drop_epochs if not 0 < e <= cfg.epochs]
+    if bad:
+        raise ValueError(f"optim.lr_drop_epochs {cfg.lr_drop_epochs}: {bad} outside 1..optim.epochs={cfg.epochs}")
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_drop_epochs), gamma=cfg.lr_drop_factor)
