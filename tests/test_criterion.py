@@ -209,3 +209,21 @@ def test_bfloat16_outputs():
     assert all(torch.isfinite(v.float()) for v in losses.values())
     losses["loss_ce"].backward()
     assert out["pred_logits"].grad is not None
+
+
+def test_num_boxes_is_averaged_over_processes(monkeypatch):
+    import dino.criterion as criterion_module
+
+    # Simulates a second process holding 5 target boxes: the all-reduced sum is 3 + 5, averaged over 2 processes.
+    def fake_all_reduce(tensor):
+        tensor += 5
+
+    monkeypatch.setattr(criterion_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(criterion_module.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(criterion_module.dist, "all_reduce", fake_all_reduce)
+    assert criterion_module._num_boxes(_targets(sizes=(2, 1)), torch.device("cpu")) == 4.0
+    out = _outputs()
+    losses = _criterion()(out, _targets(sizes=(2, 1)))
+    monkeypatch.undo()
+    single = _criterion()(out, _targets(sizes=(2, 1)))
+    assert losses["loss_bbox"].item() == pytest.approx(single["loss_bbox"].item() * 3 / 4)
