@@ -1,0 +1,109 @@
+"""COCO AP helpers: perfect/wrong/empty predictions, label mapping back to category ids, the 12-line table."""
+import contextlib
+import io
+
+import pytest
+import torch
+from torchvision.ops import box_convert
+
+from dino.config import DataConfig
+from dino.data import STAT_NAMES, build_dataset, coco_gt, evaluate_coco, format_ap_table, predictions_to_coco
+
+
+@pytest.fixture(scope="module")
+def val_set(tmp_path_factory):
+    cfg = DataConfig(root=str(tmp_path_factory.mktemp("shapes") / "ds"), shapes_train_images=1, shapes_val_images=6,
+                     shapes_image_size=64, val_scale=96, val_max_size=200)
+    return build_dataset(cfg, "val")
+
+
+def _perfect_results(ds, shift=0.0):
+    """Ground truth as post-processed predictions (xyxy pixels in orig_size), boxes optionally shifted right."""
+    results, image_ids = [], []
+    for i in range(len(ds)):
+        _, target = ds[i]
+        h, w = target["orig_size"].tolist()
+        boxes = box_convert(target["boxes"], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
+        boxes[:, 0::2] += shift
+        results.append({"scores": torch.linspace(0.9, 0.5, len(boxes)), "labels": target["labels"], "boxes": boxes})
+        image_ids.append(target["image_id"])
+    return results, image_ids
+
+
+def test_perfect_predictions_give_ap_one(val_set):
+    results, ids = _perfect_results(val_set)
+    stats = evaluate_coco(coco_gt(val_set), predictions_to_coco(results, ids, val_set.label_to_category_id))
+    assert list(stats) == list(STAT_NAMES)
+    assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0) and stats["AR100"] == pytest.approx(1.0)
+
+
+def test_wrong_predictions_give_ap_near_zero(val_set):
+    results, ids = _perfect_results(val_set, shift=40.0)  # boxes far from the objects
+    assert evaluate_coco(coco_gt(val_set), predictions_to_coco(results, ids, val_set.label_to_category_id))["AP50"] < 0.05
+    results, ids = _perfect_results(val_set)
+    for r in results:  # right boxes, wrong classes
+        r["labels"] = (r["labels"] + 1) % 3
+    assert evaluate_coco(coco_gt(val_set), predictions_to_coco(results, ids, val_set.label_to_category_id))["AP"] < 0.05
+
+
+def test_label_mapping_matters(val_set):
+    """Without mapping contiguous labels back to category ids the same predictions score (near) zero."""
+    results, ids = _perfect_results(val_set)
+    assert evaluate_coco(coco_gt(val_set), predictions_to_coco(results, ids, None))["AP"] < 0.2
+
+
+def test_empty_predictions_are_all_zero(val_set):
+    stats = evaluate_coco(coco_gt(val_set), [])
+    assert stats == {name: 0.0 for name in STAT_NAMES}
+    assert predictions_to_coco([], [], val_set.label_to_category_id) == []
+
+
+def test_restricting_to_evaluated_images(val_set):
+    results, ids = _perfect_results(val_set)
+    half = predictions_to_coco(results[:3], ids[:3], val_set.label_to_category_id)
+    assert evaluate_coco(coco_gt(val_set), half)["AR100"] < 0.9  # unevaluated images count as misses
+    assert evaluate_coco(coco_gt(val_set), half, image_ids=ids[:3])["AP"] == pytest.approx(1.0)
+
+
+def test_predictions_to_coco_converts_boxes_and_labels():
+    results = [{"scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([0, 1, 5]),
+                "boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 1.0, 2.0], [1.0, 1.0, 2.0, 2.0]])}]
+    out = predictions_to_coco(results, [42], {0: 3, 1: 7})  # label 5 has no category: dropped
+    assert out == [
+        {"image_id": 42, "category_id": 3, "bbox": [10.0, 20.0, 20.0, 40.0], "score": pytest.approx(0.9)},
+        {"image_id": 42, "category_id": 7, "bbox": [0.0, 0.0, 1.0, 2.0], "score": pytest.approx(0.8)},
+    ]
+    assert [p["category_id"] for p in predictions_to_coco(results, [42], [3, 7, 8, 9, 10, 11])] == [3, 7, 11]
+    with pytest.raises(ValueError, match="2 results but 1 image ids"):
+        predictions_to_coco(results * 2, [42])
+
+
+def test_unknown_image_id_is_an_error(val_set):
+    with pytest.raises(ValueError, match="not in the ground truth: \\[999\\]"):
+        evaluate_coco(coco_gt(val_set), [{"image_id": 999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1.0}])
+
+
+def test_table_matches_pycocotools_summary(val_set):
+    results, ids = _perfect_results(val_set, shift=3.0)
+    preds = predictions_to_coco(results, ids, val_set.label_to_category_id)
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet):
+        stats = evaluate_coco(coco_gt(val_set), preds)
+    assert quiet.getvalue() == ""  # pycocotools' prints silenced
+    loud = io.StringIO()
+    with contextlib.redirect_stdout(loud):
+        evaluate_coco(coco_gt(val_set), preds, verbose=True)
+    table = format_ap_table(stats)
+    assert len(table.splitlines()) == 12
+    printed = [line for line in loud.getvalue().splitlines() if line.startswith(" Average")]
+    assert table.splitlines() == printed
+    assert 0.0 < stats["AP"] < stats["AP50"] <= 1.0
+    with pytest.raises(ValueError, match="AR100"):
+        format_ap_table({k: v for k, v in stats.items() if k != "AR100"})
+
+
+def test_coco_gt_through_subset(val_set):
+    subset = torch.utils.data.Subset(val_set, [0, 1])
+    assert coco_gt(subset) is coco_gt(val_set)
+    with pytest.raises(TypeError, match="no COCO ground truth"):
+        coco_gt([1, 2, 3])

@@ -1,0 +1,103 @@
+"""The synthetic shapes dataset: deterministic, valid COCO, idempotent, atomic replacement."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from dino.data.shapes import generate_shapes_dataset
+
+SIZE = 64
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    return generate_shapes_dataset(tmp_path_factory.mktemp("shapes") / "ds", 12, 4, SIZE, seed=3)
+
+
+def test_generation_is_deterministic(shapes_root, tmp_path):
+    again = generate_shapes_dataset(tmp_path / "again", 12, 4, SIZE, seed=3)
+    first, second = _files(shapes_root), _files(again)
+    assert sorted(first) == sorted(second)
+    assert len([n for n in first if n.endswith(".png")]) == 16
+    assert first == second
+
+
+def test_other_seed_gives_other_images(shapes_root, tmp_path):
+    other = generate_shapes_dataset(tmp_path / "other", 12, 4, SIZE, seed=4)
+    assert (other / "train" / "000000.png").read_bytes() != (shapes_root / "train" / "000000.png").read_bytes()
+
+
+@pytest.mark.parametrize("split,count", [("train", 12), ("val", 4)])
+def test_annotations_are_valid_coco(shapes_root, split, count):
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(shapes_root / "annotations" / f"{split}.json"))
+    assert {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())} == {1: "rectangle", 2: "ellipse", 3: "triangle"}
+    assert len(coco.getImgIds()) == count
+    for image_id in coco.getImgIds():
+        info = coco.loadImgs(image_id)[0]
+        with Image.open(shapes_root / split / info["file_name"]) as im:
+            assert im.size == (SIZE, SIZE) and im.mode == "RGB"
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        assert 1 <= len(anns) <= 4
+        for ann in anns:
+            x, y, w, h = ann["bbox"]
+            assert x >= 0 and y >= 0 and x + w <= SIZE and y + h <= SIZE
+            # objects are "reasonably large": 15-50% of the image side
+            assert 0.15 * SIZE - 1 <= w <= 0.5 * SIZE + 1 and 0.15 * SIZE - 1 <= h <= 0.5 * SIZE + 1
+            assert ann["iscrowd"] == 0 and ann["area"] == w * h
+
+
+def test_objects_are_visible_in_their_boxes(shapes_root):
+    """Object pixels are saturated, the background is not: the box centre differs clearly from the background."""
+    data = json.loads((shapes_root / "annotations" / "train.json").read_text())
+    by_image = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann["bbox"])
+    for img in data["images"]:
+        pixels = np.asarray(Image.open(shapes_root / "train" / img["file_name"]), dtype=np.float32)
+        saturation = pixels.max(-1) - pixels.min(-1)
+        covered = np.zeros((SIZE, SIZE), dtype=bool)
+        for x, y, w, h in by_image[img["id"]]:
+            covered[y : y + h, x : x + w] = True
+        assert np.median(saturation[~covered]) < 60
+        for x, y, w, h in by_image[img["id"]]:
+            cx, cy = x + w // 2, y + h // 2
+            assert saturation[cy, cx] > 80, (img["file_name"], (x, y, w, h))
+
+
+def test_generation_is_idempotent_and_regenerates_on_new_parameters(tmp_path):
+    root = generate_shapes_dataset(tmp_path / "ds", 3, 2, SIZE)
+    stamp_mtime = (root / ".shapes_stamp.json").stat().st_mtime_ns
+    marker = root / "train" / "marker.txt"
+    marker.write_text("kept when nothing changes")
+    assert generate_shapes_dataset(tmp_path / "ds", 3, 2, SIZE) == root
+    assert marker.exists() and (root / ".shapes_stamp.json").stat().st_mtime_ns == stamp_mtime
+    generate_shapes_dataset(tmp_path / "ds", 5, 2, SIZE)
+    assert not marker.exists()
+    assert len(list((root / "train").glob("*.png"))) == 5
+    assert len(json.loads((root / "annotations" / "train.json").read_text())["images"]) == 5
+    # no temporary folders left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="not a shapes dataset"):
+        generate_shapes_dataset(tmp_path / "mine", 2, 1, SIZE)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("kwargs,field", [({"num_train": 0}, "num_train"), ({"image_size": 8}, "image_size")])
+def test_bad_parameters_are_named(tmp_path, kwargs, field):
+    args = {"num_train": 2, "num_val": 1, "image_size": SIZE, **kwargs}
+    with pytest.raises(ValueError, match=field):
+        generate_shapes_dataset(tmp_path / "ds", **args)
