@@ -5,8 +5,14 @@ for CUDA tensors when it is built; everywhere else the pure-PyTorch path below c
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger("dino.ops")
 
 
 def ms_deform_attn_pytorch(
@@ -57,6 +63,50 @@ def ms_deform_attn(
 ) -> torch.Tensor:
     """Multi-scale deformable attention; same arguments and result as :func:`ms_deform_attn_pytorch`.
 
-    Dispatches to the CUDA kernel for CUDA tensors when it is built, to the PyTorch path otherwise.
+    Dispatches to the custom op ``dino::ms_deform_attn`` (the CUDA kernel) for CUDA tensors when the kernel is built,
+    to the PyTorch path otherwise; inside :func:`use_custom_op` always to the custom op, on any device.
     """
+    if _force_custom_op > 0 or (value.is_cuda and _cuda_kernel_usable()):
+        if not torch.compiler.is_compiling():
+            _log_path_once("custom op dino::ms_deform_attn" + (" (CUDA kernel)" if value.is_cuda else ""))
+        return torch.ops.dino.ms_deform_attn(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    if not torch.compiler.is_compiling():
+        _log_path_once("PyTorch path (grid_sample)")
     return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+_force_custom_op = 0
+_logged_paths: set[str] = set()
+
+
+@contextlib.contextmanager
+def use_custom_op() -> Iterator[None]:
+    """Inside the block, :func:`ms_deform_attn` always calls ``torch.ops.dino.ms_deform_attn`` on any device.
+
+    For export: the traced graph then holds one opaque ``dino::ms_deform_attn`` node per attention (which the ONNX
+    exporter maps to a TensorRT plugin node) instead of the grid_sample decomposition.
+    """
+    global _force_custom_op
+    _force_custom_op += 1
+    try:
+        yield
+    finally:
+        _force_custom_op -= 1
+
+
+def _cuda_kernel_usable() -> bool:
+    from dino.ops.kernel import kernel_available, kernel_state
+
+    if torch.compiler.is_compiling():
+        # No build while tracing; an unknown state routes to the op, whose CUDA kernel falls back by itself.
+        state = kernel_state()
+        return True if state is None else state
+    return kernel_available()
+
+
+def _log_path_once(path: str) -> None:
+    if path not in _logged_paths:
+        _logged_paths.add(path)
+        logger.info("ms_deform_attn uses the %s", path)

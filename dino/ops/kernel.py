@@ -1,0 +1,132 @@
+"""Builds and loads the CUDA extension of ``csrc/`` on first use.
+
+The build is attempted only when CUDA is usable (``torch.cuda.is_available()`` and an ``nvcc``); it goes into a cache
+directory keyed by a hash of the sources, the torch and CUDA versions and the GPU architecture, under an exclusive
+file lock so that concurrent processes never load a half-built module. A failed build logs one warning and the
+callers fall back to the PyTorch path, unless ``DINO_REQUIRE_KERNEL=1`` makes it an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger("dino.ops")
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+KERNEL_DIR = CSRC / "ms_deform_attn"
+BINDING_DIR = CSRC / "torch"
+EXTENSION_NAME = "dino_msda_ext"
+
+_UNSET = object()
+_module: object = _UNSET  # ModuleType once loaded, None after a failed or impossible build
+_failure: str | None = None
+
+
+def kernel_sources() -> list[Path]:
+    """Sources compiled into the extension (the framework-free kernels plus the PyTorch binding)."""
+    return [KERNEL_DIR / "ms_deform_attn.cu", BINDING_DIR / "ms_deform_attn_binding.cpp"]
+
+
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME:
+        candidate = Path(CUDA_HOME) / "bin" / "nvcc"
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("nvcc")
+
+
+def _require() -> bool:
+    return os.environ.get("DINO_REQUIRE_KERNEL", "") not in ("", "0")
+
+
+def cache_dir() -> Path:
+    """Per-version build directory: ``$DINO_EXT_CACHE`` or ``~/.cache/dino_ext``, then a hash of all inputs."""
+    h = hashlib.sha256()
+    for path in sorted(KERNEL_DIR.iterdir()) + sorted(BINDING_DIR.iterdir()):
+        if path.is_file():
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(str(torch.version.cuda).encode())
+    if torch.cuda.is_available():
+        h.update(str(torch.cuda.get_device_capability()).encode())
+    root = Path(os.environ.get("DINO_EXT_CACHE", Path.home() / ".cache" / "dino_ext"))
+    return root / h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own build baton still serialises the compile
+        yield
+        return
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    missing = [str(p) for p in kernel_sources() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"ms_deform_attn kernel sources not found: {', '.join(missing)}")
+    build_dir = cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(build_dir.parent / f"{build_dir.name}.lock"):
+        return load(
+            name=EXTENSION_NAME,
+            sources=[str(p) for p in kernel_sources()],
+            extra_include_paths=[str(KERNEL_DIR)],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-std=c++17"],
+            build_directory=str(build_dir),
+            verbose=os.environ.get("DINO_KERNEL_VERBOSE", "") not in ("", "0"),
+        )
+
+
+def load_kernel() -> ModuleType | None:
+    """The compiled extension (``forward``, ``backward``), or None when it cannot be built here.
+
+    Raises:
+        RuntimeError: the build failed or is impossible and ``DINO_REQUIRE_KERNEL=1`` is set.
+    """
+    global _module, _failure
+    if _module is _UNSET:
+        if not torch.cuda.is_available():
+            _module, _failure = None, "torch.cuda.is_available() is False"
+        elif _nvcc() is None:
+            _module, _failure = None, "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
+        else:
+            try:
+                _module = _build()
+                logger.info("ms_deform_attn CUDA kernel loaded from %s", cache_dir())
+            except Exception as exc:  # noqa: BLE001 - any build error means: fall back
+                _module, _failure = None, f"build failed: {exc}"
+                logger.warning("ms_deform_attn CUDA kernel unavailable (%s); using the PyTorch path", _failure)
+    if _module is None and _require():
+        raise RuntimeError(f"DINO_REQUIRE_KERNEL is set but the ms_deform_attn CUDA kernel is unavailable: {_failure}")
+    return _module  # type: ignore[return-value]
+
+
+def kernel_available() -> bool:
+    """Whether the CUDA kernel is (or can be) loaded; builds it on the first call."""
+    return load_kernel() is not None
+
+
+def kernel_state() -> bool | None:
+    """True/False once :func:`load_kernel` has run, None before (never triggers a build)."""
+    return None if _module is _UNSET else _module is not None
