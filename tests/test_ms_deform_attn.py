@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dino.ops
-import dino.ops.ms_deform_attn as seam_module
+import importlib
 from dino.ops import kernel, ms_deform_attn, ms_deform_attn_pytorch, use_custom_op
 from dino.ops.custom_op import ms_deform_attn_backward_pytorch
 
@@ -129,7 +129,8 @@ def test_opcheck():
 
 
 def test_seam_uses_pytorch_path_on_cpu_and_logs_once(caplog, monkeypatch):
-    monkeypatch.setattr(seam_module, "_logged_paths", set())
+    # The package attribute ms_deform_attn is the function; the module itself comes from importlib.
+    monkeypatch.setattr(importlib.import_module("dino.ops.ms_deform_attn"), "_logged_paths", set())
     value, shapes, starts, loc, attn = make_inputs([(3, 4)], dtype=torch.float32)
     with caplog.at_level(logging.INFO, logger="dino.ops"):
         out = ms_deform_attn(value, shapes, starts, loc, attn)
