@@ -173,6 +173,8 @@ def test_empty_annotation_list_is_fine(tmp_path):
         ({"annotations": [ann(9, [0, 0, 5])]}, ValueError, r"annotation id 9 has bbox \[0, 0, 5\]; expected 4 finite numbers"),
         ({"annotations": [ann(1, [0, 0, 5, 5]), ann(1, [0, 0, 6, 6])]}, ValueError, r"duplicate id 1 in 'annotations'"),
         ({"categories": []}, ValueError, r"'categories' is empty"),
+        ({"images": [{"id": "a", "file_name": "a.png", "width": 64, "height": 48}], "write_images": False}, ValueError, r"images\[0\] has id 'a'; expected an int >= 0"),
+        ({"images": [{"id": 1, "file_name": "a.png", "width": 0, "height": 48}], "write_images": False}, ValueError, r"images\[0\] has width 0; expected an int >= 1"),
     ],
 )
 def test_bad_json_content_names_file_and_entry(tmp_path, kwargs, error, pattern):

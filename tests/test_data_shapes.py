@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -84,8 +85,8 @@ def test_generation_is_idempotent_and_regenerates_on_new_parameters(tmp_path):
     assert not marker.exists()
     assert len(list((root / "train").glob("*.png"))) == 5
     assert len(json.loads((root / "annotations" / "train.json").read_text())["images"]) == 5
-    # no temporary folders left behind
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    # no temporary folders left behind (the lock file stays)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "ds"]
 
 
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
@@ -101,3 +102,21 @@ def test_bad_parameters_are_named(tmp_path, kwargs, field):
     args = {"num_train": 2, "num_val": 1, "image_size": SIZE, **kwargs}
     with pytest.raises(ValueError, match=field):
         generate_shapes_dataset(tmp_path / "ds", **args)
+
+
+def _generate_in_child(root):
+    generate_shapes_dataset(root, 6, 2, SIZE, seed=1)
+
+
+def test_concurrent_generation_yields_one_complete_dataset(tmp_path):
+    """The processes of one launch all call build_dataset at once: each must end up with the same full dataset."""
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_generate_in_child, args=(tmp_path / "ds",)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    reference = generate_shapes_dataset(tmp_path / "ref", 6, 2, SIZE, seed=1)
+    assert _files(tmp_path / "ds") == _files(reference)
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]

@@ -81,6 +81,14 @@ def load_instances_json(path: str | os.PathLike) -> dict[str, Any]:
             seen.add(entry["id"])
     if not data["images"]:
         raise ValueError(f"annotations file {path}: 'images' is empty; a dataset needs at least one image")
+    for i, img in enumerate(data["images"]):
+        for name in ("id", "width", "height"):
+            value = img[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "id" else 1):
+                raise ValueError(
+                    f"annotations file {path}: images[{i}] has {name} {value!r}; expected an int"
+                    + (" >= 0" if name == "id" else " >= 1")
+                )
     return data
 
 

@@ -18,6 +18,7 @@ process) never see a half-written dataset.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import json
 import os
 import shutil
@@ -172,6 +173,46 @@ def _read_stamp(root: Path) -> dict | None:
         return None
 
 
+def _generate(root: Path, params: dict) -> None:
+    """Writes the dataset into a temporary sibling folder and renames it to ``root``."""
+    if root.exists() and _read_stamp(root) is None and any(root.iterdir()):
+        raise ValueError(
+            f"{root} exists, is not empty and is not a shapes dataset (no {_STAMP}); "
+            "refusing to overwrite it: choose another data.root"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not secret
+    try:
+        for split, count in (("train", params["num_train"]), ("val", params["num_val"])):
+            _write_split(tmp, split, count, params["image_size"], params["seed"])
+        with open(tmp / _STAMP, "w") as f:
+            json.dump(params, f)
+        if root.exists():
+            # Move the old folder aside first so `root` is never a mix of two generations.
+            trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.replace(root, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An inter-process lock (``flock``), so the processes of one launch generate the dataset once, not N times."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the rename still keeps the folder consistent
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def generate_shapes_dataset(
     root: str | os.PathLike, num_train: int, num_val: int, image_size: int, seed: int = 0
 ) -> Path:
@@ -179,49 +220,18 @@ def generate_shapes_dataset(
 
     A no-op when ``root`` already holds a dataset generated with the same parameters. A ``root`` holding a shapes
     dataset with other parameters is replaced; a non-empty ``root`` that is not a shapes dataset is an error (it is
-    never deleted). 512 + 64 images of 128 px take a couple of seconds.
+    never deleted). Concurrent callers (the processes of one launch) serialise on a lock file next to ``root`` and
+    generate once. 512 + 64 images of 128 px take a few seconds.
     """
     for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("image_size", image_size, 32)):
-        if not isinstance(value, int) or value < low:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"generate_shapes_dataset: {name} must be an int >= {low}, got {value!r}")
     root = Path(root)
-    params = {
-        "version": _VERSION,
-        "num_train": num_train,
-        "num_val": num_val,
-        "image_size": image_size,
-        "seed": seed,
-    }
-    old = _read_stamp(root)
-    if old == params:
+    params = {"version": _VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
+    if _read_stamp(root) == params:
         return root
-    if root.exists() and old is None and any(root.iterdir()):
-        raise ValueError(
-            f"{root} exists, is not empty and is not a shapes dataset (no {_STAMP}); "
-            "refusing to overwrite it: choose another data.root"
-        )
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not secret
-    try:
-        _write_split(tmp, "train", num_train, image_size, seed)
-        _write_split(tmp, "val", num_val, image_size, seed)
-        with open(tmp / _STAMP, "w") as f:
-            json.dump(params, f)
-        if root.exists():
-            # Move the old folder aside first so `root` is never a mix of two generations.
-            trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            try:
-                os.replace(root, trash / "old")
-            except FileNotFoundError:  # another process moved it already
-                pass
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            # Another process finished first; its dataset is equally good if the parameters match.
-            if _read_stamp(root) != params:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _exclusive(root.parent / f".{root.name}.lock"):
+        if _read_stamp(root) != params:  # another process may have generated it while we waited
+            _generate(root, params)
     return root
