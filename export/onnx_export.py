@@ -10,7 +10,6 @@ ONNX Runtime against PyTorch (the plugin graph through a GridSample reference fu
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import tempfile
@@ -21,7 +20,7 @@ import onnx
 import torch
 from onnxscript import opset18 as op
 
-from export.deform_route import custom_op_overloads, custom_op_seam
+from export.deform_route import custom_op_overloads
 from export.deploy_model import DeployModel
 from export.plugin_node import (
     PLUGIN_DOMAIN,
@@ -32,6 +31,7 @@ from export.plugin_node import (
     plugin_nodes,
     register_onnx_schema,
 )
+from export.tracing import export_program
 
 OPSET = 18
 INPUT_NAMES = ["images"]
@@ -130,27 +130,23 @@ def _write_atomically(model: onnx.ModelProto, path: Path) -> None:
 
 def _trace_to_onnx(model: DeployModel, example: torch.Tensor, deform_op: str, dynamic_batch: bool,
                    max_batch: int) -> onnx.ModelProto:
-    dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=max_batch)}} if dynamic_batch else None
     table = None
-    route = contextlib.nullcontext()
     if deform_op == "plugin":
         register_onnx_schema()
         table = {overload: _plugin_translation for overload in custom_op_overloads()}
-        route = custom_op_seam()
-    with route, torch.no_grad():
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
-            dynamic_shapes=dynamic_shapes,
-            custom_translation_table=table,
-            optimize=True,
-            verbose=False,
-        )
-    return program.model_proto
+    program = export_program(model, example, dynamic_batch, max_batch, use_custom_op=deform_op == "plugin")
+    onnx_program = torch.onnx.export(
+        program,
+        (example,),
+        dynamo=True,
+        opset_version=OPSET,
+        input_names=INPUT_NAMES,
+        output_names=OUTPUT_NAMES,
+        custom_translation_table=table,
+        optimize=True,
+        verbose=False,
+    )
+    return onnx_program.model_proto
 
 
 def export_onnx(
