@@ -128,3 +128,13 @@ def test_bad_split_and_crop_parameters():
         build_transforms(SMALL, "test")
     with pytest.raises(ValueError, match="min_size <= max_size"):
         RandomSizeCrop(64, 32)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("train_scales", ()), ("crop_resize_scales", (0, 64)), ("crop_size", (64, 32)), ("val_scale", -1), ("train_max_size", 1.5)],
+)
+def test_bad_scales_name_the_config_field(field, value):
+    cfg = DataConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"data.{field}"):
+        build_transforms(cfg, "train")

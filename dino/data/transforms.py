@@ -114,12 +114,34 @@ def _to_normalised_float() -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
 
 
+def _positive_ints(value: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+
+
+def _check_scales(data_cfg: DataConfig) -> None:
+    """Config errors name the field (``data.<field>``) rather than surfacing from inside a transform."""
+    for name in ("train_scales", "crop_resize_scales"):
+        value = getattr(data_cfg, name)
+        if not isinstance(value, (tuple, list)) or not value or not _positive_ints(value):
+            raise ValueError(f"data.{name} must be a non-empty list of positive ints, got {value!r}")
+    crop = data_cfg.crop_size
+    if not isinstance(crop, (tuple, list)) or len(crop) != 2 or not _positive_ints(crop) or crop[0] > crop[1]:
+        raise ValueError(f"data.crop_size must be (min, max) positive ints with min <= max, got {crop!r}")
+    for name in ("train_max_size", "val_scale", "val_max_size"):
+        value = getattr(data_cfg, name)
+        if name != "val_scale" and value is None:
+            continue
+        if not _positive_ints([value]):
+            raise ValueError(f"data.{name} must be a positive int, got {value!r}")
+
+
 def build_transforms(data_cfg: DataConfig, split: str) -> v2.Compose:
     """The official augmentation pipeline for ``split`` ("train" or "val") at the scales in ``data_cfg``.
 
     Input ``(image, target)`` as described in the module docstring; output ``(image (3,H,W) float32 normalised,
     target)`` with ``target["boxes"]`` still XYXY pixels on the transformed canvas.
     """
+    _check_scales(data_cfg)
     if split == "train":
         scales = tuple(data_cfg.train_scales)
         multi_scale = RandomResize(scales, max_size=data_cfg.train_max_size)
