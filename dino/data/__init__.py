@@ -12,7 +12,14 @@ Typical use::
 """
 from dino.data.build import build_dataset, split_paths
 from dino.data.coco import CocoDetection, load_instances_json
-from dino.data.coco_eval import STAT_NAMES, coco_gt, evaluate_coco, format_ap_table, label_to_category, predictions_to_coco
+from dino.data.coco_eval import (
+    STAT_NAMES,
+    coco_gt,
+    evaluate_coco,
+    format_ap_table,
+    label_to_category,
+    predictions_to_coco,
+)
 from dino.data.collate import Batch, collate_fn, pad_images
 from dino.data.shapes import generate_shapes_dataset
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms

@@ -176,7 +176,8 @@ class CocoDetection(torch.utils.data.Dataset):
                 )
             if iid not in row:
                 raise ValueError(
-                    f"annotations file {path}: annotation id {aid} references image_id {iid!r}, which is not in 'images'"
+                    f"annotations file {path}: annotation id {aid} references image_id {iid!r}, "
+                    "which is not in 'images'"
                 )
             bbox = ann["bbox"]
             if (
@@ -184,7 +185,10 @@ class CocoDetection(torch.utils.data.Dataset):
                 or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
             ):
-                raise ValueError(f"annotations file {path}: annotation id {aid} has bbox {bbox!r}; expected 4 finite numbers [x, y, w, h]")
+                raise ValueError(
+                    f"annotations file {path}: annotation id {aid} has bbox {bbox!r}; "
+                    "expected 4 finite numbers [x, y, w, h]"
+                )
             image = self._images[row[iid]]
             x, y, w, h = (float(v) for v in bbox)
             if w <= 0 or h <= 0:

@@ -73,7 +73,8 @@ def predictions_to_coco(
         labels = result["labels"].detach().cpu().tolist()
         if not len(xywh) == len(scores) == len(labels):
             raise ValueError(
-                f"predictions_to_coco: image {image_id} has {len(xywh)} boxes, {len(scores)} scores, {len(labels)} labels"
+                f"predictions_to_coco: image {image_id} has {len(xywh)} boxes, {len(scores)} scores, "
+                f"{len(labels)} labels"
             )
         for box, score, label in zip(xywh, scores, labels):
             if label_to_category_id is None:

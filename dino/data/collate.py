@@ -9,7 +9,10 @@ __all__ = ["Batch", "collate_fn", "pad_images"]
 
 
 class Batch(NamedTuple):
-    """``images (B, 3, H, W)`` float, zero-padded; ``mask (B, H, W)`` bool, True on padding; ``targets`` list of B dicts."""
+    """A padded batch (unpacks as ``images, mask, targets``).
+
+    ``images (B, 3, H, W)`` float, zero-padded; ``mask (B, H, W)`` bool, True on padding; ``targets`` list of B dicts.
+    """
 
     images: torch.Tensor
     mask: torch.Tensor
