@@ -1,0 +1,198 @@
+"""Official IDEA-Research/DINO checkpoint -> this project's safetensors state dict.
+
+Every official key either maps to one of our keys or is on an explicit "dropped" list; anything else (a key
+missing, unexpected, or of the wrong shape) is an error naming the key. CLI: ``dino convert-official``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+import warnings
+
+import torch
+
+from dino.config import ModelConfig
+
+# The official model shares one class head and one box head across decoder layers but lists them under many
+# keys: ``class_embed.{i}``, ``transformer.decoder.class_embed.{i}`` (same for bbox_embed). Loading such a state
+# dict into the official model, the value under the LAST key its load_state_dict visits wins: the top-level
+# ``class_embed.{L-1}`` / ``bbox_embed.{L-1}`` (checked against the official golden outputs). We take that key
+# and drop the other aliases.
+_ALIAS = re.compile(r"^(?:transformer\.decoder\.)?(class_embed|bbox_embed)\.(\d+)\.(.+)$")
+_BACKBONE = "backbone.0.body."
+# Keys a checkpoint may carry that our model has no use for (FrozenBatchNorm2d has no batch counter).
+_DROPPED = re.compile(r"^backbone\.0\.body\..*num_batches_tracked$")
+
+
+def _official_name(ours: str, num_dec: int) -> str:
+    """Our key -> the official key we read it from."""
+    head, _, rest = ours.partition(".")
+    if head in ("class_embed", "bbox_embed"):
+        return f"{head}.{num_dec - 1}.{rest}"
+    if ours.startswith("backbone.body."):
+        return _BACKBONE + ours[len("backbone.body."):]
+    return ours
+
+
+def _expected_state_dict(cfg: ModelConfig) -> dict[str, torch.Size]:
+    from dino.models.dino import DINO
+
+    # Meta device: shapes only, no memory, no init cost.
+    with torch.device("meta"):
+        model = DINO(cfg)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _resolve_preset(preset: str | ModelConfig) -> tuple[str, ModelConfig]:
+    if isinstance(preset, ModelConfig):
+        return "custom", preset
+    from dino.presets import get_preset
+
+    return preset, get_preset(preset)
+
+
+def convert_official_state_dict(official_sd: dict[str, torch.Tensor], preset: str | ModelConfig,
+                                check_aliases: bool = True) -> dict[str, torch.Tensor]:
+    """Maps an official DINO state dict (``checkpoint['model']``) to ours.
+
+    Args:
+        official_sd: official key -> tensor (any ``module.`` prefix from DDP is stripped).
+        preset: preset name or ModelConfig of the target model (gives expected keys and shapes).
+        check_aliases: warn (naming the keys) when the official per-layer copies of a shared head differ; they
+            are equal in real checkpoints.
+    Returns:
+        our key -> tensor (same tensors, no copies), loadable with ``load_state_dict(..., strict=True)``.
+    Raises:
+        ValueError naming the key(s) when a key is missing or unexpected or a shape differs.
+    """
+    _, cfg = _resolve_preset(preset)
+    expected = _expected_state_dict(cfg)
+    num_dec = cfg.transformer.dec_layers
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in official_sd.items()}
+    if not any(k.startswith(("transformer.", _BACKBONE)) for k in sd):
+        raise ValueError("not a DINO checkpoint: no 'transformer.*' or 'backbone.0.body.*' keys "
+                         f"(first keys: {list(sd)[:3]})")
+
+    out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    aliases: dict[str, list[str]] = {}
+    unexpected = []
+    for key, value in sd.items():
+        m = _ALIAS.match(key)
+        if m:
+            head, layer, rest = m.group(1), int(m.group(2)), m.group(3)
+            if layer >= num_dec:
+                unexpected.append(key)
+                continue
+            ours = f"{head}.{rest}"
+            aliases.setdefault(ours, []).append(key)
+            if key == f"{head}.{num_dec - 1}.{rest}":
+                out[ours], source[ours] = value, key
+            continue
+        if _DROPPED.match(key):
+            continue
+        ours = "backbone.body." + key[len(_BACKBONE):] if key.startswith(_BACKBONE) else key
+        if ours not in expected:
+            unexpected.append(key)
+            continue
+        out[ours], source[ours] = value, key
+    if unexpected:
+        raise ValueError(f"unexpected key(s) in the official checkpoint for this preset: {', '.join(unexpected[:10])}"
+                         + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+    missing = [k for k in expected if k not in out]
+    if missing:
+        official_names = [_official_name(k, num_dec) for k in missing]
+        raise ValueError(f"missing key(s) in the official checkpoint: {', '.join(official_names[:10])}"
+                         + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    for k, shape in expected.items():
+        if tuple(out[k].shape) != tuple(shape):
+            raise ValueError(f"shape mismatch for official key {source[k]!r}: checkpoint {tuple(out[k].shape)}, "
+                             f"model {tuple(shape)} (is --preset right?)")
+    if check_aliases:
+        differing = [f"{k} != {source[ours]}" for ours, keys in aliases.items() for k in keys
+                     if k != source[ours] and not torch.equal(sd[k], out[ours])]
+        if differing:
+            warnings.warn(f"{len(differing)} per-layer copies of the shared heads differ from the kept key "
+                          f"(real checkpoints have them equal): {'; '.join(differing[:4])}"
+                          + (" ..." if len(differing) > 4 else ""), stacklevel=2)
+    return out
+
+
+def _load_checkpoint(path: str, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such checkpoint file: {path!r}")
+    import argparse as _argparse
+
+    try:
+        if trust_checkpoint:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            # Official checkpoints also store their argparse.Namespace; allowing that one class keeps the
+            # load safe (no arbitrary code) while accepting them.
+            with torch.serialization.safe_globals([_argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling raises many types
+        raise ValueError(f"cannot load {path!r} with torch.load(weights_only=True): {err}. If you trust the file, "
+                         "rerun with --trust-checkpoint (unpickles arbitrary objects).") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        ckpt = ckpt["model"]
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ValueError(f"{path!r} is not a DINO checkpoint: expected a dict with a 'model' state dict "
+                         "or a bare state dict of tensors")
+    return ckpt
+
+
+def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None):
+    """Writes ``state_dict`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    import safetensors.torch
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def convert_official_checkpoint(in_path: str, out_path: str, preset: str = "dino_r50_4scale",
+                                trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """Loads an official ``.pth``, converts it for ``preset`` and writes ``out_path`` (safetensors) atomically."""
+    name, _ = _resolve_preset(preset)
+    sd = convert_official_state_dict(_load_checkpoint(in_path, trust_checkpoint), preset)
+    save_safetensors_atomic(sd, out_path, {"format": "pt", "preset": name, "source": os.path.basename(in_path)})
+    return sd
+
+
+def _run(args: argparse.Namespace) -> int:
+    sd = convert_official_checkpoint(args.input, args.output, args.preset, args.trust_checkpoint)
+    print(f"wrote {len(sd)} tensors ({sum(v.numel() for v in sd.values()):,} values) for preset "
+          f"{args.preset} to {args.output}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Adds the ``convert-official`` subcommand."""
+    p = subparsers.add_parser(
+        "convert-official",
+        help="convert an official IDEA-Research/DINO checkpoint (.pth) to safetensors",
+        description="Convert an official IDEA-Research/DINO checkpoint (e.g. checkpoint0011_4scale.pth) to a "
+                    "safetensors state dict that loads strictly into `dino.build_model(PRESET)`. Every official "
+                    "key is mapped or deliberately dropped (the per-layer copies of the shared heads); a missing "
+                    "or unexpected key or a wrong shape is an error naming the key.",
+    )
+    p.add_argument("input", help="official checkpoint (.pth): {'model': state_dict, ...} or a bare state dict")
+    p.add_argument("output", help="output .safetensors path (written atomically)")
+    from dino.presets import PRESETS
+
+    p.add_argument("--preset", default="dino_r50_4scale", choices=sorted(PRESETS),
+                   help="model preset the checkpoint belongs to (default: dino_r50_4scale)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load with torch.load(weights_only=False): only for files you trust")
+    p.set_defaults(func=_run)

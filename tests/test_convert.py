@@ -1,0 +1,187 @@
+"""Official-checkpoint conversion: parity with the official model's golden outputs, and bad-input errors."""
+from __future__ import annotations
+
+import argparse
+import math
+import zlib
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import dino
+from dino.convert import convert_official_state_dict, register
+from dino.postprocess import postprocess
+
+PARITY = Path(__file__).parent / "fixtures" / "parity"
+
+
+def read_keys(path: Path) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            key, shp = line.split()
+            out.append((key, () if shp == "scalar" else tuple(int(s) for s in shp.split("x"))))
+    return out
+
+
+def fill(key: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """The golden data's weight-fill rule (shared/parity/README.md), re-implemented: values from key name + seed."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    if key.endswith("num_batches_tracked"):
+        return torch.zeros(shape, dtype=torch.long)
+    if key.endswith("running_var"):
+        return torch.rand(shape, generator=g, dtype=torch.float64) * 0.5 + 0.75
+    if key.endswith("running_mean"):
+        return torch.randn(shape, generator=g, dtype=torch.float64) * 0.1
+    if len(shape) >= 2:
+        return torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(math.prod(shape[1:]))
+    if key.endswith("weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
+    return 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def official_state_dict(scale: str) -> dict[str, torch.Tensor]:
+    """Float32 official-named state dict, as the golden run loaded it."""
+    return {k: fill(k, s).float() for k, s in read_keys(PARITY / f"official_keys_r50_{scale}.txt")}
+
+
+def meta_state_dict(scale: str = "4scale") -> dict[str, torch.Tensor]:
+    """Right keys and shapes, no memory: enough for the converter's key and shape checks."""
+    return {k: torch.empty(s, device="meta") for k, s in read_keys(PARITY / f"official_keys_r50_{scale}.txt")}
+
+
+def golden_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """The golden run's two images zero-padded into one (2, 3, 320, 480) float64 batch and its padding mask."""
+    stored = safetensors.torch.load_file(PARITY / "images.safetensors")
+    images = torch.zeros(2, 3, 320, 480, dtype=torch.float64)
+    mask = torch.ones(2, 320, 480, dtype=torch.bool)
+    for b in range(2):
+        img = stored[f"image{b}"]
+        images[b, :, : img.shape[1], : img.shape[2]] = img
+        mask[b, : img.shape[1], : img.shape[2]] = False
+    return images, mask
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dino")
+    register(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("scale", ["4scale", "5scale"])
+def test_converted_official_weights_reproduce_golden_outputs(scale, tmp_path):
+    preset = f"dino_r50_{scale}"
+    official = official_state_dict(scale)
+    if scale == "4scale":
+        # The full CLI path: .pth file in, safetensors out, strict load.
+        pth, out = tmp_path / "official.pth", tmp_path / "converted.safetensors"
+        torch.save({"model": official, "epoch": 11}, pth)
+        with pytest.warns(UserWarning, match=r"transformer\.decoder\.class_embed\.0"):
+            args = parser().parse_args(["convert-official", str(pth), str(out), "--preset", preset])
+            rc = args.func(args)
+        assert rc == 0
+        converted = safetensors.torch.load_file(out)
+    else:
+        with pytest.warns(UserWarning, match="differ"):
+            converted = convert_official_state_dict(official, preset)
+    del official
+    model = dino.build_model(preset)
+    model.load_state_dict(converted, strict=True)
+    model = model.double().eval()
+    images, mask = golden_batch()
+    with torch.inference_mode():
+        out = model(images, mask)
+    golden = safetensors.torch.load_file(PARITY / f"golden_r50_{scale}.safetensors")
+    nq = golden["aux0_logits"].shape[1]  # aux/interm goldens keep the first nq queries (fixture size)
+
+    errors = {"pred_logits": max_abs(out["pred_logits"], golden["pred_logits"]),
+              "pred_boxes": max_abs(out["pred_boxes"], golden["pred_boxes"])}
+    assert len(out["aux_outputs"]) == 5
+    for i, aux in enumerate(out["aux_outputs"]):
+        errors[f"aux{i}_logits"] = max_abs(aux["pred_logits"][:, :nq], golden[f"aux{i}_logits"])
+        errors[f"aux{i}_boxes"] = max_abs(aux["pred_boxes"][:, :nq], golden[f"aux{i}_boxes"])
+    errors["interm_logits"] = max_abs(out["interm_outputs"]["pred_logits"][:, :nq], golden["interm_logits"])
+    errors["interm_boxes"] = max_abs(out["interm_outputs"]["pred_boxes"][:, :nq], golden["interm_boxes"])
+    print(f"{scale} parity max abs errors: {max(errors.values()):.3g}", errors)
+    assert max(errors.values()) <= 1e-6, errors
+
+    sizes = torch.tensor([[320, 480], [288, 384]])
+    scores, labels, boxes = postprocess(out["pred_logits"], out["pred_boxes"], sizes, 300)
+    for b in range(2):
+        assert torch.equal(labels[b], golden[f"post{b}_labels"])
+        assert max_abs(scores[b], golden[f"post{b}_scores"]) <= 1e-6
+        assert max_abs(boxes[b], golden[f"post{b}_boxes"]) <= 1e-4  # pixels
+
+
+def test_missing_key_is_named():
+    sd = meta_state_dict()
+    del sd["transformer.encoder.layers.3.linear1.bias"]
+    with pytest.raises(ValueError, match=r"missing key.*transformer\.encoder\.layers\.3\.linear1\.bias"):
+        convert_official_state_dict(sd, "dino_r50_4scale", check_aliases=False)
+
+
+def test_missing_shared_head_names_the_official_key():
+    sd = meta_state_dict()
+    del sd["class_embed.5.bias"]
+    with pytest.raises(ValueError, match=r"missing key.*class_embed\.5\.bias"):
+        convert_official_state_dict(sd, "dino_r50_4scale", check_aliases=False)
+
+
+def test_wrong_shape_names_key_and_shapes():
+    sd = meta_state_dict()
+    sd["input_proj.0.0.weight"] = torch.empty(256, 1024, 1, 1, device="meta")
+    with pytest.raises(ValueError, match=r"input_proj\.0\.0\.weight.*\(256, 1024, 1, 1\).*\(256, 512, 1, 1\)"):
+        convert_official_state_dict(sd, "dino_r50_4scale", check_aliases=False)
+
+
+def test_5scale_checkpoint_with_4scale_preset_fails_clearly():
+    with pytest.raises(ValueError, match=r"unexpected key.*input_proj\.4|shape mismatch"):
+        convert_official_state_dict(meta_state_dict("5scale"), "dino_r50_4scale", check_aliases=False)
+
+
+def test_unexpected_key_is_named():
+    sd = meta_state_dict()
+    sd["transformer.some_new_head.weight"] = torch.empty(3, device="meta")
+    with pytest.raises(ValueError, match=r"unexpected key.*transformer\.some_new_head\.weight"):
+        convert_official_state_dict(sd, "dino_r50_4scale", check_aliases=False)
+
+
+def test_ddp_prefix_and_bare_state_dict_accepted():
+    sd = {"module." + k: v for k, v in meta_state_dict().items()}
+    out = convert_official_state_dict(sd, "dino_r50_4scale", check_aliases=False)
+    assert "class_embed.weight" in out and "backbone.body.conv1.weight" in out
+    assert not any(k.startswith(("class_embed.0", "transformer.decoder.class_embed")) for k in out)
+
+
+def test_not_a_dino_checkpoint(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"model": {"conv1.weight": torch.zeros(2, 3, 1, 1)}}, path)
+    args = parser().parse_args(["convert-official", str(path), str(tmp_path / "o.safetensors")])
+    with pytest.raises(ValueError, match="not a DINO checkpoint"):
+        args.func(args)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a checkpoint")
+    args = parser().parse_args(["convert-official", str(junk), str(tmp_path / "o.safetensors")])
+    with pytest.raises(ValueError, match="junk.pth"):
+        args.func(args)
+    args = parser().parse_args(["convert-official", str(tmp_path / "nope.pth"), str(tmp_path / "o.safetensors")])
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        args.func(args)
+
+
+def test_help_documents_the_command(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["convert-official", "--help"])
+    text = capsys.readouterr().out
+    assert "official" in text and "--preset" in text and "safetensors" in text
