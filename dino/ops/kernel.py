@@ -31,7 +31,11 @@ _failure: str | None = None
 
 def kernel_sources() -> list[Path]:
     """Sources compiled into the extension (the framework-free kernels plus the PyTorch binding)."""
-    return [KERNEL_DIR / "ms_deform_attn.cu", BINDING_DIR / "ms_deform_attn_binding.cpp"]
+    return [
+        KERNEL_DIR / "ms_deform_attn.cu",
+        KERNEL_DIR / "ms_deform_attn_baseline.cu",  # benchmark baseline, exposed as baseline_forward/backward
+        BINDING_DIR / "ms_deform_attn_binding.cpp",
+    ]
 
 
 def _nvcc() -> str | None:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from dino.ops.kernel import kernel_available, kernel_state
+
 logger = logging.getLogger("dino.ops")
 
 
@@ -97,8 +99,6 @@ def use_custom_op() -> Iterator[None]:
 
 
 def _cuda_kernel_usable() -> bool:
-    from dino.ops.kernel import kernel_available, kernel_state
-
     if torch.compiler.is_compiling():
         # No build while tracing; an unknown state routes to the op, whose CUDA kernel falls back by itself.
         state = kernel_state()
