@@ -22,10 +22,11 @@ def dino_r50_5scale() -> ModelConfig:
 
 
 def _swin_large(return_levels: tuple[int, ...]) -> BackboneConfig:
-    # strict_img_size=False: detection images are not 384x384 (timm pads to the window size itself).
+    # dynamic_img_size: detection images are not 384x384; timm then pads to whole windows and builds the
+    # shifted-window mask for the actual size.
     return BackboneConfig(name="timm:swin_large_patch4_window12_384", return_levels=return_levels,
                           freeze_stem_and_layer1=False, gradient_checkpointing=True,
-                          timm_kwargs={"strict_img_size": False})
+                          timm_kwargs={"dynamic_img_size": True})
 
 
 def dino_swinl_4scale() -> ModelConfig:
