@@ -6,7 +6,9 @@ Differences handled by feature detection rather than version numbers:
   graph (``dino export onnx --fp16``). On 10.x the network is created strongly typed too when the flag exists, so
   both versions build the graph's own precision; ``--fp16`` on 10.x without strong typing sets ``BuilderFlag.FP16``.
 - ``NetworkDefinitionCreationFlag.EXPLICIT_BATCH`` is deprecated (10.x) / removed (11.x): set only where it exists.
-- Plugin libraries: ``IPluginRegistry.load_library`` (10.x/11.x); the built-in plugins via ``init_libnvinfer_plugins``.
+- Plugin libraries: ours registers its creators from a static initializer, so loading it (``ctypes.CDLL``, or
+  ``trtexec --staticPlugins``, or ONNX Runtime's ``trt_extra_plugin_lib_paths``) is enough; the built-in plugins
+  come from ``init_libnvinfer_plugins``.
 
 The plan (profile shapes, flags, files) is computed by :func:`make_build_plan`, which needs no TensorRT, so it is
 unit-tested here; :func:`build_engine` applies it with the ``tensorrt`` module.
@@ -109,6 +111,14 @@ def _write_atomically(data: bytes, path: Path) -> None:
         raise
 
 
+def load_plugin_libraries(libs: list[Path]) -> None:
+    """dlopens each library globally; its static initializer registers the plugin creators with TensorRT."""
+    import ctypes
+
+    for lib in libs:
+        ctypes.CDLL(str(Path(lib).resolve()), mode=ctypes.RTLD_GLOBAL)
+
+
 def build_engine(plan: BuildPlan, verbose: bool = False) -> tuple[Path, list[str]]:
     """Builds and writes the serialized engine (atomically) and updates the timing cache. Returns (path, notes).
 
@@ -122,10 +132,8 @@ def build_engine(plan: BuildPlan, verbose: bool = False) -> tuple[Path, list[str
     notes = [f"TensorRT {trt.__version__}"]
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
-    registry = trt.get_plugin_registry()
-    for lib in plan.plugin_libs:
-        registry.load_library(str(lib))
-        notes.append(f"loaded plugin library {lib}")
+    load_plugin_libraries(plan.plugin_libs)
+    notes += [f"loaded plugin library {lib}" for lib in plan.plugin_libs]
 
     builder = trt.Builder(logger)
     flags = 0

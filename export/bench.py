@@ -1,0 +1,260 @@
+"""``dino bench``: one detector, the same images, every available inference backend, one latency table.
+
+Each backend is prepared once (export / compile time is reported separately), warmed up, then timed per call with
+CUDA synchronisation; the table gives median and p90 latency, images per second, and the largest difference of its
+outputs from eager float32 PyTorch (boxes in pixels and scores, top-K in rank order, so low-precision backends that
+reorder near-tied scores show large box differences). Backends that cannot run here are listed with the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from export.deploy_model import DeployModel
+
+ALL_BACKENDS = ("eager_fp32", "eager_bf16", "eager_fp16", "compile", "aoti", "ort_cpu", "ort_cuda", "tensorrt")
+
+
+@dataclasses.dataclass
+class BenchRow:
+    backend: str
+    batch: int | None = None
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    fps: float | None = None
+    max_box_diff_px: float | None = None
+    max_score_diff: float | None = None
+    setup_s: float | None = None
+    unavailable: str | None = None
+
+
+class _Unavailable(Exception):
+    """A backend that cannot run here; the message is the reason shown in the table."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+class _Backends:
+    """Builds a runner ``images -> (boxes, scores, labels)`` per backend, sharing exported files in one folder."""
+
+    def __init__(self, model: DeployModel, device: torch.device, image_size: tuple[int, int], max_batch: int,
+                 workdir: Path, plugin_libs: list[str]):
+        self.model, self.device, self.image_size = model, device, image_size
+        self.max_batch, self.workdir, self.plugin_libs = max_batch, workdir, plugin_libs
+        self._onnx: Path | None = None
+
+    def make(self, name: str) -> Callable[[torch.Tensor], tuple]:
+        return getattr(self, f"_make_{name}")()
+
+    def _make_eager_fp32(self):
+        return self.model
+
+    def _autocast(self, dtype: torch.dtype):
+        if self.device.type != "cuda":
+            raise _Unavailable("reduced-precision eager is benchmarked on CUDA only")
+        model = self.model
+
+        def run(images):
+            with torch.autocast("cuda", dtype=dtype):
+                return model(images)
+
+        return run
+
+    def _make_eager_bf16(self):
+        if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise _Unavailable("this GPU has no bfloat16")
+        return self._autocast(torch.bfloat16)
+
+    def _make_eager_fp16(self):
+        return self._autocast(torch.float16)
+
+    def _make_compile(self):
+        if self.device.type == "cpu" and importlib.util.find_spec("torch._inductor") is None:
+            raise _Unavailable("torch.compile (Inductor) is not available")
+        compiled = torch.compile(self.model, dynamic=False)
+        return compiled
+
+    def _make_aoti(self):
+        from export.aoti import export_aoti, load_aoti
+
+        path = export_aoti(self.model, self.workdir / "model.pt2", self.image_size, device=self.device,
+                           dynamic_batch=self.max_batch > 1, max_batch=max(self.max_batch, 2))
+        return load_aoti(path)
+
+    def _onnx_file(self) -> Path:
+        if self._onnx is None:
+            from export.onnx_export import export_onnx
+
+            cpu_model = self.model.to("cpu")
+            try:
+                self._onnx = export_onnx(cpu_model, self.workdir / "model.onnx", self.image_size, "standard",
+                                         dynamic_batch=True, max_batch=max(self.max_batch, 2), verify=False).path
+            finally:
+                self.model.to(self.device)
+        return self._onnx
+
+    def _ort(self, provider: str):
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise _Unavailable("onnxruntime is not installed") from err
+        if provider not in ort.get_available_providers():
+            raise _Unavailable(f"this onnxruntime build has no {provider}")
+        if provider == "CUDAExecutionProvider" and not torch.cuda.is_available():
+            raise _Unavailable("no CUDA GPU")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(self._onnx_file()), opts, providers=[provider])
+
+        def run(images):
+            outs = session.run(None, {"images": images.detach().cpu().numpy()})
+            return tuple(torch.from_numpy(o) for o in outs)
+
+        return run
+
+    def _make_ort_cpu(self):
+        return self._ort("CPUExecutionProvider")
+
+    def _make_ort_cuda(self):
+        return self._ort("CUDAExecutionProvider")
+
+    def _make_tensorrt(self):
+        if importlib.util.find_spec("tensorrt") is None:
+            raise _Unavailable("the tensorrt Python package is not installed")
+        if self.device.type != "cuda":
+            raise _Unavailable("TensorRT needs a CUDA device")
+        from export.trt_engine import build_engine, make_build_plan
+        from export.trt_runtime import TensorRTRunner
+
+        plan = make_build_plan(self._onnx_file(), self.workdir / "model.engine", max_batch=max(self.max_batch, 1),
+                               plugin_libs=self.plugin_libs)
+        engine, _ = build_engine(plan)
+        return TensorRTRunner(engine, self.plugin_libs)
+
+
+def _diff(reference: tuple, got: tuple) -> tuple[float, float]:
+    ref_boxes, ref_scores = reference[0].float().cpu(), reference[1].float().cpu()
+    boxes, scores = got[0].float().cpu(), got[1].float().cpu()
+    return (boxes - ref_boxes).abs().max().item(), (scores - ref_scores).abs().max().item()
+
+
+def run_bench(
+    model: DeployModel,
+    image_size: tuple[int, int],
+    batches: list[int],
+    backends: list[str] | None = None,
+    device: str | torch.device | None = None,
+    warmup: int = 3,
+    iters: int = 10,
+    plugin_libs: list[str] | None = None,
+    workdir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Times ``backends`` (default: all) for every batch size on random images; returns one row per (backend, batch).
+
+    Raises ValueError for an unknown backend name or a non-positive batch / iteration count.
+    """
+    from tqdm import tqdm
+
+    backends = list(backends or ALL_BACKENDS)
+    unknown = [b for b in backends if b not in ALL_BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batch sizes must be >= 1, got {batches}")
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    height, width = image_size
+    gen = torch.Generator().manual_seed(0)
+    inputs = {b: torch.randn(b, 3, height, width, generator=gen).to(device) for b in batches}
+    rows: list[BenchRow] = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch.no_grad():
+        factory = _Backends(model, device, image_size, max(batches), Path(tmp), list(plugin_libs or []))
+        references = {b: model(x) for b, x in inputs.items()}
+        bar = tqdm(total=len(backends) * len(batches), desc="dino bench", disable=not progress, unit="run")
+        for name in backends:
+            bar.set_postfix_str(f"{name}: preparing")
+            start = time.perf_counter()
+            try:
+                runner = factory.make(name)
+            except _Unavailable as why:
+                rows.append(BenchRow(name, unavailable=str(why)))
+                bar.update(len(batches))
+                continue
+            except Exception as err:  # noqa: BLE001 - a failing backend is reported, the others still run
+                rows.append(BenchRow(name, unavailable=f"failed to prepare: {type(err).__name__}: "
+                                                      f"{str(err).splitlines()[0][:160] if str(err) else ''}"))
+                bar.update(len(batches))
+                continue
+            setup = time.perf_counter() - start
+            for batch in batches:
+                bar.set_postfix_str(f"{name} batch {batch}")
+                images = inputs[batch]
+                try:
+                    for _ in range(warmup):
+                        runner(images)
+                    _sync(device)
+                    times, out = [], None
+                    for _ in range(iters):
+                        t0 = time.perf_counter()
+                        out = runner(images)
+                        _sync(device)
+                        times.append((time.perf_counter() - t0) * 1e3)
+                except Exception as err:  # noqa: BLE001
+                    rows.append(BenchRow(name, batch, unavailable=f"failed to run: {type(err).__name__}: "
+                                                                  f"{str(err).splitlines()[0][:160] if str(err) else ''}"))
+                    bar.update(1)
+                    continue
+                box_diff, score_diff = _diff(references[batch], out)
+                median = statistics.median(times)
+                rows.append(BenchRow(name, batch, median, _percentile(times, 0.9), batch * 1e3 / median, box_diff,
+                                     score_diff, setup))
+                bar.update(1)
+        bar.close()
+    return rows
+
+
+def format_table(rows: list[BenchRow], header: str) -> str:
+    """A plain-text table: timed rows first, then the unavailable backends with their reasons."""
+    lines = [header, "",
+             f"{'backend':<11} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} {'max|dbox| px':>13} "
+             f"{'max|dscore|':>12} {'setup s':>8}"]
+    lines.append("-" * len(lines[-1]))
+    for r in rows:
+        if r.unavailable is None:
+            lines.append(f"{r.backend:<11} {r.batch:>5} {r.median_ms:>10.1f} {r.p90_ms:>9.1f} {r.fps:>8.2f} "
+                         f"{r.max_box_diff_px:>13.3g} {r.max_score_diff:>12.3g} {r.setup_s:>8.1f}")
+    missing = [r for r in rows if r.unavailable is not None]
+    if missing:
+        lines += ["", "unavailable:"]
+        lines += [f"  {r.backend}{'' if r.batch is None else f' (batch {r.batch})'}: {r.unavailable}" for r in missing]
+    return "\n".join(lines)
+
+
+def write_json(rows: list[BenchRow], meta: dict, path: str | os.PathLike) -> None:
+    """Writes ``{"meta": ..., "rows": [...]}`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    os.replace(tmp, path)
