@@ -258,7 +258,7 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad()
             batch_index += 1
-            meter.update({"loss": float(total), **{k: float(v) for k, v in weighted.items()}})
+            meter.update({"loss": total.item(), **{k: v.item() for k, v in weighted.items()}})
             bar.update(1)
             if not accelerator.sync_gradients:
                 continue
@@ -266,8 +266,8 @@ def train(
             if ema is not None:
                 ema.update_parameters(accelerator.unwrap_model(model))
             if global_step % max(cfg.train.log_every_steps, 1) == 0:
-                bar.set_postfix(loss=f"{float(total):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
-                accelerator.log({"train/loss": float(total), "train/lr": optimizer.param_groups[0]["lr"]}, step=global_step)
+                bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+                accelerator.log({"train/loss": total.item(), "train/lr": optimizer.param_groups[0]["lr"]}, step=global_step)
             at_max = cfg.train.max_steps is not None and global_step >= cfg.train.max_steps
             if batch_index < per_epoch and (
                 at_max or (cfg.train.checkpoint_every_steps and global_step % cfg.train.checkpoint_every_steps == 0)

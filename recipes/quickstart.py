@@ -1,0 +1,42 @@
+"""Quickstart: the small ``dino_quickstart`` model on the synthetic shapes dataset, trained on a CPU in minutes.
+
+Run by ``python -m dino.quickstart`` (``make quickstart``); also trainable like any recipe:
+``dino train recipes/quickstart.py``. Not an official configuration: image size, model size, learning rate and
+schedule are tuned for a 2-core CPU (see docs/training.md for what differs from the COCO recipes).
+"""
+from dino.config import DataConfig, Recipe
+from dino.presets import get_preset
+
+IMAGE_SIZE = 64
+
+
+def recipe() -> Recipe:
+    cfg = Recipe(name="quickstart")
+    cfg.model = get_preset("dino_quickstart")
+    cfg.data = DataConfig(
+        dataset="shapes",
+        root="data/shapes",
+        label_mapping="contiguous",
+        shapes_image_size=IMAGE_SIZE,
+        shapes_train_images=512,
+        shapes_val_images=64,
+        # The official augmentation, scaled down to the image size.
+        train_scales=(IMAGE_SIZE,),
+        train_max_size=IMAGE_SIZE,
+        crop_resize_scales=(IMAGE_SIZE,),
+        crop_size=(IMAGE_SIZE * 3 // 4, IMAGE_SIZE),
+        val_scale=IMAGE_SIZE,
+        val_max_size=IMAGE_SIZE,
+        num_workers=0,  # the images are tiny: worker start-up would cost more than it saves
+    )
+    cfg.optim.lr = 2e-4
+    cfg.optim.lr_backbone = 2e-4  # the backbone starts from random weights too (no download)
+    cfg.optim.epochs = 12
+    cfg.optim.lr_drop_epochs = (10,)
+    cfg.optim.total_batch_size = 16
+    cfg.train.output_dir = "outputs/quickstart"
+    cfg.train.checkpoint_every_steps = 0  # epoch-end checkpoints only
+    cfg.train.eval_every_epochs = cfg.optim.epochs  # evaluate once, at the end
+    cfg.train.auto_resume = False  # the quickstart always trains from scratch
+    cfg.train.tracker = None
+    return cfg

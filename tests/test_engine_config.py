@@ -1,0 +1,154 @@
+"""Recipes, overrides, batch planning and the CLI surface of the engine."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dino.engine.batching import plan_batches
+from dino.engine.recipe import available_recipes, load_recipe
+from dino.engine.optim import build_optimizer, build_scheduler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "total,procs,cap,expected",
+    [
+        (16, 1, 2, (2, 8)),  # official R50 recipe on one GPU: 2 images x 8 accumulation steps
+        (16, 8, 2, (2, 1)),  # the official 8 GPUs
+        (16, 16, 2, (1, 1)),
+        (16, 2, 3, (2, 4)),  # 3 does not divide 8: the largest divisor below the cap
+        (16, 4, None, (4, 1)),
+    ],
+)
+def test_plan_batches_keeps_effective_batch(total, procs, cap, expected):
+    plan = plan_batches(total, procs, cap)
+    assert (plan.per_device, plan.accumulation) == expected
+    assert plan.effective == total
+    assert f"effective batch {total}" in plan.describe()
+
+
+def test_plan_batches_rejects_unsplittable_total():
+    with pytest.raises(ValueError, match="total_batch_size=16 cannot be split evenly over 3 processes"):
+        plan_batches(16, 3, 2)
+
+
+OFFICIAL = {  # recipe: (epochs, lr drop, feature levels, per-device cap)
+    "dino_r50_4scale_12ep": (12, (11,), 4, 2),
+    "dino_r50_4scale_24ep": (24, (20,), 4, 2),
+    "dino_r50_4scale_36ep": (36, (30,), 4, 2),
+    "dino_r50_5scale_12ep": (12, (11,), 5, 1),
+    "dino_r50_5scale_24ep": (24, (20,), 5, 1),
+    "dino_r50_5scale_36ep": (36, (30,), 5, 1),
+    "dino_swinl_4scale_12ep": (12, (11,), 4, 2),
+    "dino_swinl_4scale_36ep": (36, (30,), 4, 2),
+    "dino_swinl_5scale_12ep": (12, (11,), 5, 1),
+    "dino_swinl_5scale_36ep": (36, (30,), 5, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_recipes_match_official_hyperparameters(name):
+    cfg = load_recipe(name)
+    epochs, drop, levels, cap = OFFICIAL[name]
+    assert cfg.name == name
+    assert (cfg.optim.epochs, cfg.optim.lr_drop_epochs, cfg.optim.lr_drop_factor) == (epochs, drop, 0.1)
+    assert cfg.model.transformer.num_feature_levels == levels
+    assert len(cfg.model.backbone.return_levels) == levels - 1
+    assert (cfg.optim.lr, cfg.optim.lr_backbone, cfg.optim.weight_decay, cfg.optim.clip_max_norm) == (1e-4, 1e-5, 1e-4, 0.1)
+    assert (cfg.optim.total_batch_size, cfg.optim.batch_size_per_device) == (16, cap)
+    assert (cfg.train.seed, cfg.train.mixed_precision, cfg.train.ema) == (42, "no", False)
+    assert (cfg.model.num_classes, cfg.data.label_mapping, cfg.data.dataset) == (91, "official", "coco")
+    assert cfg.model.transformer.num_queries == 900 and cfg.model.denoising.dn_number == 100
+    assert cfg.model.denoising.box_noise_scale == 1.0
+    assert cfg.model.backbone.gradient_checkpointing == name.startswith("dino_swinl")
+
+
+def test_every_recipe_file_loads():
+    names = available_recipes()
+    assert set(OFFICIAL) | {"quickstart"} <= set(names)
+    for name in names:
+        assert load_recipe(name).optim.total_batch_size == 16
+
+
+def test_overrides_apply_with_types():
+    cfg = load_recipe("quickstart", ["optim.lr=3e-4", "model.backbone.return_levels=2,3", "train.ema=true",
+                                     "optim.batch_size_per_device=none", "data.root=/x/y"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.backbone.return_levels == (2, 3) and cfg.train.ema is True
+    assert cfg.optim.batch_size_per_device is None and cfg.data.root == "/x/y"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lrr=1", "no field 'lrr' in OptimConfig"),
+        ("optimizer.lr=1", "no config section 'optimizer'"),
+        ("optim.lr", "must look like section.field=value"),
+        ("train.ema=maybe", "expected a boolean"),
+    ],
+)
+def test_bad_override_names_the_problem(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe("quickstart", [override])
+
+
+def test_unknown_recipe_lists_available():
+    with pytest.raises(FileNotFoundError, match="no recipe named 'nope'; available: .*dino_r50_4scale_12ep"):
+        load_recipe("nope")
+
+
+def test_recipe_without_recipe_function_is_rejected(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(ValueError, match=r"bad.py must define `def recipe\(\) -> Recipe:`"):
+        load_recipe(str(bad))
+
+
+def test_param_groups_and_step_schedule():
+    import torch
+
+    cfg = load_recipe(str(REPO / "tests" / "engine_tiny_recipe.py"), ["optim.lr_backbone=1e-5", "optim.epochs=3",
+                                                                      "optim.lr_drop_epochs=2"])
+    from dino import build_model
+
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    groups = {g["name"]: g for g in opt.param_groups}
+    backbone_ids = {id(p) for n, p in model.named_parameters() if "backbone" in n and p.requires_grad}
+    assert {id(p) for p in groups["backbone"]["params"]} == backbone_ids
+    assert groups["backbone"]["lr"] == 1e-5 and groups["default"]["lr"] == cfg.optim.lr
+    assert all(g["weight_decay"] == cfg.optim.weight_decay for g in opt.param_groups)
+    sched = build_scheduler(opt, cfg.optim)
+    lrs = []
+    for _ in range(3):
+        lrs.append(groups["default"]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-4])
+    with pytest.raises(ValueError, match="lr_drop_epochs"):
+        cfg.optim.lr_drop_epochs = (5,)
+        build_scheduler(torch.optim.AdamW(model.parameters()), cfg.optim)
+
+
+DINO = ["-c", "import sys; from dino_cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_launch_and_cli_help_document_every_flag():
+    for argv in (["launch.py", "--help"], [*DINO, "train", "--help"]):
+        out = _run(*argv)
+        assert out.returncode == 0, out.stderr
+        for flag in ("--set", "--resume", "--pretrained", "--ignore-keys", "--print-recipe", "optim.lr ="):
+            assert flag in out.stdout, (argv, flag)
+    out = _run(*DINO, "eval", "--help")
+    assert out.returncode == 0 and "--checkpoint" in out.stdout and "--recipe" in out.stdout
+
+
+def test_launch_reports_bad_override_clearly():
+    out = _run("launch.py", "quickstart", "--set", "optim.nope=1")
+    assert out.returncode == 2
+    assert "launch.py: error: override 'optim.nope=1': no field 'nope' in OptimConfig" in out.stderr
