@@ -30,6 +30,22 @@ def test_giou_hand_cases():
     torch.testing.assert_close(giou, torch.tensor([[1.0, 1 / 7 - 2 / 9, -3 / 8]]))
 
 
+def test_giou_eps_is_official_and_zero_eps_is_torchvision():
+    import torchvision
+
+    g = torch.Generator().manual_seed(1)
+    a = box_cxcywh_to_xyxy(torch.rand(5, 4, generator=g, dtype=torch.float64) * 0.1 + 0.2)
+    b = box_cxcywh_to_xyxy(torch.rand(3, 4, generator=g, dtype=torch.float64) * 0.1 + 0.2)
+    torch.testing.assert_close(generalized_box_iou(a, b, eps=0.0), torchvision.ops.generalized_box_iou(a, b))
+    # official: inter / (union + 1e-6) - (hull - union) / (hull + 1e-6), here on one hand-made pair
+    x = torch.tensor([[0.0, 0.0, 0.02, 0.02]], dtype=torch.float64)
+    y = torch.tensor([[0.01, 0.01, 0.03, 0.03]], dtype=torch.float64)
+    inter, union, hull = 1e-4, 7e-4, 9e-4
+    expected = inter / (union + 1e-6) - (hull - union) / (hull + 1e-6)
+    assert generalized_box_iou(x, y).item() == pytest.approx(expected, rel=1e-12)
+    assert abs(expected - (1 / 7 - 2 / 9)) > 1e-5  # the eps matters at this scale
+
+
 def test_elementwise_giou_equals_diagonal():
     g = torch.Generator().manual_seed(0)
     a = box_cxcywh_to_xyxy(torch.rand(6, 4, generator=g, dtype=torch.float64))
