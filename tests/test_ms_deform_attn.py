@@ -75,6 +75,18 @@ def test_points_outside_the_map_give_zero():
         assert single_point(vmap, x, y) == 0.0
 
 
+def test_left_edge_has_zero_value_but_a_location_gradient():
+    # At x = -0.5 / W (w_im = -1) the sample is 0, yet column 0 is within reach: grid_sample, and so the CUDA kernel,
+    # give d out / d x = W * v[0].
+    value = torch.tensor([3.0, 5.0], dtype=torch.float64).view(1, 2, 1, 1)
+    loc = torch.tensor([-0.25, 0.5], dtype=torch.float64).view(1, 1, 1, 1, 1, 2).requires_grad_()
+    out = ms_deform_attn_pytorch(value, torch.tensor([[1, 2]]), torch.tensor([0]), loc, torch.ones(1, 1, 1, 1, 1,
+                                 dtype=torch.float64))
+    (grad,) = torch.autograd.grad(out.sum(), loc)
+    assert out.item() == 0.0
+    assert grad.flatten().tolist() == pytest.approx([2 * 3.0, 0.0])
+
+
 def test_levels_are_sampled_from_their_own_slice():
     # Level 0 is all ones, level 1 all twos: the output is sum of weights times each level's constant.
     value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 2)], B=1, M=1, D=1, Q=4, P=3, lo=0.3, hi=0.7)

@@ -102,7 +102,9 @@ __device__ __forceinline__ Corners<A> make_corners(A x, A y, int h, int w, int64
   // align_corners=False: pixel centre j sits at (j + 0.5) / W.
   const A h_im = fma(y, static_cast<A>(h), static_cast<A>(-0.5));  // one rounding: fp32 stays within 1e-5
   const A w_im = fma(x, static_cast<A>(w), static_cast<A>(-0.5));
-  c.inside = h_im > static_cast<A>(-1) && w_im > static_cast<A>(-1) && h_im < static_cast<A>(h) &&
+  // Only a skip of work that is exactly zero: at h_im == -1 the value is 0 but row 0 still carries a location
+  // gradient (grid_sample has it), hence >= and not the original kernel's >.
+  c.inside = h_im >= static_cast<A>(-1) && w_im >= static_cast<A>(-1) && h_im < static_cast<A>(h) &&
              w_im < static_cast<A>(w);
   const A hf = floor(h_im);
   const A wf = floor(w_im);

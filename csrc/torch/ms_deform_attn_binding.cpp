@@ -32,8 +32,8 @@ DinoMsdaShape check_inputs(const at::Tensor& value, const at::Tensor& spatial_sh
               " does not match value ", value.sizes(), " in B or M");
   TORCH_CHECK(attn.dim() == 5 && attn.size(0) == B && attn.size(1) == loc.size(1) && attn.size(2) == M &&
                   attn.size(3) == L && attn.size(4) == P,
-              "ms_deform_attn: attention_weights must be (B, Q, M, L, P) = ", loc.sizes().slice(0, 5), ", got ",
-              attn.sizes());
+              "ms_deform_attn: attention_weights must be (B, Q, M, L, P) = (", B, ", ", loc.size(1), ", ", M, ", ", L,
+              ", ", P, "), got ", attn.sizes());
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == L && spatial_shapes.size(1) == 2,
               "ms_deform_attn: spatial_shapes must be (L, 2) with L = ", L, ", got ", spatial_shapes.sizes());
   TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == L,

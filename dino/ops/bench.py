@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name()
     rows = benchmark(args.batch, dtypes, args.warmup, args.reps)
     table = markdown_table(rows, device)
-    header = f"torch {torch.__version__}, CUDA {torch.version.cuda}; medians of {args.reps} runs after {args.warmup} warm-up"
+    header = (f"torch {torch.__version__}, CUDA {torch.version.cuda}; "
+              f"medians of {args.reps} runs after {args.warmup} warm-up")
     print(header)
     print()
     print(table)
