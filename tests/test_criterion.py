@@ -228,3 +228,25 @@ def test_num_boxes_is_averaged_over_processes(monkeypatch):
     monkeypatch.undo()
     single = _criterion()(out, _targets(sizes=(2, 1)))
     assert losses["loss_bbox"].item() == pytest.approx(single["loss_bbox"].item() * 3 / 4)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    """Indices from the matcher live on the CPU; the losses must not care where the outputs and targets live."""
+    out, targets = _outputs(dn_groups=2), _targets(sizes=(2, 0))
+    cpu = _criterion()(out, targets)
+
+    def move(x):
+        if torch.is_tensor(x):
+            return x.detach().cuda()
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [move(v) for v in x]
+        return x
+
+    gpu = _criterion()(move(out), move(targets))
+    assert set(gpu) == set(cpu)
+    for k in cpu:
+        assert gpu[k].device.type == "cuda", k
+        torch.testing.assert_close(gpu[k].cpu().to(cpu[k].dtype), cpu[k], rtol=1e-9, atol=1e-9, msg=k)

@@ -5,7 +5,8 @@ import torch
 
 from dino.postprocess import PostProcess, postprocess
 
-GOLDEN = Path(__file__).parent / "fixtures" / "parity" / "official_r50_4scale_golden.safetensors"
+# The official eval-mode outputs and post-processing results (a trimmed copy of shared/parity's 4-scale golden).
+GOLDEN = Path(__file__).parent / "fixtures" / "parity" / "golden_r50_4scale.safetensors"
 
 
 def _hand_case():
@@ -65,7 +66,6 @@ def test_bad_input_errors():
         PostProcess(3)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[1, 2], [3, 4]]))
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason=f"parity fixture {GOLDEN} not present")
 def test_matches_official_post_processing():
     from safetensors.torch import load_file
 
@@ -75,3 +75,13 @@ def test_matches_official_post_processing():
         torch.testing.assert_close(scores[i], d[f"post{i}_scores"], rtol=0, atol=1e-12)
         assert torch.equal(labels[i], d[f"post{i}_labels"])
         torch.testing.assert_close(boxes[i], d[f"post{i}_boxes"], rtol=0, atol=1e-9)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(1)
+    logits, boxes = torch.randn(2, 9, 4, generator=g), torch.rand(2, 9, 4, generator=g)
+    sizes = torch.tensor([[30, 40], [50, 60]])
+    for got, want in zip(postprocess(logits.cuda(), boxes.cuda(), sizes.cuda(), 7), postprocess(logits, boxes, sizes, 7)):
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want)
