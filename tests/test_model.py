@@ -181,3 +181,21 @@ def test_quickstart_trains_on_cpu():
     images, mask = batch(2, 128, 128)
     out = model(images, mask, [{"labels": t["labels"] % 3, "boxes": t["boxes"]} for t in targets()])
     assert out["pred_logits"].shape == (2, 100, 3) and "dn_meta" in out
+
+
+@pytest.mark.cuda
+def test_cuda_forward_matches_cpu_and_trains_with_denoising():
+    torch.manual_seed(0)
+    model = DINO(tiny_config()).eval()
+    images, mask = batch()
+    with torch.inference_mode():
+        ref = model(images, mask)
+        out = model.cuda()(images.cuda(), mask.cuda())
+    torch.testing.assert_close(out["pred_boxes"].cpu(), ref["pred_boxes"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out["pred_logits"].cpu(), ref["pred_logits"], rtol=0, atol=1e-3)
+    model.train()
+    tg = [{k: v.cuda() for k, v in t.items()} for t in targets()]
+    out = model(images.cuda(), mask.cuda(), tg)
+    known = out["dn_meta"]["output_known_lbs_bboxes"]
+    (out["pred_logits"].sum() + known["pred_boxes"].sum()).backward()
+    assert model.label_enc.weight.grad is not None and torch.isfinite(model.label_enc.weight.grad).all()
