@@ -199,3 +199,18 @@ def test_cuda_forward_matches_cpu_and_trains_with_denoising():
     known = out["dn_meta"]["output_known_lbs_bboxes"]
     (out["pred_logits"].sum() + known["pred_boxes"].sum()).backward()
     assert model.label_enc.weight.grad is not None and torch.isfinite(model.label_enc.weight.grad).all()
+
+
+def test_resnet_gradient_checkpointing_gives_same_features_and_grads():
+    torch.manual_seed(0)
+    plain = Backbone(BackboneConfig(name="resnet18")).train()
+    ckpt = Backbone(BackboneConfig(name="resnet18", gradient_checkpointing=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    grads = []
+    for bb in (plain, ckpt):
+        feats = bb(x)
+        sum(f.square().sum() for f in feats).backward()
+        grads.append(bb.body.layer2[0].conv1.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(plain(x)[-1], ckpt(x)[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.utils.checkpoint
 import torchvision
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
@@ -60,6 +61,7 @@ class Backbone(nn.Module):
         if not self.return_levels or any(i not in (0, 1, 2, 3) for i in self.return_levels):
             raise ValueError(f"backbone.return_levels must be indices in 0..3, got {cfg.return_levels!r}")
         self.is_timm = cfg.name.startswith(_TIMM_PREFIX)
+        self.gradient_checkpointing = cfg.gradient_checkpointing
         if self.is_timm:
             self._build_timm(cfg)
         else:
@@ -111,8 +113,21 @@ class Backbone(nn.Module):
         fmt = getattr(self.body, "output_fmt", "NCHW")
         self._channels_last = [str(getattr(fmt, "value", fmt)).upper() == "NHWC"] * len(self.num_channels)
 
+    def _resnet_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # IntermediateLayerGetter's loop, with activation checkpointing of the residual stages when asked.
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        feats = []
+        for name, module in self.body.items():
+            if checkpoint and name.startswith("layer"):
+                x = torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+            else:
+                x = module(x)
+            if name in self.body.return_layers:
+                feats.append(x)
+        return feats
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.body(images)
+        feats = self.body(images) if self.is_timm else self._resnet_features(images)
         if isinstance(feats, dict):
             feats = list(feats.values())
         out = []
