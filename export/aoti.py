@@ -50,8 +50,10 @@ def export_aoti(
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.to(device).eval()
     height, width = image_size
-    example = torch.randn(2 if dynamic_batch else 1, 3, height, width, device=device)
-    program = export_program(model, example, dynamic_batch, max_batch, use_custom_op)
+    # Always traced with a symbolic batch: Inductor fails on the static batch-1 program (a data-dependent guard on
+    # the level shapes read with tolist); without --dynamic-batch the package is still only promised for batch 1.
+    example = torch.randn(2, 3, height, width, device=device)
+    program = export_program(model, example, True, max(max_batch, 2), use_custom_op)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:

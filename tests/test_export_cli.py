@@ -1,0 +1,111 @@
+"""`dino export` / `dino bench` on the command line: clear errors on bad input, a bench table with every CPU backend."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+import dino
+from dino.engine.checkpoint import save_weights
+from dino_cli import main
+from export.bench import format_table, run_bench
+from export.deploy_model import DeployModel, check_image_size
+from tests.export_standin import StandInDetector
+
+
+@pytest.fixture()
+def quick_checkpoint(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_weights(dino.build_model("dino_quickstart").state_dict(), path)
+    return path
+
+
+def _run(argv, capsys):
+    rc = main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    rc, _, err = _run(["export", "onnx", "--recipe", "dino_quickstart", "--checkpoint", str(tmp_path / "no.safetensors"),
+                       "--image-size", "128", "128"], capsys)
+    assert rc == 2 and "no.safetensors does not exist" in err
+
+
+def test_unknown_recipe_lists_recipes_and_presets(capsys, tmp_path):
+    rc, _, err = _run(["export", "aoti", "--recipe", "nope", "--checkpoint", "x"], capsys)
+    assert rc == 2 and "'nope'" in err and "dino_quickstart" in err
+
+
+def test_checkpoint_of_another_recipe_is_rejected(capsys, quick_checkpoint):
+    rc, _, err = _run(["export", "onnx", "--recipe", "dino_r50_4scale", "--checkpoint", str(quick_checkpoint),
+                       "--image-size", "128", "128"], capsys)
+    assert rc == 2 and "does not match preset dino_r50_4scale" in err
+
+
+@pytest.mark.parametrize("size, message", [(["0", "128"], "must be positive"), (["128", "-5"], "must be positive"),
+                                           (["32", "128"], "below 64")])
+def test_bad_image_size(capsys, quick_checkpoint, size, message):
+    rc, _, err = _run(["export", "onnx", "--recipe", "dino_quickstart", "--checkpoint", str(quick_checkpoint),
+                       "--image-size", *size], capsys)
+    assert rc == 2 and message in err
+
+
+def test_check_image_size_accepts_non_multiples_of_32():
+    assert check_image_size([800, 1333]) == (800, 1333)
+
+
+def test_trt_export_of_missing_onnx(capsys, tmp_path):
+    rc, _, err = _run(["export", "trt", "--onnx", str(tmp_path / "m.onnx")], capsys)
+    assert rc == 2 and "m.onnx does not exist" in err
+
+
+def test_bench_rejects_unknown_backend_and_bad_batch():
+    model = DeployModel(StandInDetector())
+    with pytest.raises(ValueError, match="unknown backend"):
+        run_bench(model, (64, 64), [1], ["tensorflow"], progress=False)
+    with pytest.raises(ValueError, match="--batch"):
+        run_bench(model, (64, 64), [0], ["eager_fp32"], progress=False)
+
+
+def test_bench_on_cpu_times_eager_aoti_and_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    model = DeployModel(StandInDetector(), num_select=20)
+    rows = run_bench(model, (64, 96), [1], ["eager_fp32", "eager_bf16", "aoti", "ort_cpu", "tensorrt"],
+                     device="cpu", warmup=1, iters=3, progress=False)
+    timed = {r.backend: r for r in rows if r.unavailable is None}
+    assert set(timed) == {"eager_fp32", "aoti", "ort_cpu"}
+    assert timed["eager_fp32"].max_box_diff_px == 0.0
+    for row in timed.values():
+        assert row.median_ms > 0 and row.p90_ms >= row.median_ms and row.fps > 0
+        assert row.max_box_diff_px < 0.1 and row.max_score_diff < 1e-4
+    missing = {r.backend: r.unavailable for r in rows if r.unavailable is not None}
+    assert "CUDA" in missing["eager_bf16"] and "tensorrt" in missing["tensorrt"].lower()
+    table = format_table(rows, "header line")
+    for name in ("eager_fp32", "aoti", "ort_cpu", "unavailable:", "median ms"):
+        assert name in table
+
+
+def test_bench_cli_writes_table_and_json(tmp_path, capsys):
+    recipe = tmp_path / "tiny.py"
+    recipe.write_text(textwrap.dedent("""
+        from dino.config import Recipe
+        from dino.presets import get_preset
+
+        def recipe():
+            model = get_preset("dino_quickstart")
+            model.transformer.enc_layers, model.transformer.dec_layers, model.transformer.num_queries = 1, 1, 20
+            model.num_select = 10
+            return Recipe(name="tiny", model=model)
+    """))
+    out_json = tmp_path / "bench.json"
+    rc, out, _ = _run(["bench", "--recipe", str(recipe), "--image-size", "96", "96", "--backends", "eager_fp32",
+                       "ort_cuda", "--iters", "2", "--warmup", "0", "--device", "cpu", "--json", str(out_json)], capsys)
+    assert rc == 0
+    assert "random weights" in out and "eager_fp32" in out and "ort_cuda" in out
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["image_size"] == [96, 96]
+    assert [r["backend"] for r in data["rows"]] == ["eager_fp32", "ort_cuda"]
+    assert data["rows"][0]["median_ms"] > 0 and data["rows"][1]["unavailable"]
