@@ -197,6 +197,8 @@ def run_bench(
             start = time.perf_counter()
             try:
                 runner = factory.make(name)
+                runner(inputs[batches[0]])  # first call: lazy compilation (torch.compile) counts as setup
+                _sync(device)
             except _Unavailable as why:
                 rows.append(BenchRow(name, unavailable=str(why)))
                 bar.update(len(batches))
