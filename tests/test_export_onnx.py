@@ -141,3 +141,16 @@ def test_compare_detections_detects_label_and_box_differences():
     # A tied top score makes the top label order arbitrary: not counted as a mismatch.
     tied = torch.tensor([[0.9, 0.9, 0.1]])
     assert compare_detections((boxes, tied, labels), (boxes, tied, torch.tensor([[2, 1, 3]])))[2]
+
+
+def test_fp16_export_is_a_half_graph_close_to_the_half_model(tmp_path):
+    from tests.export_standin import StandInDetector
+
+    torch.manual_seed(0)
+    model = DeployModel(StandInDetector(), num_select=20, half=True)
+    result = export_onnx(model, tmp_path / "half.onnx", (64, 96), "standard")
+    graph = onnx.load(str(result.path))
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # images stay float32
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)  # weights are half
+    assert result.checks and result.checks[0].top_label_match
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # boxes in float32
