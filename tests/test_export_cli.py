@@ -88,7 +88,8 @@ def test_bench_on_cpu_times_eager_aoti_and_onnxruntime(tmp_path):
         assert name in table
 
 
-def test_bench_cli_writes_table_and_json(tmp_path, capsys):
+@pytest.fixture()
+def tiny_recipe(tmp_path):
     recipe = tmp_path / "tiny.py"
     recipe.write_text(textwrap.dedent("""
         from dino.config import Recipe
@@ -100,6 +101,24 @@ def test_bench_cli_writes_table_and_json(tmp_path, capsys):
             model.num_select = 10
             return Recipe(name="tiny", model=model)
     """))
+    return recipe
+
+
+def test_export_onnx_cli_reports_the_onnxruntime_error_then_success(tmp_path, capsys, tiny_recipe):
+    from dino.engine.recipe import load_recipe
+
+    checkpoint = tmp_path / "model.safetensors"
+    save_weights(dino.build_model(load_recipe(str(tiny_recipe)).model).state_dict(), checkpoint)
+    output = tmp_path / "out" / "plugin.onnx"
+    rc, out, _ = _run(["export", "onnx", "--recipe", str(tiny_recipe), "--checkpoint", str(checkpoint),
+                       "--deform-op", "plugin", "--image-size", "96", "96", "--output", str(output)], capsys)
+    assert rc == 0 and output.is_file()
+    assert out.index("max |boxes| error") < out.index("wrote")
+    assert "2 DinoMSDeformAttn plugin nodes" in out and "onnx.checker passed" in out
+
+
+def test_bench_cli_writes_table_and_json(tmp_path, capsys, tiny_recipe):
+    recipe = tiny_recipe
     out_json = tmp_path / "bench.json"
     rc, out, _ = _run(["bench", "--recipe", str(recipe), "--image-size", "96", "96", "--backends", "eager_fp32",
                        "ort_cuda", "--iters", "2", "--warmup", "0", "--device", "cpu", "--json", str(out_json)], capsys)

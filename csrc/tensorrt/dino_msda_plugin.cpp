@@ -1,8 +1,6 @@
 // TensorRT IPluginV3 wrapper of the framework-free deformable-attention kernels; see dino_msda_plugin.h.
 #include "dino_msda_plugin.h"
 
-#include <NvInfer.h>
-
 #include <cstdio>
 #include <new>
 
