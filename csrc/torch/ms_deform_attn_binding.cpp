@@ -4,12 +4,21 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <string>
 #include <tuple>
 
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_baseline.h"
 
 namespace {
+
+// Sizes formatted by hand: with torch 2.11 on the H100 machine, error messages that streamed IntArrayRef crashed
+// the process (segfault) instead of raising; messages made of ints and ScalarTypes raised normally.
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
 
 DinoMsdaDType dtype_of(at::ScalarType t) {
   switch (t) {
@@ -24,20 +33,20 @@ DinoMsdaDType dtype_of(at::ScalarType t) {
 // Checks ranks, sizes, devices and dtypes (no device->host copies: the shape tables stay on the GPU).
 DinoMsdaShape check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                            const at::Tensor& level_start_index, const at::Tensor& loc, const at::Tensor& attn) {
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (B, S, M, D), got shape ", value.sizes());
+  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (B, S, M, D), got shape ", shape_str(value));
   TORCH_CHECK(loc.dim() == 6 && loc.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be (B, Q, M, L, P, 2), got shape ", loc.sizes());
+              "ms_deform_attn: sampling_locations must be (B, Q, M, L, P, 2), got shape ", shape_str(loc));
   const int64_t B = value.size(0), M = value.size(2), L = loc.size(3), P = loc.size(4);
-  TORCH_CHECK(loc.size(0) == B && loc.size(2) == M, "ms_deform_attn: sampling_locations ", loc.sizes(),
-              " does not match value ", value.sizes(), " in B or M");
+  TORCH_CHECK(loc.size(0) == B && loc.size(2) == M, "ms_deform_attn: sampling_locations ", shape_str(loc),
+              " does not match value ", shape_str(value), " in B or M");
   TORCH_CHECK(attn.dim() == 5 && attn.size(0) == B && attn.size(1) == loc.size(1) && attn.size(2) == M &&
                   attn.size(3) == L && attn.size(4) == P,
               "ms_deform_attn: attention_weights must be (B, Q, M, L, P) = (", B, ", ", loc.size(1), ", ", M, ", ", L,
-              ", ", P, "), got ", attn.sizes());
+              ", ", P, "), got ", shape_str(attn));
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == L && spatial_shapes.size(1) == 2,
-              "ms_deform_attn: spatial_shapes must be (L, 2) with L = ", L, ", got ", spatial_shapes.sizes());
+              "ms_deform_attn: spatial_shapes must be (L, 2) with L = ", L, ", got ", shape_str(spatial_shapes));
   TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == L,
-              "ms_deform_attn: level_start_index must be (L,) with L = ", L, ", got ", level_start_index.sizes());
+              "ms_deform_attn: level_start_index must be (L,) with L = ", L, ", got ", shape_str(level_start_index));
   TORCH_CHECK(L <= DINO_MSDA_MAX_LEVELS, "ms_deform_attn: at most ", DINO_MSDA_MAX_LEVELS, " levels, got ", L);
   const auto idx_t = spatial_shapes.scalar_type();
   TORCH_CHECK((idx_t == at::kLong || idx_t == at::kInt) && level_start_index.scalar_type() == idx_t,
@@ -45,7 +54,7 @@ DinoMsdaShape check_inputs(const at::Tensor& value, const at::Tensor& spatial_sh
               " and ", level_start_index.scalar_type());
   for (const at::Tensor* t : {&value, &spatial_shapes, &level_start_index, &loc, &attn}) {
     TORCH_CHECK(t->is_cuda() && t->device() == value.device(),
-                "ms_deform_attn: all inputs must be on the same CUDA device as value (", value.device(), ")");
+                "ms_deform_attn: all inputs must be on the same CUDA device as value (", value.device().str(), ")");
   }
   dtype_of(value.scalar_type());
   return DinoMsdaShape{B, value.size(1), M, value.size(3), L, loc.size(1), P};
@@ -96,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
       check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == s.batch && grad_output.size(1) == s.num_queries &&
                   grad_output.size(2) == s.num_heads * s.channels,
-              "ms_deform_attn backward: grad_output must be (B, Q, M*D), got ", grad_output.sizes());
+              "ms_deform_attn backward: grad_output must be (B, Q, M*D), got ", shape_str(grad_output));
   const c10::cuda::CUDAGuard guard(value.device());
   const auto dt = value.scalar_type();
   if (empty_problem(s)) {
