@@ -167,9 +167,11 @@ def run_bench(
     plugin_libs: list[str] | None = None,
     workdir: str | os.PathLike | None = None,
     progress: bool = True,
+    on_row: Callable[[list[BenchRow]], None] | None = None,
 ) -> list[BenchRow]:
     """Times ``backends`` (default: all) for every batch size on random images; returns one row per (backend, batch).
 
+    ``on_row(rows_so_far)`` is called after every row, so a caller can save partial results of a long run.
     Raises ValueError for an unknown backend name or a non-positive batch / iteration count.
     """
     from tqdm import tqdm
@@ -188,6 +190,12 @@ def run_bench(
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, 3, height, width, generator=gen).to(device) for b in batches}
     rows: list[BenchRow] = []
+
+    def add(row: BenchRow) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(list(rows))
+
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch.no_grad():
         factory = _Backends(model, device, image_size, max(batches), Path(tmp), list(plugin_libs or []))
         references = {b: model(x) for b, x in inputs.items()}
@@ -200,11 +208,11 @@ def run_bench(
                 runner(inputs[batches[0]])  # first call: lazy compilation (torch.compile) counts as setup
                 _sync(device)
             except _Unavailable as why:
-                rows.append(BenchRow(name, unavailable=str(why)))
+                add(BenchRow(name, unavailable=str(why)))
                 bar.update(len(batches))
                 continue
             except Exception as err:  # noqa: BLE001 - a failing backend is reported, the others still run
-                rows.append(BenchRow(name, unavailable=f"failed to prepare: {type(err).__name__}: "
+                add(BenchRow(name, unavailable=f"failed to prepare: {type(err).__name__}: "
                                                       f"{str(err).splitlines()[0][:160] if str(err) else ''}"))
                 bar.update(len(batches))
                 continue
@@ -223,13 +231,13 @@ def run_bench(
                         _sync(device)
                         times.append((time.perf_counter() - t0) * 1e3)
                 except Exception as err:  # noqa: BLE001
-                    rows.append(BenchRow(name, batch, unavailable=f"failed to run: {type(err).__name__}: "
+                    add(BenchRow(name, batch, unavailable=f"failed to run: {type(err).__name__}: "
                                                                   f"{str(err).splitlines()[0][:160] if str(err) else ''}"))
                     bar.update(1)
                     continue
                 box_diff, score_diff = _diff(references[batch], out)
                 median = statistics.median(times)
-                rows.append(BenchRow(name, batch, median, _percentile(times, 0.9), batch * 1e3 / median, box_diff,
+                add(BenchRow(name, batch, median, _percentile(times, 0.9), batch * 1e3 / median, box_diff,
                                      score_diff, setup))
                 bar.update(1)
         bar.close()

@@ -129,19 +129,25 @@ def _cmd_bench(args) -> int:
     from export.bench import format_table, run_bench, write_json
 
     model, desc, size = _load(args)
-    rows = run_bench(model, size, args.batch, args.backends, args.device, args.warmup, args.iters, args.plugin_lib)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     hw = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'CPU'}, " \
                                                                        f"{torch.get_num_threads()} threads"
     header = (f"dino bench: {desc}; images {size[0]}x{size[1]}; device {device} ({hw}); torch {torch.__version__}; "
               f"{args.warmup} warm-up + {args.iters} timed calls")
-    table = format_table(rows, header)
-    print(table)
     meta = {"model": desc, "image_size": list(size), "device": device, "hardware": hw, "torch": torch.__version__,
             "warmup": args.warmup, "iters": args.iters}
+
+    def save(rows) -> None:
+        # After every row, so a run cut short (timeout) still leaves its finished rows.
+        if args.json:
+            write_json(rows, meta, args.json)
+        if args.table:
+            Path(args.table).write_text(format_table(rows, header) + "\n")
+
+    rows = run_bench(model, size, args.batch, args.backends, device, args.warmup, args.iters, args.plugin_lib,
+                     on_row=save)
+    print(format_table(rows, header))
+    save(rows)
     if args.json:
-        write_json(rows, meta, args.json)
         print(f"wrote {args.json}")
-    if args.table:
-        Path(args.table).write_text(table + "\n")
     return 0
