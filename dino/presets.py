@@ -40,13 +40,19 @@ def dino_swinl_5scale() -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Quickstart preset: tuned for CPU training on the synthetic 3-class "shapes" dataset (128 px images).
+# Quickstart preset: tuned for CPU training from scratch on the synthetic 3-class "shapes" dataset.
 # The engine owner tunes this function; the official presets above stay as they are.
 # ---------------------------------------------------------------------------------------------------------------
 def dino_quickstart() -> ModelConfig:
-    """Small DINO for the 128 px, 3-class shapes dataset: ResNet-18, hidden 128, 2 encoder / 3 decoder layers."""
+    """Small DINO for the 3-class shapes dataset, trained from scratch on a CPU by ``python -m dino.quickstart``.
+
+    timm ResNet-18 with ordinary (trainable) BatchNorm: from random weights it learns much faster than the official
+    FrozenBatchNorm ResNet, whose frozen statistics are meaningless without pretraining (CPU sweep: AP50 0.91 vs 0.56
+    after 30 epochs of 64 px images). timm's feature indices 1-3 are strides 4/8/16 (+ the extra stride-32 level),
+    fine enough for objects of 10-30 px. Hidden 128, 2 encoder / 3 decoder layers, 100 queries.
+    """
     return ModelConfig(
-        backbone=BackboneConfig(name="resnet18", return_levels=(1, 2, 3)),
+        backbone=BackboneConfig(name="timm:resnet18", return_levels=(1, 2, 3), freeze_stem_and_layer1=False),
         transformer=TransformerConfig(hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=512,
                                       num_feature_levels=4, num_queries=100),
         denoising=DenoisingConfig(dn_number=20, labelbook_size=3),

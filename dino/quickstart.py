@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-ap50", type=float, default=0.5, help="exit with status 1 below this AP50 (default 0.5)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
 
     started = time.perf_counter()
     from dino.data import format_ap_table, generate_shapes_dataset

@@ -1,4 +1,4 @@
-"""A tiny recipe for the engine tests: a few-thousand-parameter-scale DINO on 64 px shapes images, CPU, no download.
+"""A tiny recipe for the engine tests: a small DINO (timm ResNet-18, hidden 64) on 64 px shapes images, no download.
 
 Tests pass ``--set data.root=... train.output_dir=...`` (or the same overrides to load_recipe).
 """
@@ -10,7 +10,7 @@ def recipe() -> Recipe:
     cfg = Recipe(name="engine_tiny")
     cfg.model = get_preset("dino_quickstart")
     t = cfg.model.transformer
-    t.hidden_dim, t.nheads, t.enc_layers, t.dec_layers, t.dim_feedforward, t.num_queries = 32, 2, 1, 2, 64, 20
+    t.hidden_dim, t.nheads, t.enc_layers, t.dec_layers, t.dim_feedforward, t.num_queries = 64, 2, 1, 2, 64, 20
     t.enc_n_points = t.dec_n_points = 2
     cfg.model.denoising.dn_number = 6
     cfg.model.num_select = 20

@@ -11,6 +11,7 @@ A checkpoint folder is first written as ``checkpoints/.tmp-step_...`` and rename
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -56,26 +57,57 @@ def write_json(obj, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def is_official_checkpoint(obj) -> bool:
-    """Official DINO .pth files are dicts with a ``model`` state dict (plus optimizer, epoch, args)."""
-    return isinstance(obj, dict) and isinstance(obj.get("model"), dict)
+def _torch_load(path: Path) -> object:
+    # weights_only keeps loading safe; official checkpoints also pickle their argparse.Namespace of settings.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling raises many types
+            raise ValueError(f"cannot load {path} with torch.load(weights_only=True): {err}") from None
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Reads our safetensors weights, or an official DINO .pth checkpoint converted in memory to our key names."""
+def is_official_state_dict(state_dict: dict) -> bool:
+    """Official DINO keys put the ResNet under ``backbone.0.body.`` and carry per-layer head copies."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in state_dict]
+    return any(k.startswith("backbone.0.") for k in keys) or any(k.startswith("transformer.decoder.bbox_embed.") for k in keys)
+
+
+def read_state_dict(path: str | os.PathLike, model_cfg=None) -> dict[str, torch.Tensor]:
+    """Reads our safetensors weights, or an official DINO .pth (``{"model": state_dict, ...}``) converted in memory.
+
+    ``model_cfg`` (a ModelConfig) tells the converter which architecture the official file is for.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if is_official_checkpoint(obj):
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a safetensors file, an official DINO checkpoint (dict with 'model') or a state dict")
+    if is_official_state_dict(obj):
+        if model_cfg is None:
+            raise ValueError(f"{path} is an official DINO checkpoint; converting it needs the model config")
         from dino.convert import convert_official_state_dict
 
-        return convert_official_state_dict(obj["model"])
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    raise ValueError(f"{path}: not a safetensors file, an official DINO checkpoint (dict with 'model'), or a state dict")
+        return convert_official_state_dict(obj, _heads_as_in(obj, model_cfg))
+    return obj
+
+
+def _heads_as_in(state_dict: dict, model_cfg):
+    """``model_cfg`` with the class-head and label-embedding sizes of the checkpoint, so a checkpoint for other classes
+    converts and the caller's ``ignore_keys`` (fine-tuning) decide what is dropped."""
+    import copy
+
+    cfg = copy.deepcopy(model_cfg)
+    for key, value in state_dict.items():
+        if key.endswith("class_embed.0.weight"):
+            cfg.num_classes = value.shape[0]
+        elif key.endswith("label_enc.weight"):
+            cfg.denoising.labelbook_size = value.shape[0] - 1
+    return cfg
 
 
 def load_weights(
@@ -88,7 +120,8 @@ def load_weights(
     a shape mismatch always raises ValueError naming the key. Returns (missing, unexpected) key lists.
     """
     patterns = [re.compile(p) for p in ignore_keys]
-    state = {k: v for k, v in read_state_dict(path).items() if not any(p.search(k) for p in patterns)}
+    state = read_state_dict(path, getattr(model, "cfg", None))
+    state = {k: v for k, v in state.items() if not any(p.search(k) for p in patterns)}
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:

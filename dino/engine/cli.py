@@ -72,6 +72,7 @@ def _setup_logging() -> None:
     # Only the main process (RANK 0, set by accelerate launch) logs at INFO.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
 
 
 def run_train(args: argparse.Namespace) -> int:

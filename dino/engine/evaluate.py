@@ -36,6 +36,7 @@ def build_val_loader(dataset: Dataset, batch_size: int, num_workers: int, size_d
         shuffle=False,
         collate_fn=partial(collate_fn, size_divisibility=size_divisibility),
         num_workers=num_workers,
+        generator=torch.Generator(),  # keeps evaluation from drawing on the global RNG (exact resumption)
     )
 
 

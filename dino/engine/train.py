@@ -158,6 +158,9 @@ def train(
         drop_last=True,  # official: a ragged last batch would change the effective batch
         collate_fn=partial(collate_fn, size_divisibility=cfg.data.size_divisibility),
         num_workers=cfg.data.num_workers,
+        # Its own generator: creating a DataLoader iterator draws a seed, which must not come from the global RNG
+        # (the model's denoising noise) or a resumed run, whose iterator starts mid-epoch, would draw differently.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
     if len(train_set) < plan.per_device * plan.num_processes:
         raise ValueError(
