@@ -1,0 +1,137 @@
+"""Multi-process runs through `accelerate launch` on the CPU (gloo): sharded training, gathered evaluation, 2 machines."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "tests" / "engine_tiny_recipe.py")
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    return env
+
+
+def _launch(*accelerate_args, overrides=()):
+    # `--multi_gpu` selects torchrun, which also runs CPU processes (gloo); `--cpu` alone would start only one
+    # process (Accelerate runs several CPU processes only through MPI). train.cpu keeps GPUs out of it.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+            "--dynamo_backend", "no", *accelerate_args, "launch.py", TINY, "--set", "train.cpu=true", *overrides]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from dino.data import generate_shapes_dataset
+    from dino.engine.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("dist_data") / "shapes"
+    d = load_recipe(TINY).data
+    # Generated once here so concurrent processes never race to create it.
+    generate_shapes_dataset(root, d.shapes_train_images, d.shapes_val_images, d.shapes_image_size, seed=d.shapes_seed)
+    return str(root)
+
+
+def test_two_processes_train_and_evaluate_every_val_image_once(data_root, tmp_path):
+    out = tmp_path / "out"
+    cmd = _launch("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
+                  overrides=[f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=1",
+                             "optim.lr_drop_epochs=1", "train.eval_every_epochs=1"])
+    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "effective batch 4 = 2 per device x 2 process(es) x 1 gradient-accumulation step(s)" in run.stderr
+    # 5 val images over 2 processes x 2 per batch: Accelerate pads the shards; the gather drops the repeats.
+    results = json.loads((out / "eval" / "epoch_001" / "results.json").read_text())
+    assert results["num_images"] == 5
+    predictions = json.loads((out / "eval" / "epoch_001" / "predictions.json").read_text())
+    val_ids = {img["id"] for img in json.loads((Path(data_root) / "annotations" / "val.json").read_text())["images"]}
+    assert {p["image_id"] for p in predictions} == val_ids
+    per_image = {i: sum(p["image_id"] == i for p in predictions) for i in val_ids}
+    assert set(per_image.values()) == {20}  # num_select per image: nothing duplicated or lost
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["global_step"] == 2 and log[-1]["eval"]["num_images"] == 5  # 8 images / effective batch 4
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints" / "step_00000002_end").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_two_machines_on_loopback_complete_training(data_root, tmp_path):
+    out = tmp_path / "out"
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        cmd = _launch("--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
+                      "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                      overrides=[f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=1",
+                                 "optim.lr_drop_epochs=1", "train.checkpoint_every_steps=0", "train.eval_every_epochs=1"])
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(log[-2000:] for log in logs)
+    assert "2 process(es)" in logs[0]
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert record["global_step"] == 2 and record["eval"]["num_images"] == 5
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_dead_worker_makes_the_other_exit_with_an_error(data_root, tmp_path):
+    # Machine 1's worker dies mid-training; machine 0 must fail (not hang) within the test's timeout.
+    out = tmp_path / "out"
+    port = str(_free_port())
+    common = ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port]
+    overrides = [f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=5000", "optim.lr_drop_epochs=5000",
+                 "train.checkpoint_every_steps=0", "train.process_group_timeout_s=30"]
+    main = subprocess.Popen(_launch(*common, "--machine_rank", "0", overrides=overrides), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = subprocess.Popen(_launch(*common, "--machine_rank", "1", overrides=overrides), cwd=REPO, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        log = out / "log.jsonl"
+        deadline = time.monotonic() + 240
+        while not log.exists() and time.monotonic() < deadline and main.poll() is None:
+            time.sleep(0.5)
+        assert log.exists(), "training never completed an epoch"
+        # torchrun starts workers in their own sessions: kill machine 1's worker processes, then its launcher.
+        for pid in _children(worker.pid):
+            os.kill(pid, signal.SIGKILL)
+        worker.kill()
+        output = main.communicate(timeout=120)[0]
+        assert main.returncode != 0, output[-2000:]
+        assert len(log.read_text().splitlines()) < 5000
+    finally:
+        for p in (main, worker):
+            if p.poll() is None:
+                for pid in _children(p.pid):
+                    os.kill(pid, signal.SIGKILL)
+                p.kill()
