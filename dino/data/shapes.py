@@ -18,13 +18,13 @@ process) never see a half-written dataset.
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock  # inter-process lock; a dependency of torch
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -197,22 +197,6 @@ def _generate(root: Path, params: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """An inter-process lock (``flock``), so the processes of one launch generate the dataset once, not N times."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the rename still keeps the folder consistent
-        yield
-        return
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def generate_shapes_dataset(
     root: str | os.PathLike, num_train: int, num_val: int, image_size: int, seed: int = 0
 ) -> Path:
@@ -231,7 +215,7 @@ def generate_shapes_dataset(
     if _read_stamp(root) == params:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root.parent / f".{root.name}.lock"):
+    with FileLock(root.parent / f".{root.name}.lock"):
         if _read_stamp(root) != params:  # another process may have generated it while we waited
             _generate(root, params)
     return root

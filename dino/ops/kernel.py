@@ -7,7 +7,6 @@ callers fall back to the PyTorch path, unless ``DINO_REQUIRE_KERNEL=1`` makes it
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -15,6 +14,7 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
+from filelock import FileLock  # inter-process lock; a dependency of torch
 import torch
 
 logger = logging.getLogger("dino.ops")
@@ -67,21 +67,6 @@ def cache_dir() -> Path:
     return root / h.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: torch's own build baton still serialises the compile
-        yield
-        return
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
@@ -90,7 +75,7 @@ def _build() -> ModuleType:
         raise FileNotFoundError(f"ms_deform_attn kernel sources not found: {', '.join(missing)}")
     build_dir = cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(build_dir.parent / f"{build_dir.name}.lock"):
+    with FileLock(build_dir.parent / f"{build_dir.name}.lock"):
         return load(
             name=EXTENSION_NAME,
             sources=[str(p) for p in kernel_sources()],
