@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import math
 import warnings
-import zlib
 from pathlib import Path
 
 import pytest
@@ -14,38 +12,14 @@ import torch
 import dino
 from dino.convert import convert_official_state_dict, register
 from dino.postprocess import postprocess
+from tests.official_weights import official_state_dict as filled_state_dict, read_keys
 
 PARITY = Path(__file__).parent / "fixtures" / "parity"
 
 
-def read_keys(path: Path) -> list[tuple[str, tuple[int, ...]]]:
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            key, shp = line.split()
-            out.append((key, () if shp == "scalar" else tuple(int(s) for s in shp.split("x"))))
-    return out
-
-
-def fill(key: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """The golden data's weight-fill rule (shared/parity/README.md), re-implemented: values from key name + seed."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    if key.endswith("num_batches_tracked"):
-        return torch.zeros(shape, dtype=torch.long)
-    if key.endswith("running_var"):
-        return torch.rand(shape, generator=g, dtype=torch.float64) * 0.5 + 0.75
-    if key.endswith("running_mean"):
-        return torch.randn(shape, generator=g, dtype=torch.float64) * 0.1
-    if len(shape) >= 2:
-        return torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(math.prod(shape[1:]))
-    if key.endswith("weight"):
-        return 1.0 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
-    return 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
-
-
 def official_state_dict(scale: str) -> dict[str, torch.Tensor]:
     """Float32 official-named state dict, as the golden run loaded it."""
-    return {k: fill(k, s).float() for k, s in read_keys(PARITY / f"official_keys_r50_{scale}.txt")}
+    return filled_state_dict(PARITY / f"official_keys_r50_{scale}.txt")
 
 
 def meta_state_dict(scale: str = "4scale") -> dict[str, torch.Tensor]:

@@ -3,12 +3,12 @@
 The official R50 4-scale model, filled with the seed-0 deterministic weights, run in float64 in train mode with
 denoising off on the golden images and targets, must give every official loss term to 1e-6 (about 1e-9 expected).
 """
-import math
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.official_weights import fill, official_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "loss" / "official_r50_4scale_loss_golden.safetensors"
@@ -16,37 +16,8 @@ KEYS = FIXTURES / "parity" / "official_keys_r50_4scale.txt"
 PRESET = "dino_r50_4scale"
 
 
-def _fill(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The golden data's weight rule: values depend only on the key name and the seed."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    if key.endswith("num_batches_tracked"):
-        return torch.zeros(shape, dtype=torch.long)
-    if key.endswith("running_var"):
-        return torch.rand(shape, generator=gen, dtype=torch.float64) * 0.5 + 0.75
-    if key.endswith("running_mean"):
-        return torch.randn(shape, generator=gen, dtype=torch.float64) * 0.1
-    if len(shape) >= 2:
-        return torch.randn(shape, generator=gen, dtype=torch.float64) / math.sqrt(math.prod(shape[1:]))
-    if key.endswith("weight"):
-        return 1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
-    return 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
-
-
-def official_filled_state_dict(keys_file: Path, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Official-named state dict as the golden run loaded it: float32 values (like an official checkpoint)."""
-    sd = {}
-    for line in keys_file.read_text().splitlines():
-        if not line.strip():
-            continue
-        key, shape_text = line.split()
-        shape = () if shape_text == "scalar" else tuple(int(s) for s in shape_text.split("x"))
-        value = _fill(key, shape, seed)
-        sd[key] = value.float() if value.is_floating_point() else value
-    return sd
-
-
 def test_fill_rule_reproduces_key_list():
-    sd = official_filled_state_dict(KEYS)
+    sd = official_state_dict(KEYS)
     assert len(sd) == 626
     # Reference values written once by shared/parity/fill_rule.py (seed 0, float32 then summed in float64).
     for key, total, first in [
@@ -58,8 +29,8 @@ def test_fill_rule_reproduces_key_list():
         assert sd[key].dtype == torch.float32
         assert sd[key].double().sum().item() == pytest.approx(total, rel=1e-12), key
         assert sd[key].flatten()[0].item() == first, key
-    assert torch.equal(_fill("a.weight", (3, 4), 0), _fill("a.weight", (3, 4), 0))
-    assert not torch.equal(_fill("a.weight", (3, 4), 0), _fill("a.weight", (3, 4), 1))
+    assert torch.equal(fill("a.weight", (3, 4), 0), fill("a.weight", (3, 4), 0))
+    assert not torch.equal(fill("a.weight", (3, 4), 0), fill("a.weight", (3, 4), 1))
 
 
 def test_official_losses_reproduced():
@@ -75,7 +46,7 @@ def test_official_losses_reproduced():
     cfg = presets.get_preset(PRESET)
     cfg.denoising.enabled = False
     model = dino.build_model(cfg)
-    model.load_state_dict(convert.convert_official_state_dict(official_filled_state_dict(KEYS), PRESET))
+    model.load_state_dict(convert.convert_official_state_dict(official_state_dict(KEYS), PRESET))
     model.double().train()
     targets = [{"labels": golden[f"target{i}_labels"], "boxes": golden[f"target{i}_boxes"]} for i in range(2)]
     criterion = build_criterion(cfg)
