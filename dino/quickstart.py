@@ -7,8 +7,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+
+# Freed large blocks stay in the heap instead of going back to the OS. Otherwise every new tensor page-faults its
+# memory in again, which on some VMs costs more than the arithmetic: measured 9 s vs 0.47 s per training step here.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+
+
+def _reexec_with_malloc_tunables(argv: list[str]) -> None:
+    """Restarts this command with MALLOC_TUNABLES (glibc reads them only at process start); no-op when set."""
+    if not sys.platform.startswith("linux") or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), MALLOC_TUNABLES) if t)
+    os.execve(sys.executable, [sys.executable, "-m", "dino.quickstart", *argv], {**os.environ, "GLIBC_TUNABLES": tunables})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,4 +58,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _reexec_with_malloc_tunables(sys.argv[1:])
     sys.exit(main())
