@@ -31,8 +31,8 @@ def recipe() -> Recipe:
     )
     cfg.optim.lr = 4e-4  # higher than official (1e-4): small model, small data, few epochs
     cfg.optim.lr_backbone = 4e-4  # the backbone starts from random weights too (no download)
-    cfg.optim.epochs = 15
-    cfg.optim.lr_drop_epochs = (12,)
+    cfg.optim.epochs = 20  # ~5.5 min on an idle 2-core CPU; AP50 rises further with more epochs (0.9 at 30)
+    cfg.optim.lr_drop_epochs = (17,)
     cfg.optim.total_batch_size = 16
     cfg.train.output_dir = "outputs/quickstart"
     cfg.train.checkpoint_every_steps = 0  # epoch-end checkpoints only

@@ -29,9 +29,10 @@ def _env():
 
 def _launch(*accelerate_args, overrides=()):
     # `--multi_gpu` selects torchrun, which also runs CPU processes (gloo); `--cpu` alone would start only one
-    # process (Accelerate runs several CPU processes only through MPI). train.cpu keeps GPUs out of it.
+    # process (Accelerate runs several CPU processes only through MPI). No train.cpu=true: the engine must find out
+    # itself that the processes share no GPU (on a GPU machine they would use the GPUs).
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
-            "--dynamo_backend", "no", *accelerate_args, "launch.py", TINY, "--set", "train.cpu=true", *overrides]
+            "--dynamo_backend", "no", *accelerate_args, "launch.py", TINY, "--set", *overrides]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from datetime import timedelta
 from functools import partial
@@ -53,9 +54,12 @@ def build_accelerator(cfg: Recipe, use_trackers: bool = True) -> Accelerator:
     # group itself (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    # Under torchrun without GPUs Accelerate only forms a (gloo) process group when told cpu=True; otherwise every
+    # process would silently train alone.
+    cpu = cfg.train.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        cpu=cfg.train.cpu,
+        cpu=cpu,
         log_with=log_with,
         project_dir=cfg.train.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
