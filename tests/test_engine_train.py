@@ -131,3 +131,28 @@ def test_dino_eval_prints_the_ap_table(data_root, tmp_path, capsys):
     assert results["num_images"] == 5 and set(results) >= {"AP", "AP50", "AR100"}
     predictions = json.loads((tmp_path / "eval" / "predictions.json").read_text())
     assert {p["image_id"] for p in predictions} <= set(range(1, 100)) and len(predictions) > 0
+
+
+def test_bf16_mixed_precision_trains_and_evaluates(data_root, tmp_path):
+    result = train(tiny(data_root, tmp_path / "bf16", "train.mixed_precision=bf16", "optim.epochs=1",
+                        "optim.lr_drop_epochs=1", "train.eval_every_epochs=1", "train.checkpoint_every_steps=0"))
+    assert result["global_step"] == 2 and result["eval"]["num_images"] == 5
+    record = json.loads((tmp_path / "bf16" / "log.jsonl").read_text())
+    assert torch.isfinite(torch.tensor(record["train"]["loss"]))
+
+
+def test_unknown_mixed_precision_is_rejected(data_root, tmp_path):
+    with pytest.raises(ValueError, match="train.mixed_precision must be one of"):
+        train(tiny(data_root, tmp_path / "x", "train.mixed_precision=fp8"))
+
+
+def test_ema_weights_are_saved_next_to_the_model(data_root, tmp_path):
+    train(tiny(data_root, tmp_path / "ema", "train.ema=true", "train.ema_decay=0.5", "optim.epochs=1",
+               "optim.lr_drop_epochs=1", "train.checkpoint_every_steps=0"))
+    model = load_file(str(tmp_path / "ema" / "model.safetensors"))
+    ema = load_file(str(tmp_path / "ema" / "model_ema.safetensors"))
+    assert model.keys() == ema.keys()
+    # Averaged over 2 steps with decay 0.5: trained tensors differ from the last weights, frozen ones do not.
+    assert not torch.equal(model["class_embed.weight"], ema["class_embed.weight"])
+    ckpt = latest_checkpoint(tmp_path / "ema")
+    assert (ckpt / "model_ema.safetensors").is_file()
