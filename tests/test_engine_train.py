@@ -156,3 +156,25 @@ def test_ema_weights_are_saved_next_to_the_model(data_root, tmp_path):
     assert not torch.equal(model["class_embed.weight"], ema["class_embed.weight"])
     ckpt = latest_checkpoint(tmp_path / "ema")
     assert (ckpt / "model_ema.safetensors").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:.*per-layer copies of the shared heads differ")  # synthetic weights, not real ones
+def test_dino_eval_converts_an_official_pth_in_memory(tmp_path, capsys):
+    import argparse
+
+    from dino_cli import main
+    from tests.official_weights import official_state_dict
+
+    keys = Path(__file__).resolve().parent / "fixtures" / "parity" / "official_keys_r50_4scale.txt"
+    path = tmp_path / "checkpoint0011_4scale.pth"
+    torch.save({"model": official_state_dict(keys), "epoch": 11, "args": argparse.Namespace(lr=1e-4)}, path)
+    # The official R50 recipe on 2 shapes images at 256 px (enough encoder tokens for 900 queries).
+    rc = main(["eval", "--recipe", "dino_r50_4scale_12ep", "--checkpoint", str(path), "--output-dir", str(tmp_path / "e"),
+               "--set", "data.dataset=shapes", f"data.root={tmp_path / 'shapes'}", "data.train_images=train",
+               "data.train_annotations=annotations/train.json", "data.val_images=val",
+               "data.val_annotations=annotations/val.json", "data.shapes_train_images=1", "data.shapes_val_images=2",
+               "data.val_scale=256", "data.val_max_size=256", "data.num_workers=0", "model.backbone.pretrained=none"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith(" Average")]) == 12
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["num_images"] == 2
