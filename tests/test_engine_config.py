@@ -152,3 +152,15 @@ def test_launch_reports_bad_override_clearly():
     out = _run("launch.py", "quickstart", "--set", "optim.nope=1")
     assert out.returncode == 2
     assert "launch.py: error: override 'optim.nope=1': no field 'nope' in OptimConfig" in out.stderr
+
+
+def test_accelerate_launch_mixed_precision_flag_applies_when_the_recipe_says_no(monkeypatch):
+    from dino.engine.train import build_accelerator
+
+    cfg = load_recipe("quickstart", ["train.tracker=none"])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert build_accelerator(cfg).mixed_precision == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert build_accelerator(cfg).mixed_precision == "no"
+    cfg.train.mixed_precision = "bf16"  # the recipe's own choice needs no flag
+    assert build_accelerator(cfg).mixed_precision == "bf16"

@@ -43,8 +43,14 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 
 def build_accelerator(cfg: Recipe, use_trackers: bool = True) -> Accelerator:
     """Accelerator with DINO's needs: unused-parameter-tolerant DDP, a finite collective timeout, seedable sampling."""
-    if cfg.train.mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {cfg.train.mixed_precision!r}")
+    mixed_precision = cfg.train.mixed_precision
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+    if mixed_precision == "no":
+        # `accelerate launch --mixed_precision bf16` (or its config file) enables it without editing the recipe.
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"ACCELERATE_MIXED_PRECISION must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
     if cfg.train.process_group_timeout_s <= 0:
         raise ValueError(f"train.process_group_timeout_s must be positive, got {cfg.train.process_group_timeout_s}")
     log_with = cfg.train.tracker if use_trackers else None
@@ -58,7 +64,7 @@ def build_accelerator(cfg: Recipe, use_trackers: bool = True) -> Accelerator:
     # process would silently train alone.
     cpu = cfg.train.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
     return Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=mixed_precision,
         cpu=cpu,
         log_with=log_with,
         project_dir=cfg.train.output_dir,
@@ -249,7 +255,7 @@ def train(
             images, mask, targets = unpack_batch(batch)
             with accelerator.accumulate(model):
                 outputs = model(images, mask, targets)
-                if cfg.train.mixed_precision != "no":
+                if accelerator.mixed_precision != "no":
                     outputs = _float32(outputs)
                 losses = criterion(outputs, targets)
                 weighted = {k: losses[k] * w for k, w in weight_dict.items() if k in losses}
