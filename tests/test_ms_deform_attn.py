@@ -233,3 +233,18 @@ def test_kernels_compile_with_nvcc(arch, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "warning" not in result.stderr.lower(), result.stderr[-4000:]
     assert (tmp_path / "msda.o").stat().st_size > 0
+
+
+def test_kernel_input_check_names_the_bad_argument():
+    from dino.ops.custom_op import check_kernel_inputs
+
+    value, shapes, starts, loc, attn = make_inputs([(4, 4), (2, 2)])
+    check_kernel_inputs(value, shapes, starts, loc, attn)  # the contract's shapes pass
+    with pytest.raises(ValueError, match=r"attention_weights must be \(2, 5, 2, 2, 2\), got \(2, 5, 2, 2, 1\)"):
+        check_kernel_inputs(value, shapes, starts, loc, attn[..., :1])
+    with pytest.raises(ValueError, match="sampling_locations must be"):
+        check_kernel_inputs(value, shapes, starts, loc[:, :, :1], attn)
+    with pytest.raises(ValueError, match="spatial_shapes must be"):
+        check_kernel_inputs(value, shapes[:1], starts, loc, attn)
+    with pytest.raises(ValueError, match="same CUDA device"):
+        check_kernel_inputs(value, shapes.to("meta"), starts, loc, attn)

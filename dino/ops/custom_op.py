@@ -88,8 +88,34 @@ def ms_deform_attn_op(
     )
 
 
+def check_kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+    """Raises ValueError naming the argument whose shape or device does not fit the op's contract.
+
+    Checked in Python before the kernel runs, so bad input is a clear error and never reaches the C++ checks (whose
+    exception path crashed one torch/driver combination; see docs/benchmarks.md).
+    """
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be (B, S, M, D), got shape {tuple(value.shape)}")
+    B, S, M, _ = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2 or \
+            sampling_locations.shape[0] != B or sampling_locations.shape[2] != M:
+        raise ValueError(f"ms_deform_attn: sampling_locations must be (B={B}, Q, M={M}, L, P, 2), "
+                         f"got shape {tuple(sampling_locations.shape)}")
+    L, P = sampling_locations.shape[3], sampling_locations.shape[4]
+    expected = (B, sampling_locations.shape[1], M, L, P)
+    if tuple(attention_weights.shape) != expected:
+        raise ValueError(f"ms_deform_attn: attention_weights must be {expected}, got {tuple(attention_weights.shape)}")
+    if tuple(spatial_shapes.shape) != (L, 2) or tuple(level_start_index.shape) != (L,):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be ({L}, 2) and level_start_index ({L},), got "
+                         f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
+    devices = {t.device for t in (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)}
+    if len(devices) != 1:
+        raise ValueError(f"ms_deform_attn: all inputs must be on the same CUDA device, got {sorted(map(str, devices))}")
+
+
 @ms_deform_attn_op.register_kernel("cuda")
 def _forward_cuda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    check_kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     ext = load_kernel()
     if ext is None:
         dt = value.dtype
