@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
 import warnings
 
 import torch
 
 from dino.config import ModelConfig
+from dino.weights import load_pth_state_dict, save_weights
 
 # The official model shares one class head and one box head across decoder layers but lists them under many
 # keys: ``class_embed.{i}``, ``transformer.decoder.class_embed.{i}`` (same for bbox_embed). Loading such a state
@@ -120,53 +120,12 @@ def convert_official_state_dict(official_sd: dict[str, torch.Tensor], preset: st
     return out
 
 
-def _load_checkpoint(path: str, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such checkpoint file: {path!r}")
-    import argparse as _argparse
-
-    try:
-        if trust_checkpoint:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            # Official checkpoints also store their argparse.Namespace; allowing that one class keeps the
-            # load safe (no arbitrary code) while accepting them.
-            with torch.serialization.safe_globals([_argparse.Namespace]):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling raises many types
-        raise ValueError(f"cannot load {path!r} with torch.load(weights_only=True): {err}. If you trust the file, "
-                         "rerun with --trust-checkpoint (unpickles arbitrary objects).") from None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        ckpt = ckpt["model"]
-    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ValueError(f"{path!r} is not a DINO checkpoint: expected a dict with a 'model' state dict "
-                         "or a bare state dict of tensors")
-    return ckpt
-
-
-def save_safetensors_atomic(state_dict: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None):
-    """Writes ``state_dict`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    import safetensors.torch
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def convert_official_checkpoint(in_path: str, out_path: str, preset: str = "dino_r50_4scale",
                                 trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     """Loads an official ``.pth``, converts it for ``preset`` and writes ``out_path`` (safetensors) atomically."""
     name, _ = _resolve_preset(preset)
-    sd = convert_official_state_dict(_load_checkpoint(in_path, trust_checkpoint), preset)
-    save_safetensors_atomic(sd, out_path, {"format": "pt", "preset": name, "source": os.path.basename(in_path)})
+    sd = convert_official_state_dict(load_pth_state_dict(in_path, trust_checkpoint), preset)
+    save_weights(sd, out_path, {"format": "pt", "preset": name, "source": os.path.basename(in_path)})
     return sd
 
 

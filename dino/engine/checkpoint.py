@@ -11,41 +11,22 @@ A checkpoint folder is first written as ``checkpoints/.tmp-step_...`` and rename
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from dino.weights import load_pth_state_dict, save_weights  # noqa: F401  (save_weights re-exported)
 
 CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"
 # step_<global step>, plus "_end" for the checkpoint taken at an epoch's end (after the LR scheduler's step).
 _STEP_DIR = re.compile(r"^step_(\d+)(_end)?$")
-
-
-def state_dict_for_safetensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, unshared copies: DINO shares box/class heads across decoder layers, which safetensors rejects."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-
-
-def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Writes a safetensors file atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state_dict_for_safetensors(state_dict), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(obj, path: str | os.PathLike) -> None:
@@ -55,15 +36,6 @@ def write_json(obj, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
-
-
-def _torch_load(path: Path) -> object:
-    # weights_only keeps loading safe; official checkpoints also pickle their argparse.Namespace of settings.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling raises many types
-            raise ValueError(f"cannot load {path} with torch.load(weights_only=True): {err}") from None
 
 
 def is_official_state_dict(state_dict: dict) -> bool:
@@ -82,11 +54,7 @@ def read_state_dict(path: str | os.PathLike, model_cfg=None) -> dict[str, torch.
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    obj = _torch_load(path)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a safetensors file, an official DINO checkpoint (dict with 'model') or a state dict")
+    obj = load_pth_state_dict(path)
     if is_official_state_dict(obj):
         if model_cfg is None:
             raise ValueError(f"{path} is an official DINO checkpoint; converting it needs the model config")

@@ -1,0 +1,58 @@
+"""Reading and writing model weights: safetensors written atomically, PyTorch ``.pth`` checkpoints read safely.
+
+Shared by the converter (``dino convert-official``) and the training engine, so both give the same errors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Writes ``state_dict`` as safetensors, atomically (temp file in the same folder, then ``os.replace``).
+
+    Tensors are copied to CPU, contiguous and unshared: safetensors rejects tensors that share memory.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_pth_state_dict(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a ``.pth`` checkpoint: ``{"model": state_dict, ...}`` (official DINO) or a bare state dict.
+
+    Loads with ``weights_only=True``, allowing the ``argparse.Namespace`` that official checkpoints pickle beside the
+    weights; ``trust_checkpoint=True`` unpickles anything (only for files you trust).
+    Raises FileNotFoundError / ValueError naming the file.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such checkpoint file: {path!r}")
+    try:
+        if trust_checkpoint:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling raises many types
+        raise ValueError(f"cannot load {path!r} with torch.load(weights_only=True): {err}. If you trust the file, "
+                         "convert it with `dino convert-official --trust-checkpoint`.") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        ckpt = ckpt["model"]
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ValueError(f"{path!r} is not a DINO checkpoint: expected a dict with a 'model' state dict "
+                         "or a bare state dict of tensors")
+    return ckpt
