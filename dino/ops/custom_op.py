@@ -11,21 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dino.ops.kernel import load_kernel
-from dino.ops.ms_deform_attn import ms_deform_attn_pytorch
+from dino.ops.ms_deform_attn import level_views, ms_deform_attn_pytorch
 
 _BILINEAR, _ZEROS = 0, 0  # aten grid_sampler enums: interpolation_mode, padding_mode
-
-
-def _level_views(value, spatial_shapes, sampling_locations):
-    """Per level: value as (B*M, D, H, W) and grid as (B*M, Q, P, 2) in [-1, 1]."""
-    B, S, M, D = value.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    for lvl, (h, w) in enumerate(shapes):
-        v = values[lvl].flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        yield lvl, (h, w), v, g
 
 
 def ms_deform_attn_backward_pytorch(
@@ -56,7 +44,7 @@ def ms_deform_attn_backward_pytorch(
     # (B, Q, M, L, P) -> (B*M, 1, Q, L, P)
     weights = attn.transpose(1, 2).reshape(B * M, 1, Q, L, P)
     grad_values, grad_grids, grad_weights = [], [], []
-    for lvl, (h, w), v, g in _level_views(value, spatial_shapes, loc):
+    for lvl, (h, w), v, g in level_views(value, spatial_shapes, loc):
         sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M, D, Q, P)
         grad_weights.append((go * sampled).sum(1))  # (B*M, Q, P)
         grad_sampled = go * weights[..., lvl, :]

@@ -17,6 +17,19 @@ from dino.ops.kernel import kernel_available, kernel_state
 logger = logging.getLogger("dino.ops")
 
 
+def level_views(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor):
+    """Yields, per level, ``(lvl, (H, W), value (B*M, D, H, W), grid (B*M, Q, P, 2) in [-1, 1])`` for grid_sample."""
+    B, S, M, D = value.shape
+    # Python ints: split sizes stay static under tracing and export.
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    values = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1
+    for lvl, (h, w) in enumerate(shapes):
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        yield lvl, (h, w), v, g
+
+
 def ms_deform_attn_pytorch(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -37,18 +50,8 @@ def ms_deform_attn_pytorch(
     """
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    # Python ints: split sizes stay static under tracing and export.
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    sizes = [h * w for h, w in shapes]
-    value_list = value.split(sizes, dim=1)
-    grids = 2 * sampling_locations - 1
-    sampled = []
-    for lvl, (h, w) in enumerate(shapes):
-        # (B, H*W, M, D) -> (B*M, D, H, W)
-        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
-        # (B, Q, M, P, 2) -> (B*M, Q, P, 2)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    sampled = [F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+               for _, _, v, g in level_views(value, spatial_shapes, sampling_locations)]
     # (B*M, D, Q, L, P) weighted by (B*M, 1, Q, L, P)
     stacked = torch.stack(sampled, dim=-2)
     weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Q, L, P)
