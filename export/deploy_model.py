@@ -98,7 +98,7 @@ def build_deploy_model(
     Raises FileNotFoundError for a missing file and ValueError naming the keys when the checkpoint does not match.
     """
     import dino
-    from dino.engine.checkpoint import load_weights
+    from dino.model_loading import load_weights
 
     desc, cfg = resolve_model_config(spec, overrides)
     cfg = dataclasses.replace(cfg)

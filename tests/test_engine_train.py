@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dino.engine.checkpoint import (
-    checkpoint_dirs, latest_checkpoint, load_weights, read_progress, read_state_dict, save_weights,
-)
+from dino.engine.checkpoint import checkpoint_dirs, latest_checkpoint, read_progress
 from dino.engine.recipe import load_recipe
 from dino.engine.train import train
+from dino.model_loading import load_weights, read_state_dict
+from dino.weights import save_weights
 
 TINY = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
 

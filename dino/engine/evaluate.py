@@ -114,7 +114,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
     """
     from dino import build_model
     from dino.data import build_dataset, format_ap_table
-    from dino.engine.checkpoint import load_weights
+    from dino.model_loading import load_weights
     from dino.engine.train import build_accelerator, check_num_classes
     from dino.postprocess import PostProcess
 

@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 
 from dino.config import Recipe
 from dino.engine.batching import plan_batches
-from dino.engine.checkpoint import latest_checkpoint, load_weights, read_progress, save_training_state, save_weights
+from dino.engine.checkpoint import latest_checkpoint, read_progress, save_training_state
 from dino.engine.evaluate import build_val_loader, evaluate, unpack_batch
 from dino.engine.optim import build_optimizer, build_scheduler
 from dino.engine.recipe import flat_config
 from dino.engine.seeding import EpochSeededDataset
+from dino.model_loading import load_weights
+from dino.weights import save_weights
 
 logger = logging.getLogger("dino.engine")
 

@@ -1,0 +1,12 @@
+"""The project's one error type for user-facing failures.
+
+Raise :class:`UserError` for anything the user can fix: a missing, corrupt or truncated file, a bad recipe field or
+``--set`` value, an image that cannot be decoded, a download that cannot be reached. The ``dino`` CLI (and
+``launch.py``) print it as one line and exit with status 2; every other exception (CUDA out of memory, real bugs)
+keeps its traceback. It subclasses ValueError so callers that already catch bad values keep working.
+"""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A failure the user can fix; its message names the file, field or value at fault."""
