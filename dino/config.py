@@ -15,16 +15,20 @@ from typing import Any
 @dataclass
 class BackboneConfig:
     # "resnet50" (or any torchvision resnet name) builds a torchvision ResNet with FrozenBatchNorm2d;
-    # "timm:<model_name>" builds a timm model with features_only=True (e.g. "timm:swin_large_patch4_window12_384").
+    # "swin_large_patch4_window12_384" builds the official DINO Swin-L backbone (dino/models/swin.py);
+    # "timm:<model_name>" builds a timm model with features_only=True (e.g. "timm:resnet18").
     name: str = "resnet50"
     # Indices of the backbone stages fed to the transformer: (1, 2, 3) = C3..C5 (4-scale), (0, 1, 2, 3) = C2..C5 (5-scale).
     return_levels: tuple[int, ...] = (1, 2, 3)
-    # None: random init (tests, never downloads). A file path: load that state dict.
-    # "torchvision" / "timm": download the library's pretrained weights (needs internet).
+    # None: random init (tests, never downloads). A file path: load that state dict (for Swin: the official
+    # classification file, e.g. swin_large_patch4_window12_384_22k.pth). "torchvision" / "timm": download the
+    # library's pretrained weights (needs internet; for Swin-L, timm's ImageNet-22k ".ms_in22k" weights).
     pretrained: str | None = None
     # Official: stem and layer1 frozen for ResNet; all stages train otherwise.
     freeze_stem_and_layer1: bool = True
     gradient_checkpointing: bool = False
+    # Swin only: stochastic depth, rising linearly over the blocks to this rate (the official Swin default 0.2).
+    drop_path_rate: float = 0.2
     # Extra keyword arguments for timm.create_model (e.g. {"img_size": 384}).
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -13,6 +13,8 @@ import warnings
 import torch
 
 from dino.config import ModelConfig
+from dino.errors import UserError
+from dino.models.swin import SWIN_VARIANTS, relative_position_index
 from dino.weights import load_pth_state_dict, save_weights
 
 # The official model shares one class head and one box head across decoder layers but lists them under many
@@ -21,19 +23,38 @@ from dino.weights import load_pth_state_dict, save_weights
 # ``class_embed.{L-1}`` / ``bbox_embed.{L-1}`` (checked against the official golden outputs). We take that key
 # and drop the other aliases.
 _ALIAS = re.compile(r"^(?:transformer\.decoder\.)?(class_embed|bbox_embed)\.(\d+)\.(.+)$")
-_BACKBONE = "backbone.0.body."
+# The official backbone lives under ``backbone.0.``: a ResNet under ``backbone.0.body.`` (IntermediateLayerGetter), a
+# Swin directly (``backbone.0.patch_embed.*``, ``backbone.0.layers.{i}.*``, ``backbone.0.norm{i}.*``). Ours: under
+# ``backbone.body.`` with the same names below it.
+_BACKBONE = "backbone.0."
+_RESNET = "backbone.0.body."
 # Keys a checkpoint may carry that our model has no use for (FrozenBatchNorm2d has no batch counter).
 _DROPPED = re.compile(r"^backbone\.0\.body\..*num_batches_tracked$")
+# Swin buffer, a function of the window size: checked against the computed index, then dropped (ours is computed).
+_REL_INDEX = re.compile(r"^backbone\.0\.layers\.\d+\.blocks\.\d+\.attn\.relative_position_index$")
 
 
-def _official_name(ours: str, num_dec: int) -> str:
+def _our_backbone_name(official: str) -> str:
+    prefix = _RESNET if official.startswith(_RESNET) else _BACKBONE
+    return "backbone.body." + official[len(prefix):]
+
+
+def _official_name(ours: str, num_dec: int, is_swin: bool) -> str:
     """Our key -> the official key we read it from."""
     head, _, rest = ours.partition(".")
     if head in ("class_embed", "bbox_embed"):
         return f"{head}.{num_dec - 1}.{rest}"
     if ours.startswith("backbone.body."):
-        return _BACKBONE + ours[len("backbone.body."):]
+        return (_BACKBONE if is_swin else _RESNET) + ours[len("backbone.body."):]
     return ours
+
+
+def _check_relative_position_index(key: str, value: torch.Tensor, window: int) -> None:
+    expected = relative_position_index(window)
+    if tuple(value.shape) != tuple(expected.shape) or value.is_floating_point() or not torch.equal(
+            value.to("cpu", torch.long), expected):
+        raise UserError(f"official key {key!r} is not the relative position index of a {window}x{window} window "
+                        f"(shape {tuple(value.shape)}; checkpoint damaged or for another Swin?)")
 
 
 def _expected_state_dict(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -65,14 +86,16 @@ def convert_official_state_dict(official_sd: dict[str, torch.Tensor], preset: st
     Returns:
         our key -> tensor (same tensors, no copies), loadable with ``load_state_dict(..., strict=True)``.
     Raises:
-        ValueError naming the key(s) when a key is missing or unexpected or a shape differs.
+        ValueError naming the key(s) when a key is missing or unexpected or a shape differs, or a Swin
+        ``relative_position_index`` is not the computed one.
     """
     _, cfg = _resolve_preset(preset)
     expected = _expected_state_dict(cfg)
     num_dec = cfg.transformer.dec_layers
+    swin = SWIN_VARIANTS.get(cfg.backbone.name)
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in official_sd.items()}
     if not any(k.startswith(("transformer.", _BACKBONE)) for k in sd):
-        raise ValueError("not a DINO checkpoint: no 'transformer.*' or 'backbone.0.body.*' keys "
+        raise ValueError("not a DINO checkpoint: no 'transformer.*' or 'backbone.0.*' keys "
                          f"(first keys: {list(sd)[:3]})")
 
     out: dict[str, torch.Tensor] = {}
@@ -93,7 +116,10 @@ def convert_official_state_dict(official_sd: dict[str, torch.Tensor], preset: st
             continue
         if _DROPPED.match(key):
             continue
-        ours = "backbone.body." + key[len(_BACKBONE):] if key.startswith(_BACKBONE) else key
+        if swin is not None and _REL_INDEX.match(key):
+            _check_relative_position_index(key, value, swin.window_size)
+            continue
+        ours = _our_backbone_name(key) if key.startswith(_BACKBONE) else key
         if ours not in expected:
             unexpected.append(key)
             continue
@@ -103,7 +129,7 @@ def convert_official_state_dict(official_sd: dict[str, torch.Tensor], preset: st
                          + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
     missing = [k for k in expected if k not in out]
     if missing:
-        official_names = [_official_name(k, num_dec) for k in missing]
+        official_names = [_official_name(k, num_dec, swin is not None) for k in missing]
         raise ValueError(f"missing key(s) in the official checkpoint: {', '.join(official_names[:10])}"
                          + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
     for k, shape in expected.items():

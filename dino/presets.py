@@ -22,20 +22,19 @@ def dino_r50_5scale() -> ModelConfig:
 
 
 def _swin_large(return_levels: tuple[int, ...]) -> BackboneConfig:
-    # dynamic_img_size: detection images are not 384x384; timm then pads to whole windows and builds the
-    # shifted-window mask for the actual size.
-    return BackboneConfig(name="timm:swin_large_patch4_window12_384", return_levels=return_levels,
-                          freeze_stem_and_layer1=False, gradient_checkpointing=True,
-                          timm_kwargs={"dynamic_img_size": True})
+    # The official swin_L_384_22k backbone (dino/models/swin.py): window 12, stochastic depth 0.2, all stages train,
+    # activation checkpointing on (DINO_4scale_swin.py: use_checkpoint=True).
+    return BackboneConfig(name="swin_large_patch4_window12_384", return_levels=return_levels,
+                          freeze_stem_and_layer1=False, gradient_checkpointing=True, drop_path_rate=0.2)
 
 
 def dino_swinl_4scale() -> ModelConfig:
-    """DINO-4scale Swin-L (384, window 12): stages 1-3 + one extra level."""
+    """Official DINO-4scale Swin-L (384, window 12): stages 1-3 + one extra level (217,230,066 params)."""
     return ModelConfig(backbone=_swin_large((1, 2, 3)), transformer=TransformerConfig(num_feature_levels=4))
 
 
 def dino_swinl_5scale() -> ModelConfig:
-    """DINO-5scale Swin-L: stages 0-3 + one extra level."""
+    """Official DINO-5scale Swin-L: stages 0-3 + one extra level (217,576,690 params)."""
     return ModelConfig(backbone=_swin_large((0, 1, 2, 3)), transformer=TransformerConfig(num_feature_levels=5))
 
 

@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 
 def read_keys(path: Path) -> list[tuple[str, tuple[int, ...]]]:
@@ -22,9 +23,20 @@ def read_keys(path: Path) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def swin_relative_position_index(window: int) -> torch.Tensor:
+    """The Swin buffer for a square window, written from its definition (not dino's code): for positions p, q of a
+    window in row-major order, (row_p - row_q + w - 1) * (2w - 1) + (col_p - col_q + w - 1)."""
+    pos = torch.arange(window * window)
+    row, col = pos // window, pos % window
+    return (row[:, None] - row[None, :] + window - 1) * (2 * window - 1) + (col[:, None] - col[None, :] + window - 1)
+
+
 def fill(key: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """The value of official key `key` under the fill rule, float64 (int64 for num_batches_tracked)."""
+    """The value of official key `key` under the fill rule, float64 (int64 for num_batches_tracked and the Swin
+    relative_position_index, which gets its true value as in every real checkpoint)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    if key.endswith("relative_position_index"):
+        return swin_relative_position_index(math.isqrt(shape[0]))
     if key.endswith("num_batches_tracked"):
         return torch.zeros(shape, dtype=torch.long)
     if key.endswith("running_var"):
@@ -45,3 +57,34 @@ def official_state_dict(keys_file: Path, seed: int = 0) -> dict[str, torch.Tenso
         value = fill(key, shape, seed)
         sd[key] = value.float() if value.is_floating_point() else value
     return sd
+
+
+def golden_batch(parity: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The golden runs' two images (``parity/images.safetensors``) zero-padded into one (2, 3, 320, 480) float64
+    batch, and its (2, 320, 480) padding mask (True on padding)."""
+    stored = load_file(parity / "images.safetensors")
+    images = torch.zeros(2, 3, 320, 480, dtype=torch.float64)
+    mask = torch.ones(2, 320, 480, dtype=torch.bool)
+    for b in range(2):
+        img = stored[f"image{b}"]
+        images[b, :, : img.shape[1], : img.shape[2]] = img
+        mask[b, : img.shape[1], : img.shape[2]] = False
+    return images, mask
+
+
+def output_errors(out: dict, golden: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Max abs difference of every compared output: last layer, each auxiliary decoder layer, encoder proposals.
+    Auxiliary and proposal goldens may keep only the first queries (fixture size): compared on those."""
+    def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+        assert a.shape == b.shape, (a.shape, b.shape)
+        return (a - b).abs().max().item()
+
+    nq = golden["aux0_logits"].shape[1]
+    errors = {"pred_logits": max_abs(out["pred_logits"], golden["pred_logits"]),
+              "pred_boxes": max_abs(out["pred_boxes"], golden["pred_boxes"])}
+    for i, aux in enumerate(out["aux_outputs"]):
+        errors[f"aux{i}_logits"] = max_abs(aux["pred_logits"][:, :nq], golden[f"aux{i}_logits"])
+        errors[f"aux{i}_boxes"] = max_abs(aux["pred_boxes"][:, :nq], golden[f"aux{i}_boxes"])
+    errors["interm_logits"] = max_abs(out["interm_outputs"]["pred_logits"][:, :nq], golden["interm_logits"])
+    errors["interm_boxes"] = max_abs(out["interm_outputs"]["pred_boxes"][:, :nq], golden["interm_boxes"])
+    return errors

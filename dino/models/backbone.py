@@ -1,7 +1,9 @@
-"""Feature backbones: torchvision ResNets with frozen BatchNorm, or any timm ``features_only`` model."""
+"""Feature backbones: torchvision ResNets with frozen BatchNorm, the official DINO Swin, or any timm ``features_only``
+model."""
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.utils.checkpoint
@@ -11,6 +13,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dino.config import BackboneConfig
+from dino.errors import UserError
+from dino.models.swin import SWIN_VARIANTS, SwinTransformer, relative_position_index
 
 _TIMM_PREFIX = "timm:"
 
@@ -61,8 +65,11 @@ class Backbone(nn.Module):
         if not self.return_levels or any(i not in (0, 1, 2, 3) for i in self.return_levels):
             raise ValueError(f"backbone.return_levels must be indices in 0..3, got {cfg.return_levels!r}")
         self.is_timm = cfg.name.startswith(_TIMM_PREFIX)
+        self.is_swin = cfg.name in SWIN_VARIANTS
         self.gradient_checkpointing = cfg.gradient_checkpointing
-        if self.is_timm:
+        if self.is_swin:
+            self._build_swin(cfg)
+        elif self.is_timm:
             self._build_timm(cfg)
         else:
             self._build_torchvision(cfg)
@@ -89,6 +96,22 @@ class Backbone(nn.Module):
             last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
             chans.append(last_bn.weight.shape[0])
         self.num_channels = [chans[i] for i in self.return_levels]
+        self.strides = [4 * 2**i for i in self.return_levels]
+        self._channels_last = [False] * len(self.return_levels)
+
+    def _build_swin(self, cfg: BackboneConfig) -> None:
+        if cfg.freeze_stem_and_layer1:
+            raise UserError(f"backbone.freeze_stem_and_layer1=True is for ResNets; {cfg.name!r} trains every stage "
+                            "(as the official Swin backbones): set it to False")
+        if cfg.pretrained == "torchvision":
+            raise UserError(f"backbone.pretrained='torchvision' needs a torchvision ResNet, got {cfg.name!r}")
+        self.body = SwinTransformer(SWIN_VARIANTS[cfg.name], self.return_levels, cfg.drop_path_rate,
+                                    use_checkpoint=cfg.gradient_checkpointing)
+        if cfg.pretrained == "timm":
+            load_swin_pretrained(self.body, _fetch_timm_swin(cfg.name), f"timm {_TIMM_SWIN_TAGS[cfg.name]}")
+        elif cfg.pretrained is not None:
+            load_swin_pretrained(self.body, _load_state_dict_file(cfg.pretrained), cfg.pretrained)
+        self.num_channels = [self.body.num_features[i] for i in self.return_levels]
         self.strides = [4 * 2**i for i in self.return_levels]
         self._channels_last = [False] * len(self.return_levels)
 
@@ -127,7 +150,7 @@ class Backbone(nn.Module):
         return feats
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.body(images) if self.is_timm else self._resnet_features(images)
+        feats = self.body(images) if self.is_timm or self.is_swin else self._resnet_features(images)
         if isinstance(feats, dict):
             feats = list(feats.values())
         out = []
@@ -136,3 +159,58 @@ class Backbone(nn.Module):
                 f = f.permute(0, 3, 1, 2)
             out.append(f)
         return out
+
+
+# ImageNet-22k weights the official Swin-L runs start from (swin_large_patch4_window12_384_22k.pth); timm's default
+# tag for the name is the 22k->1k fine-tuned model, which is not what the official runs used.
+_TIMM_SWIN_TAGS = {"swin_large_patch4_window12_384": "swin_large_patch4_window12_384.ms_in22k"}
+_OFFICIAL_SWIN_FILES = {"swin_large_patch4_window12_384": "swin_large_patch4_window12_384_22k.pth"}
+
+
+def _fetch_timm_swin(name: str) -> dict[str, torch.Tensor]:
+    """timm's ImageNet-22k Swin weights, renamed to the official layout (timm merges patches at the START of stage
+    i+1, ``layers.{i+1}.downsample``; the official code at the end of stage i, ``layers.{i}.downsample``; the
+    merged-channel order is the same in both)."""
+    import timm
+
+    tag = _TIMM_SWIN_TAGS[name]
+    try:
+        net = timm.create_model(tag, pretrained=True)
+    except Exception as err:  # network, hub and cache errors come in many types
+        raise UserError(f"backbone.pretrained='timm': could not fetch {tag} ({type(err).__name__}: {err}); download "
+                        f"{_OFFICIAL_SWIN_FILES[name]} and set backbone.pretrained=/path/to/it") from None
+    return timm_swin_to_official(net.state_dict())
+
+
+def timm_swin_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm Swin state dict -> the official Swin key layout (classification head and final norm dropped)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(("head.", "norm.")):
+            continue
+        out[re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)] = value
+    return out
+
+
+def load_swin_pretrained(body: SwinTransformer, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Loads an official-layout Swin classification state dict as the official DINO code does: classification head
+    dropped, the rest non-strict (the per-stage ``norm{i}`` keep their init; the classifier's final ``norm`` and the
+    stored ``attn_mask`` buffers are unused). A ``relative_position_index`` in the file must equal the computed one.
+    Every other backbone parameter must be in the file, with its shape: otherwise it is the wrong file.
+    """
+    own = body.state_dict()
+    for key, value in state_dict.items():
+        if key.endswith("relative_position_index") and not torch.equal(value.cpu().long(), relative_position_index(
+                body.layers[0].window)):
+            raise UserError(f"backbone.pretrained: {source!r} key {key!r} is not the relative position index of a "
+                            f"{body.layers[0].window}x{body.layers[0].window} window (a different Swin?)")
+    matched = {k: v for k, v in state_dict.items() if k in own}  # drops head.*, norm.*, attn_mask
+    for k, v in matched.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(f"backbone.pretrained: {source!r} key {k!r} has shape {tuple(v.shape)}, "
+                            f"expected {tuple(own[k].shape)}")
+    missing = [k for k in own if k not in matched and not re.match(r"norm\d+\.", k)]
+    if missing:
+        raise UserError(f"backbone.pretrained: {source!r} is not a Swin checkpoint of this size: {len(missing)} "
+                        f"backbone weight(s) missing, e.g. {missing[0]!r}")
+    body.load_state_dict(matched, strict=False)
