@@ -54,7 +54,8 @@ def _check_relative_position_index(key: str, value: torch.Tensor, window: int) -
     if tuple(value.shape) != tuple(expected.shape) or value.is_floating_point() or not torch.equal(
             value.to("cpu", torch.long), expected):
         raise UserError(f"official key {key!r} is not the relative position index of a {window}x{window} window "
-                        f"(shape {tuple(value.shape)}; checkpoint damaged or for another Swin?)")
+                        f"(shape {tuple(value.shape)}, expected {tuple(expected.shape)}; checkpoint damaged or for "
+                        "another Swin?)")
 
 
 def _expected_state_dict(cfg: ModelConfig) -> dict[str, torch.Size]:
