@@ -55,7 +55,9 @@ class DenoisingConfig:
     dn_number: int = 100
     label_noise_ratio: float = 0.5
     box_noise_scale: float = 1.0  # the official configs say 0.4 but every official training script sets 1.0
-    labelbook_size: int = 91  # label embedding table has labelbook_size + 1 rows
+    # The label embedding table has labelbook_size + 1 rows and must cover every class (>= model.num_classes).
+    # None: sized to model.num_classes (official COCO: 91 = num_classes).
+    labelbook_size: int | None = None
 
 
 @dataclass
@@ -85,7 +87,9 @@ class ModelConfig:
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    num_classes: int = 91  # COCO: category ids are used directly as labels (max id 90)
+    # Labels are the dataset's category ids (as official), so num_classes = max category id + 1 (COCO: 91).
+    # None: taken from the training annotations (dino.data.fit_num_classes); the presets of the official models say 91.
+    num_classes: int | None = None
     num_select: int = 300  # post-processing top-k over queries x classes
 
 
@@ -98,9 +102,7 @@ class DataConfig:
     train_annotations: str = "annotations/train.json"
     val_images: str = "val"
     val_annotations: str = "annotations/val.json"
-    # "official": COCO category ids used directly as labels (num_classes 91). "contiguous": ids mapped to 0..K-1.
-    label_mapping: str = "contiguous"
-    num_classes: int | None = None  # None: derived from the annotations json
+    # Labels are the category ids of the annotations (COCO ids kept); the number of classes is model.num_classes.
     train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
     train_max_size: int = 1333
     crop_resize_scales: tuple[int, ...] = (400, 500, 600)
