@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dino.engine.checkpoint import write_json
+from dino.durable import write_json
 
 logger = logging.getLogger("dino.engine")
 
