@@ -142,7 +142,7 @@ def test_launch_and_cli_help_document_every_flag():
     for argv in (["launch.py", "--help"], [*DINO, "train", "--help"]):
         out = _run(*argv)
         assert out.returncode == 0, out.stderr
-        for flag in ("--set", "--resume", "--pretrained", "--ignore-keys", "--print-recipe", "optim.lr ="):
+        for flag in ("--set", "--resume", "--resume-anyway", "--finetune-from", "--ignore-keys", "--print-recipe", "optim.lr ="):
             assert flag in out.stdout, (argv, flag)
     out = _run(*DINO, "eval", "--help")
     assert out.returncode == 0 and "--checkpoint" in out.stdout and "--recipe" in out.stdout
@@ -155,7 +155,7 @@ def test_launch_reports_bad_override_clearly():
 
 
 def test_accelerate_launch_mixed_precision_flag_applies_when_the_recipe_says_no(monkeypatch):
-    from dino.engine.train import build_accelerator
+    from dino.engine.setup import build_accelerator
 
     cfg = load_recipe("quickstart", ["train.tracker=none"])
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
