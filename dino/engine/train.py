@@ -96,9 +96,9 @@ def build_ema(accelerator, model, cfg: Recipe) -> AveragedModel | None:
     return ema
 
 
-def restore(accelerator, checkpoint: Path, plan: BatchPlan, optimizer, scheduler, cfg: Recipe, recipe: dict,
-            resume_anyway: bool) -> Progress:
-    """Loads the full training state of ``checkpoint``; with a changed recipe (and ``resume_anyway``) applies it."""
+def restore(accelerator, checkpoint: Path, plan: BatchPlan, optimizer, scheduler, cfg: Recipe,
+            differences: dict) -> Progress:
+    """Loads the full training state of ``checkpoint``; a changed recipe (``differences``, accepted) then applies."""
     saved = read_progress(checkpoint)
     progress = Progress.from_dict(saved)
     if progress.batches_in_epoch and saved.get("batch_plan") != [plan.per_device, plan.num_processes]:
@@ -106,7 +106,6 @@ def restore(accelerator, checkpoint: Path, plan: BatchPlan, optimizer, scheduler
             f"{checkpoint} stopped mid-epoch with per-device batch x processes = {saved.get('batch_plan')}; "
             f"resume it with the same number of processes (now {plan.per_device} x {plan.num_processes})"
         )
-    differences = check_recipe(checkpoint, saved.get("recipe"), recipe, resume_anyway)
     accelerator.load_state(str(checkpoint))
     if any(k.startswith("optim.") for k in differences):
         apply_optim_config(optimizer, scheduler, cfg.optim)
@@ -143,6 +142,9 @@ def train(
         logger.info("continuing the fine-tuning run in %s; --finetune-from %s is not loaded again", checkpoint, finetune_from)
         finetune_from = None
     recipe = resolved_recipe(cfg)
+    # Checked before anything is built: a refused resume fails at once.
+    differences = {} if checkpoint is None else check_recipe(
+        checkpoint, read_progress(checkpoint).get("recipe"), recipe, resume_anyway)
 
     # Same seed everywhere: identical initial weights on every process (DDP also broadcasts them).
     set_seed(cfg.train.seed)
@@ -163,7 +165,7 @@ def train(
 
     progress = Progress()
     if checkpoint is not None:
-        progress = restore(accelerator, checkpoint, plan, optimizer, scheduler, cfg, recipe, resume_anyway)
+        progress = restore(accelerator, checkpoint, plan, optimizer, scheduler, cfg, differences)
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers(cfg.name, config=flat_config(cfg))
     checkpointer = Checkpointer(accelerator, out, model, ema, plan, cfg.train.keep_checkpoints, recipe,
