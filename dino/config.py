@@ -147,11 +147,16 @@ class TrainConfig:
     tracker: str | None = "tensorboard"  # None disables accelerate trackers
     # Stop after this many optimizer steps in total (a clean stop after the step's checkpoint; resuming continues).
     max_steps: int | None = None
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N (>= 1) checkpoint folders are kept
     auto_resume: bool = True  # continue from output_dir/checkpoints when present and no --resume is given
     cpu: bool = False  # force the CPU even when a GPU is present
     # Collective-op timeout: when a worker dies the others fail with an error after this long instead of hanging.
     process_group_timeout_s: int = 600
+    # A step whose loss or gradient norm is NaN/inf on any process: False stops every process with one error naming
+    # the step, the loss terms and the images; True skips the step on every process and counts it (log.jsonl).
+    skip_nonfinite_steps: bool = False
+    # DDP's per-step search for parameters without gradient; not needed by DINO (every parameter is used each step).
+    find_unused_parameters: bool = False
 
 
 @dataclass

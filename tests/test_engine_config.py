@@ -173,7 +173,7 @@ def test_launch_and_cli_help_document_every_flag():
     for argv in (["launch.py", "--help"], [*DINO, "train", "--help"]):
         out = _run(*argv)
         assert out.returncode == 0, out.stderr
-        for flag in ("--set", "--resume", "--pretrained", "--ignore-keys", "--print-recipe", "optim.lr ="):
+        for flag in ("--set", "--resume", "--resume-anyway", "--finetune-from", "--ignore-keys", "--print-recipe", "optim.lr ="):
             assert flag in out.stdout, (argv, flag)
     out = _run(*DINO, "eval", "--help")
     assert out.returncode == 0 and "--checkpoint" in out.stdout and "--recipe" in out.stdout
@@ -186,7 +186,7 @@ def test_launch_reports_bad_override_clearly():
 
 
 def test_accelerate_launch_mixed_precision_flag_applies_when_the_recipe_says_no(monkeypatch):
-    from dino.engine.train import build_accelerator
+    from dino.engine.setup import build_accelerator
 
     cfg = load_recipe("quickstart", ["train.tracker=none"])
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
@@ -195,3 +195,26 @@ def test_accelerate_launch_mixed_precision_flag_applies_when_the_recipe_says_no(
     assert build_accelerator(cfg).mixed_precision == "no"
     cfg.train.mixed_precision = "bf16"  # the recipe's own choice needs no flag
     assert build_accelerator(cfg).mixed_precision == "bf16"
+
+
+def test_precision_source_is_logged_and_missing_tensorboard_warned(monkeypatch, caplog):
+    import logging
+
+    import dino.engine.setup
+    from dino.engine.setup import build_accelerator
+
+    cfg = load_recipe("quickstart", ["train.tracker=tensorboard"])
+    monkeypatch.setattr(dino.engine.setup, "is_tensorboard_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level(logging.INFO, logger="dino.engine"):
+        accelerator = build_accelerator(cfg)
+    assert accelerator.log_with == [] and accelerator.mixed_precision == "bf16"
+    assert "train.tracker='tensorboard' but TensorBoard is not installed" in caplog.text
+    assert "mixed precision: bf16 (from accelerate launch / accelerate config (the recipe says 'no'))" in caplog.text
+    caplog.clear()
+    cfg.train.mixed_precision = "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with caplog.at_level(logging.INFO, logger="dino.engine"):
+        build_accelerator(cfg)
+    assert "train.mixed_precision=bf16 overrides accelerate's mixed_precision=fp16" in caplog.text
+    assert "mixed precision: bf16 (from the recipe's train.mixed_precision)" in caplog.text
