@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dino.durable import replace_durably, write_json
-from dino.engine.setup import build_accelerator, build_model, check_num_classes
+from dino.engine.setup import build_accelerator, build_model, fit_classes_to
 from dino.errors import UserError
 
 logger = logging.getLogger("dino.engine")
@@ -136,7 +136,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
     weights = checkpoint_weights(checkpoint)
     accelerator = build_accelerator(cfg, use_trackers=False)
     dataset = build_dataset(cfg.data, "val")
-    check_num_classes(cfg, dataset)
+    fit_classes_to(cfg, dataset)
     model = build_model(cfg.model, weights_follow=True)
     load_weights(model, weights)
     batch = cfg.optim.batch_size_per_device or 1

@@ -21,6 +21,7 @@ from accelerate.utils import (
 )
 
 from dino.config import ModelConfig, Recipe
+from dino.data import fit_num_classes
 from dino.engine.checkpoint import check_keep
 from dino.engine.recipe import iter_fields
 from dino.errors import UserError
@@ -124,13 +125,10 @@ def build_model(model_cfg: ModelConfig, weights_follow: bool) -> torch.nn.Module
         ) from err
 
 
-def check_num_classes(cfg: Recipe, dataset) -> None:
-    n = getattr(dataset, "num_classes", None)
-    if n is not None and cfg.model.num_classes < n:
-        raise UserError(
-            f"model.num_classes={cfg.model.num_classes} but the dataset in {cfg.data.root} has {n} classes; "
-            f"set --set model.num_classes={n}"
-        )
+def fit_classes_to(cfg: Recipe, dataset) -> None:
+    """Sizes ``cfg.model``'s class head and denoising label book to ``dataset`` (labels are category ids), in place;
+    values the recipe set are checked instead (:func:`dino.data.fit_num_classes`)."""
+    fit_num_classes(cfg.model, dataset.num_classes, str(dataset.annotations_file))
 
 
 def resolved_recipe(cfg: Recipe) -> dict:

@@ -33,7 +33,7 @@ from dino.engine.seeding import EpochSeededDataset
 from dino.engine.setup import (
     build_accelerator,
     build_model,
-    check_num_classes,
+    fit_classes_to,
     dataset_categories,
     resolved_recipe,
     weights_metadata,
@@ -60,7 +60,7 @@ def build_components(cfg: Recipe, weights_follow: bool) -> Components:
 
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
-    check_num_classes(cfg, train_set)
+    fit_classes_to(cfg, train_set)
     model = build_model(cfg.model, weights_follow)
     return Components(model, build_criterion(cfg.model), PostProcess(cfg.model.num_select), train_set, val_set)
 
