@@ -1,38 +1,147 @@
 #!/usr/bin/env bash
-# One GPU session for the deformable-attention kernel: build it, run its CUDA tests, run the benchmark.
-# Uses the machine's python3 with the repo on PYTHONPATH (no project venv needed: dino.ops imports torch only).
-# Everything lands in $OUT (default ./gpu_out): device.txt, build.log, pytest_cuda.log, bench.md, bench.log.
+# One prepared GPU session (<= 8 min wall on an H100/H200, ~6 min expected), in priority order:
+#   1. build the ms_deform_attn kernel; its CUDA tests (bad-input test in its own process); the TensorRT plugin's
+#      enqueue test (needs the TensorRT headers, see below);
+#   2. training step of dino_r50_4scale at the official shapes (2 images, 800x1333, 900 queries, denoising):
+#      images/s and peak memory, fp32 and bf16 autocast, CUDA kernel and PyTorch path;
+#   3. deployed inference of dino_r50_4scale at 800x1333, batch 1 and 8: eager fp32/bf16, AOTInductor bf16 with the
+#      kernel, torch.compile (default and reduce-overhead): FPS, p90, setup time, by-query difference from eager fp32;
+#   4. the kernel table (python -m dino.ops.bench), encoder and decoder shapes.
+# Uses the machine's python3 (torch + torchvision + scipy; no project install, no onnx) with the repo on PYTHONPATH.
+#
+#   OUT=/some/dir bash scripts/gpu_check.sh [--dry-run] [--budget SECONDS]
+#
+# Everything lands in $OUT (default ./gpu_out), 8 files: summary.md (device, one line per section as it ends),
+# gpu_check.log (all output), tests.log, train.md/json, deploy.md/json, kernel.md. Tables are rewritten after every
+# row, so cutting the script at any point keeps every finished row. Each section has its own time cap, further cut
+# to what is left of the whole budget (default 450 s); a section without time left is skipped with a note.
+# --dry-run: every step on tiny shapes on the CPU (the CUDA tests then skip), to catch typos before a GPU session
+# (caps x3, budget 1500 s: a shared 2-core CPU is slow to start torch; about a minute on an idle 16-core machine).
+#
+# TensorRT headers for the plugin test: $DINO_TRT_HEADERS (a folder holding <tag>/include), else
+# ../shared/third_party/tensorrt-headers, else ./.trt-headers (a copy carried to the GPU machine, git-ignored).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+BUDGET=${GPU_CHECK_BUDGET_S:-}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --budget) BUDGET=$2; shift ;;
+    *) echo "gpu_check.sh: unknown argument $1 (use --dry-run, --budget SECONDS)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ -z "$BUDGET" ] && BUDGET=$([ "$DRY" -eq 1 ] && echo 1500 || echo 450)
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DINO_REQUIRE_KERNEL=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export DINO_EXT_CACHE=${DINO_EXT_CACHE:-/tmp/dino_ext} MAX_JOBS=${MAX_JOBS:-16}
+if [ -z "${DINO_TRT_HEADERS:-}" ]; then
+  for d in ../shared/third_party/tensorrt-headers .trt-headers; do
+    [ -d "$d" ] && { export DINO_TRT_HEADERS=$PWD/$d; break; }
+  done
+fi
+DRYFLAG=()
+[ "$DRY" -eq 1 ] && DRYFLAG=(--dry-run)
+T0=$(date +%s)
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  command -v nvcc && nvcc --version | tail -1; } 2>&1 | tee "$OUT/device.txt"
+SUMMARY=$OUT/summary.md
+{
+  echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ)$([ "$DRY" -eq 1 ] && echo ' (dry run)')"
+  echo
+  echo '```'
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|',
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" 2>&1
+  command -v nvcc >/dev/null && nvcc --version | tail -1
+  echo "TensorRT headers: ${DINO_TRT_HEADERS:-none found}"
+  echo '```'
+  echo
+  echo "| section | exit code | seconds | note |"
+  echo "|---|---|---|---|"
+} > "$SUMMARY"
+cat "$SUMMARY"
 
-start=$(date +%s)
-timeout 300 $PY -c "
-import logging; logging.basicConfig(level=logging.INFO)
+# section NAME CAP_SECONDS COMMAND...: runs COMMAND under min(CAP, time left), appends its line to summary.md.
+# A dry run on a small, busy CPU is slower than the GPU run in every section: its caps are tripled.
+section() {
+  local name=$1 cap=$2; shift 2
+  [ "$DRY" -eq 1 ] && cap=$(( cap * 3 ))
+  local left=$(( BUDGET - ($(date +%s) - T0) ))
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 20 ]; then
+    echo "| $name | - | 0 | skipped: the ${BUDGET} s budget is spent |" >> "$SUMMARY"
+    echo "== $name: skipped (budget spent)"
+    return 0
+  fi
+  echo "== $name (cap ${cap} s, $(( $(date +%s) - T0 )) s elapsed)"
+  local start=$(date +%s)
+  timeout --kill-after=10 "$cap" "$@"
+  local rc=$?
+  local note=""
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && note="cut at the ${cap} s cap (finished rows are kept)"
+  echo "| $name | $rc | $(( $(date +%s) - start )) | $note |" >> "$SUMMARY"
+  echo "== $name: exit code $rc after $(( $(date +%s) - start )) s"
+}
+
+# 1. Kernel build, CUDA tests, plugin enqueue test.
+# Dry run: no CUDA, so only the fallback is reported; on a GPU DINO_REQUIRE_KERNEL makes a failed build an error.
+BUILD_PY="
+import logging, sys, time; logging.basicConfig(level=logging.INFO)
+t = time.perf_counter()
 from dino.ops.kernel import load_kernel
-print('kernel module:', load_kernel())" 2>&1 | tee "$OUT/build.log"
-rc_build=${PIPESTATUS[0]}
-echo "build rc=$rc_build seconds=$(( $(date +%s) - start ))" | tee -a "$OUT/build.log"
-[ "$rc_build" -eq 0 ] || { echo "kernel build failed"; tail -60 "$OUT/build.log"; exit 1; }
+print('kernel module:', load_kernel(), f'({time.perf_counter() - t:.0f} s)')"
+# Builds that later sections need, in the background while the kernel builds and tests run (a GPU machine has 16
+# cores; each build is one or two compiler processes): the plugin library and its driver for this GPU, and the
+# benchmark-only baseline extension of the kernel table. A section that finds its build unfinished builds it itself.
+export DINO_PLUGIN_BUILD_DIR=${DINO_PLUGIN_BUILD_DIR:-/tmp/dino_plugin}
+BG_LOG=/tmp/gpu_check_background.$$.log
+if [ "$DRY" -eq 0 ]; then
+  ( [ -n "${DINO_TRT_HEADERS:-}" ] && $PY -c "
+import torch
+from pathlib import Path
+from dino.ops.plugin_build import HEADER_TAGS, build_driver_enqueue, build_plugin, find_include
+root = Path('$DINO_PLUGIN_BUILD_DIR'); inc = find_include(HEADER_TAGS[0])
+major, minor = torch.cuda.get_device_capability()
+lib = build_plugin(inc, root / 'gpu' / 'libdino_trt_plugin.so', arch=f'{major}{minor}', obj_dir=root)
+print('prebuilt', build_driver_enqueue(inc, lib, root / 'gpu' / 'libplugin_enqueue.so'))"
+    $PY -c "from dino.ops.bench import load_baseline; print('prebuilt', load_baseline())" ) > "$BG_LOG" 2>&1 &
+fi
+PYTEST=($PY -m pytest -q -rfEs --tb=short -p no:cacheprovider)
+[ "$DRY" -eq 1 ] || export DINO_REQUIRE_KERNEL=1
+section "kernel build" 240 $PY -c "$BUILD_PY"
+section "CUDA tests" 150 "${PYTEST[@]}" -m cuda tests/test_ms_deform_attn_cuda.py -k "not bad_input" \
+  2>&1 | tee -a "$OUT/tests.log"
+# The bad-input checks in their own process: a crash there must not hide the numeric results.
+section "CUDA bad-input test" 60 "${PYTEST[@]}" -m cuda tests/test_ms_deform_attn_cuda.py -k bad_input \
+  2>&1 | tee -a "$OUT/tests.log"
+section "plugin enqueue test" 150 "${PYTEST[@]}" -m cuda tests/test_plugin.py 2>&1 | tee -a "$OUT/tests.log"
+unset DINO_REQUIRE_KERNEL
 
-# Bad-input checks in their own process: a crash there must not hide the numeric results.
-timeout 200 $PY -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_ms_deform_attn_cuda.py -k "not bad_input" \
-  2>&1 | tee "$OUT/pytest_cuda.log"
-rc_test=${PIPESTATUS[0]}
-timeout 60 $PY -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_ms_deform_attn_cuda.py -k bad_input \
-  2>&1 | tee -a "$OUT/pytest_cuda.log"
-rc_test=$(( rc_test || PIPESTATUS[0] ))
+# 2. Training step: CUDA kernel, then the PyTorch path (DINO_DISABLE_KERNEL) appended to the same table.
+section "training step, kernel" 100 $PY scripts/bench_train_step.py "${DRYFLAG[@]}" \
+  --json "$OUT/train.json" --table "$OUT/train.md"
+PT_PREC=(fp32 bf16)
+[ "$DRY" -eq 1 ] && PT_PREC=(fp32)
+section "training step, PyTorch path" 90 env DINO_DISABLE_KERNEL=1 $PY scripts/bench_train_step.py "${DRYFLAG[@]}" \
+  --precisions "${PT_PREC[@]}" --append --json "$OUT/train.json" --table "$OUT/train.md"
 
-timeout 150 $PY -m dino.ops.bench --out "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
-rc_bench=${PIPESTATUS[0]}
+# 3. Deployed inference; the script stops starting new backends 45 s before its cap.
+DEPLOY_CAP=240
+DEPLOY_BUDGET=$(( (DRY ? 3 * DEPLOY_CAP : DEPLOY_CAP) - 45 ))
+section "deployed inference" $DEPLOY_CAP $PY scripts/bench_deploy.py "${DRYFLAG[@]}" --budget-s $DEPLOY_BUDGET \
+  --json "$OUT/deploy.json" --table "$OUT/deploy.md"
 
-echo "cuda tests rc=$rc_test, bench rc=$rc_bench"
-[ "$rc_test" -eq 0 ] && [ "$rc_bench" -eq 0 ]
+# 4. Kernel table.
+section "kernel table" 90 $PY -m dino.ops.bench "${DRYFLAG[@]}" --out "$OUT/kernel.md"
+
+[ -f "$BG_LOG" ] && { echo "== background builds"; cat "$BG_LOG"; rm -f "$BG_LOG"; }
+echo >> "$SUMMARY"
+echo "total $(( $(date +%s) - T0 )) s" >> "$SUMMARY"
+cat "$SUMMARY"
+for f in train deploy kernel; do [ -f "$OUT/$f.md" ] && { echo; cat "$OUT/$f.md"; }; done
+! grep -q "^| [^|]* | [1-9]" "$SUMMARY"

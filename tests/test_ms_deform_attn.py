@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import dino.ops
 import importlib
 from dino.ops import kernel, ms_deform_attn, ms_deform_attn_pytorch, use_custom_op
 from dino.ops.custom_op import ms_deform_attn_backward_pytorch
@@ -170,7 +169,6 @@ def test_use_custom_op_puts_one_op_node_in_exported_graph():
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.dino.ms_deform_attn.default) == 1
     assert torch.ops.aten.grid_sampler_2d.default not in targets
-    assert dino.ops.force_custom_op is use_custom_op  # the name the export code looks up
 
 
 def test_compile_fullgraph_with_custom_op_forward_and_backward():
@@ -219,7 +217,8 @@ def test_kernel_sources_include_no_framework_headers():
             assert "torch" not in line and "ATen" not in line and "NvInfer" not in line, (path.name, line)
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+# sm_80 is compiled (warnings as errors) by the plugin tests (tests/test_plugin.py); one more architecture here.
+@pytest.mark.parametrize("arch", ["sm_90"])
 def test_kernels_compile_with_nvcc(arch, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

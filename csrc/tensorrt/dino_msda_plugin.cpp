@@ -74,9 +74,9 @@ bool MSDeformAttnPlugin::supportsFormatCombination(int32_t pos, nvinfer1::Dynami
   nvinfer1::PluginTensorDesc const& desc = inOut[pos].desc;
   if (desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
   if (pos == kShapes || pos == kStarts) return desc.type == nvinfer1::DataType::kINT32;
-  if (pos == kValue) return isFloatType(desc.type);
-  // Locations, weights and output follow the value's type (TensorRT asks in position order).
-  return desc.type == inOut[kValue].desc.type;
+  // Locations, weights and output follow the value's type (TensorRT asks in position order, so inOut[kValue] is
+  // already one this function accepted; checked again for callers that ask out of order).
+  return isFloatType(desc.type) && (pos == kValue || desc.type == inOut[kValue].desc.type);
 }
 
 int32_t MSDeformAttnPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const*, int32_t nbInputs,
@@ -133,8 +133,19 @@ nvinfer1::PluginFieldCollection const* MSDeformAttnPlugin::getFieldsToSerialize(
 MSDeformAttnPluginCreator::MSDeformAttnPluginCreator(std::string pluginNamespace)
     : mNamespace(std::move(pluginNamespace)) {}
 
-nvinfer1::IPluginV3* MSDeformAttnPluginCreator::createPlugin(char const*, nvinfer1::PluginFieldCollection const*,
+nvinfer1::IPluginV3* MSDeformAttnPluginCreator::createPlugin(char const* name,
+                                                             nvinfer1::PluginFieldCollection const* fc,
                                                              nvinfer1::TensorRTPhase) noexcept {
+  // The plugin has no fields: a field here is a typo or an exporter of another version, never silently ignored.
+  // (The ONNX parser passes only the fields getFieldNames() lists, i.e. none.)
+  if (fc != nullptr && fc->nbFields > 0) {
+    for (int32_t i = 0; i < fc->nbFields; ++i) {
+      char const* field = fc->fields != nullptr && fc->fields[i].name != nullptr ? fc->fields[i].name : "(null)";
+      std::fprintf(stderr, "[DinoMSDeformAttn] %s: unknown field \"%s\" (plugin version %s has no fields)\n",
+                   name != nullptr ? name : "", field, kPluginVersion);
+    }
+    return nullptr;
+  }
   return new (std::nothrow) MSDeformAttnPlugin(mNamespace);
 }
 

@@ -10,7 +10,7 @@
  *           3 sampling_locations  (B, Q, M, L, P, 2)  same type as value
  *           4 attention_weights   (B, Q, M, L, P)     same type as value
  *   output  0                     (B, Q, M, D)        same type as value
- * The plugin has no fields; unknown fields passed by a parser are ignored.
+ * The plugin has no fields; createPlugin with any field fails (returns nullptr, naming the field on stderr).
  *
  * Loading the shared library registers the creator (static initializer) under the namespace "" and under
  * "trt.plugins" (parsers from TensorRT 10.10 on may read the node's domain as the namespace).
@@ -56,8 +56,10 @@ class MSDeformAttnPlugin : public nvinfer1::IPluginV3,
                                  int32_t nbOutputs) noexcept override;
   int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
                           nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-                          nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override {
+  // The kernels need no scratch memory.
+  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* /*inputs*/, int32_t /*nbInputs*/,
+                          nvinfer1::DynamicPluginTensorDesc const* /*outputs*/,
+                          int32_t /*nbOutputs*/) const noexcept override {
     return 0;
   }
 

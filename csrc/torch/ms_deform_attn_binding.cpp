@@ -8,7 +8,6 @@
 #include <tuple>
 
 #include "ms_deform_attn.h"
-#include "ms_deform_attn_baseline.h"
 
 namespace {
 
@@ -137,60 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
           grad_attn.to(attention_weights.scalar_type())};
 }
 
-// Benchmark baseline (original Deformable-DETR decomposition): float32 and int64 shape tables only.
-void check_baseline(const at::Tensor& value, const at::Tensor& spatial_shapes) {
-  TORCH_CHECK(value.scalar_type() == at::kFloat && spatial_shapes.scalar_type() == at::kLong,
-              "ms_deform_attn baseline: float32 value and int64 shape tables only");
-}
-
-at::Tensor baseline_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                            const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                            const at::Tensor& attention_weights) {
-  const DinoMsdaShape s =
-      check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_baseline(value, spatial_shapes);
-  const c10::cuda::CUDAGuard guard(value.device());
-  const at::Tensor v = value.contiguous(), loc = sampling_locations.to(at::kFloat).contiguous();
-  const at::Tensor attn = attention_weights.to(at::kFloat).contiguous();
-  const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
-  at::Tensor out = at::empty({s.batch, s.num_queries, s.num_heads * s.channels}, value.options());
-  check_cuda(dino_msda_baseline_forward_f32(&s, v.data_ptr<float>(), shapes.data_ptr<int64_t>(),
-                                            starts.data_ptr<int64_t>(), loc.data_ptr<float>(),
-                                            attn.data_ptr<float>(), out.data_ptr<float>(),
-                                            c10::cuda::getCurrentCUDAStream()),
-             "baseline forward");
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> baseline_backward(const at::Tensor& grad_output,
-                                                                 const at::Tensor& value,
-                                                                 const at::Tensor& spatial_shapes,
-                                                                 const at::Tensor& level_start_index,
-                                                                 const at::Tensor& sampling_locations,
-                                                                 const at::Tensor& attention_weights) {
-  const DinoMsdaShape s =
-      check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_baseline(value, spatial_shapes);
-  const c10::cuda::CUDAGuard guard(value.device());
-  const at::Tensor v = value.contiguous(), loc = sampling_locations.to(at::kFloat).contiguous();
-  const at::Tensor attn = attention_weights.to(at::kFloat).contiguous(), go = grad_output.contiguous();
-  const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
-  at::Tensor gv = at::empty_like(v), gl = at::empty_like(loc), ga = at::empty_like(attn);
-  check_cuda(dino_msda_baseline_backward_f32(&s, v.data_ptr<float>(), shapes.data_ptr<int64_t>(),
-                                             starts.data_ptr<int64_t>(), loc.data_ptr<float>(),
-                                             attn.data_ptr<float>(), go.data_ptr<float>(), gv.data_ptr<float>(),
-                                             gl.data_ptr<float>(), ga.data_ptr<float>(),
-                                             c10::cuda::getCurrentCUDAStream()),
-             "baseline backward");
-  return {gv, gl, ga};
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dino multi-scale deformable attention CUDA kernels";
   m.def("forward", &forward, "ms_deform_attn forward -> (B, Q, M*D)");
-  m.def("baseline_forward", &baseline_forward, "original-style baseline forward (benchmarks only)");
-  m.def("baseline_backward", &baseline_backward, "original-style baseline backward (benchmarks only)");
   m.def("backward", &backward, "ms_deform_attn backward -> (grad_value, grad_sampling_locations, grad_attention_weights)");
 }

@@ -6,7 +6,4 @@ from dino.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_pytorch, use_
 from dino.ops import custom_op as _custom_op  # noqa: F401  (registers the torch.library ops)
 from dino.ops.kernel import kernel_available
 
-# Name the export code looks for.
-force_custom_op = use_custom_op
-
-__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "use_custom_op", "force_custom_op", "kernel_available"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "use_custom_op", "kernel_available"]

@@ -2,19 +2,24 @@
 
 ``python -m dino.ops.bench`` times forward and forward+backward at DINO's 4-scale 800x1333 shapes (encoder: Q = S;
 decoder: 900 queries + 200 denoising) with CUDA events after a warm-up, and prints a markdown table of medians.
+The baseline (csrc/bench/) is benchmark-only code: it is built here, into its own extension, never into the one
+every user compiles. ``--dry-run`` runs the table's code on tiny shapes on the CPU (PyTorch path only).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from dino.ops.kernel import load_kernel
+from dino.ops.kernel import CSRC, KERNEL_DIR, build_extension, load_kernel
 from dino.ops.ms_deform_attn import ms_deform_attn_pytorch
+
+BENCH_DIR = CSRC / "bench"
 
 # Feature maps of an 800x1333 image at strides 8, 16, 32, 64.
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
@@ -24,23 +29,38 @@ SHAPES = {"encoder": S, "decoder": 900 + 200}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def make_inputs(batch: int, queries: int, dtype: torch.dtype, seed: int = 0):
+def make_inputs(batch: int, queries: int, dtype: torch.dtype, seed: int = 0, levels=LEVELS, device="cuda"):
     """Realistic inputs: reference points uniform over the image, small offsets, softmaxed weights."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    L = len(LEVELS)
-    spatial_shapes = torch.tensor(LEVELS, dtype=torch.long, device="cuda")
+    g = torch.Generator(device=device).manual_seed(seed)
+    L, S = len(levels), sum(h * w for h, w in levels)
+    spatial_shapes = torch.tensor(levels, dtype=torch.long, device=device)
     areas = spatial_shapes.prod(1)
     level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
-    value = torch.randn(batch, S, HEADS, CHANNELS, generator=g, device="cuda")
-    ref = torch.rand(batch, queries, 1, 1, 1, 2, generator=g, device="cuda")
-    offsets = 0.02 * torch.randn(batch, queries, HEADS, L, POINTS, 2, generator=g, device="cuda")
-    weights = torch.randn(batch, queries, HEADS, L * POINTS, generator=g, device="cuda").softmax(-1)
+    value = torch.randn(batch, S, HEADS, CHANNELS, generator=g, device=device)
+    ref = torch.rand(batch, queries, 1, 1, 1, 2, generator=g, device=device)
+    offsets = 0.02 * torch.randn(batch, queries, HEADS, L, POINTS, 2, generator=g, device=device)
+    weights = torch.randn(batch, queries, HEADS, L * POINTS, generator=g, device=device).softmax(-1)
     return (value.to(dtype), spatial_shapes, level_start_index, (ref + offsets).to(dtype),
             weights.view(batch, queries, HEADS, L, POINTS).to(dtype))
 
 
+def load_baseline():
+    """The original-style baseline's extension (benchmarks only)."""
+    return build_extension("dino_msda_baseline_ext",
+                           [BENCH_DIR / "ms_deform_attn_baseline.cu", BENCH_DIR / "baseline_binding.cpp"],
+                           (KERNEL_DIR, BENCH_DIR))
+
+
 def time_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs, each timed with its own pair of CUDA events."""
+    """Median milliseconds of ``fn`` over ``reps`` runs, each timed with its own pair of CUDA events (wall clock on
+    the CPU)."""
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(warmup + reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times[warmup:])
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -66,37 +86,49 @@ def _pytorch_fwd_bwd(inputs, grad_out):
     return run
 
 
-def benchmark(batch: int, dtypes: list[str], warmup: int, reps: int) -> list[dict]:
-    ext = load_kernel()
-    if ext is None:
-        raise RuntimeError("the ms_deform_attn CUDA kernel is unavailable (see the dino.ops warning)")
+def benchmark(batch: int, dtypes: list[str], warmup: int, reps: int, dry_run: bool = False,
+              on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """One row per (dtype, shape, pass); ``on_row(rows)`` after each, so a cut run keeps what finished."""
+    if dry_run:  # tiny levels on the CPU: the PyTorch path only
+        ext, base, levels, shapes, device = None, None, [(6, 9), (3, 5)], {"encoder": 69, "decoder": 11}, "cpu"
+    else:
+        ext = load_kernel()
+        if ext is None:
+            raise RuntimeError("the ms_deform_attn CUDA kernel is unavailable (see the dino.ops warning)")
+        base, levels, shapes, device = load_baseline(), LEVELS, SHAPES, "cuda"
+    num_values = sum(h * w for h, w in levels)
     rows = []
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        for shape_name, queries in SHAPES.items():
-            inputs = make_inputs(batch, queries, dtype)
-            grad_out = torch.randn(batch, queries, HEADS * CHANNELS, device="cuda", dtype=dtype)
-            has_baseline = dtype == torch.float32 and hasattr(ext, "baseline_forward")
+        for shape_name, queries in shapes.items():
+            inputs = make_inputs(batch, queries, dtype, levels=levels, device=device)
+            grad_out = torch.randn(batch, queries, HEADS * CHANNELS, device=device, dtype=dtype)
+            has_baseline = dtype == torch.float32 and base is not None
             candidates = {
                 "forward": {
                     "pytorch": lambda: ms_deform_attn_pytorch(*inputs),
-                    "kernel": lambda: ext.forward(*inputs),
-                    "baseline": (lambda: ext.baseline_forward(*inputs)) if has_baseline else None,
+                    "kernel": (lambda: ext.forward(*inputs)) if ext is not None else None,
+                    "baseline": (lambda: base.baseline_forward(*inputs)) if has_baseline else None,
                 },
                 "forward+backward": {
                     "pytorch": _pytorch_fwd_bwd(inputs, grad_out),
-                    "kernel": lambda: (ext.forward(*inputs), ext.backward(grad_out, *inputs)),
-                    "baseline": (lambda: (ext.baseline_forward(*inputs), ext.baseline_backward(grad_out, *inputs)))
+                    "kernel": (lambda: (ext.forward(*inputs), ext.backward(grad_out, *inputs)))
+                    if ext is not None else None,
+                    "baseline": (lambda: (base.baseline_forward(*inputs), base.baseline_backward(grad_out, *inputs)))
                     if has_baseline else None,
                 },
             }
             for pass_name, fns in candidates.items():
-                row = {"dtype": dtype_name, "shape": f"{shape_name} B={batch} Q={queries} S={S}", "pass": pass_name}
+                row = {"dtype": dtype_name, "shape": f"{shape_name} B={batch} Q={queries} S={num_values}",
+                       "pass": pass_name}
                 for impl, fn in fns.items():
                     row[impl] = time_ms(fn, warmup, reps) if fn is not None else None
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
             del inputs, grad_out
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -126,26 +158,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of " + ",".join(DTYPES))
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    parser.add_argument("--out", type=Path, help="also write the table to this markdown file (after every row)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, PyTorch path only")
     args = parser.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise ValueError(f"--dtypes: unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
-    if not torch.cuda.is_available():
+    if not args.dry_run and not torch.cuda.is_available():
         print("python -m dino.ops.bench needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    device = torch.cuda.get_device_name()
-    rows = benchmark(args.batch, dtypes, args.warmup, args.reps)
-    table = markdown_table(rows, device)
+    if args.dry_run:
+        args.warmup, args.reps = 0, 1
+    device = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
     header = (f"torch {torch.__version__}, CUDA {torch.version.cuda}; "
               f"medians of {args.reps} runs after {args.warmup} warm-up")
+
+    def save(rows: list[dict]) -> None:
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out.with_name(f".{args.out.name}.tmp")
+            tmp.write_text(header + "\n\n" + markdown_table(rows, device) + "\n")
+            tmp.replace(args.out)
+
+    rows = benchmark(args.batch, dtypes, args.warmup, args.reps, args.dry_run, on_row=save)
     print(header)
     print()
-    print(table)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(header + "\n\n" + table + "\n")
+    print(markdown_table(rows, device))
     return 0
 
 

@@ -3,7 +3,8 @@
 The build is attempted only when CUDA is usable (``torch.cuda.is_available()`` and an ``nvcc``); it goes into a cache
 directory keyed by a hash of the sources, the torch and CUDA versions and the GPU architecture, under an exclusive
 file lock so that concurrent processes never load a half-built module. A failed build logs one warning and the
-callers fall back to the PyTorch path, unless ``DINO_REQUIRE_KERNEL=1`` makes it an error.
+callers fall back to the PyTorch path, unless ``DINO_REQUIRE_KERNEL=1`` makes it an error. ``DINO_DISABLE_KERNEL=1``
+skips the kernel altogether (the PyTorch path everywhere; benchmarks use it to measure the kernel's effect).
 """
 from __future__ import annotations
 
@@ -30,12 +31,9 @@ _failure: str | None = None
 
 
 def kernel_sources() -> list[Path]:
-    """Sources compiled into the extension (the framework-free kernels plus the PyTorch binding)."""
-    return [
-        KERNEL_DIR / "ms_deform_attn.cu",
-        KERNEL_DIR / "ms_deform_attn_baseline.cu",  # benchmark baseline, exposed as baseline_forward/backward
-        BINDING_DIR / "ms_deform_attn_binding.cpp",
-    ]
+    """Sources compiled into the extension (the framework-free kernels plus the PyTorch binding); benchmark-only code
+    (csrc/bench/) is built separately by ``dino.ops.bench``."""
+    return [KERNEL_DIR / "ms_deform_attn.cu", BINDING_DIR / "ms_deform_attn_binding.cpp"]
 
 
 def _nvcc() -> str | None:
@@ -52,10 +50,17 @@ def _require() -> bool:
     return os.environ.get("DINO_REQUIRE_KERNEL", "") not in ("", "0")
 
 
-def cache_dir() -> Path:
-    """Per-version build directory: ``$DINO_EXT_CACHE`` or ``~/.cache/dino_ext``, then a hash of all inputs."""
+def _disabled() -> bool:
+    return os.environ.get("DINO_DISABLE_KERNEL", "") not in ("", "0")
+
+
+def cache_dir(source_dirs: tuple[Path, ...] | None = None) -> Path:
+    """Per-version build directory: ``$DINO_EXT_CACHE`` or ``~/.cache/dino_ext``, then a hash of all inputs
+    (the files of ``source_dirs``, default the kernels and the PyTorch binding)."""
+    if source_dirs is None:
+        source_dirs = (KERNEL_DIR, BINDING_DIR)
     h = hashlib.sha256()
-    for path in sorted(KERNEL_DIR.iterdir()) + sorted(BINDING_DIR.iterdir()):
+    for path in [p for d in source_dirs for p in sorted(d.iterdir())]:
         if path.is_file():
             h.update(path.name.encode())
             h.update(path.read_bytes())
@@ -67,19 +72,21 @@ def cache_dir() -> Path:
     return root / h.hexdigest()[:16]
 
 
-def _build() -> ModuleType:
+def build_extension(name: str, sources: list[Path], source_dirs: tuple[Path, ...]) -> ModuleType:
+    """JIT-builds (or loads the cached build of) a PyTorch extension from ``sources``, with headers from
+    ``source_dirs``, whose files key the cache."""
     from torch.utils.cpp_extension import load
 
-    missing = [str(p) for p in kernel_sources() if not p.exists()]
+    missing = [str(p) for p in sources if not p.exists()]
     if missing:
         raise FileNotFoundError(f"ms_deform_attn kernel sources not found: {', '.join(missing)}")
-    build_dir = cache_dir()
+    build_dir = cache_dir(source_dirs)
     build_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(build_dir.parent / f"{build_dir.name}.lock"):
         return load(
-            name=EXTENSION_NAME,
-            sources=[str(p) for p in kernel_sources()],
-            extra_include_paths=[str(KERNEL_DIR)],
+            name=name,
+            sources=[str(p) for p in sources],
+            extra_include_paths=[str(d) for d in source_dirs],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", "-std=c++17"],
             build_directory=str(build_dir),
@@ -95,13 +102,15 @@ def load_kernel() -> ModuleType | None:
     """
     global _module, _failure
     if _module is _UNSET:
-        if not torch.cuda.is_available():
+        if _disabled():
+            _module, _failure = None, "DINO_DISABLE_KERNEL is set"
+        elif not torch.cuda.is_available():
             _module, _failure = None, "torch.cuda.is_available() is False"
         elif _nvcc() is None:
             _module, _failure = None, "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
         else:
             try:
-                _module = _build()
+                _module = build_extension(EXTENSION_NAME, kernel_sources(), (KERNEL_DIR, BINDING_DIR))
                 logger.info("ms_deform_attn CUDA kernel loaded from %s", cache_dir())
             except Exception as exc:  # noqa: BLE001 - any build error means: fall back
                 _module, _failure = None, f"build failed: {exc}"

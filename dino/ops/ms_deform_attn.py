@@ -71,7 +71,7 @@ def ms_deform_attn(
     Dispatches to the custom op ``dino::ms_deform_attn`` (the CUDA kernel) for CUDA tensors when the kernel is built,
     to the PyTorch path otherwise; inside :func:`use_custom_op` always to the custom op, on any device.
     """
-    if _force_custom_op > 0 or (value.is_cuda and _cuda_kernel_usable()):
+    if _custom_op_depth > 0 or (value.is_cuda and _cuda_kernel_usable()):
         if not torch.compiler.is_compiling():
             _log_path_once("custom op dino::ms_deform_attn" + (" (CUDA kernel)" if value.is_cuda else ""))
         return torch.ops.dino.ms_deform_attn(
@@ -82,7 +82,7 @@ def ms_deform_attn(
     return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-_force_custom_op = 0
+_custom_op_depth = 0
 _logged_paths: set[str] = set()
 
 
@@ -93,12 +93,12 @@ def use_custom_op() -> Iterator[None]:
     For export: the traced graph then holds one opaque ``dino::ms_deform_attn`` node per attention (which the ONNX
     exporter maps to a TensorRT plugin node) instead of the grid_sample decomposition.
     """
-    global _force_custom_op
-    _force_custom_op += 1
+    global _custom_op_depth
+    _custom_op_depth += 1
     try:
         yield
     finally:
-        _force_custom_op -= 1
+        _custom_op_depth -= 1
 
 
 def _cuda_kernel_usable() -> bool:

@@ -1,0 +1,194 @@
+"""Deployed-inference speed of a DINO preset (random weights): eager fp32 / bf16, torch.compile, AOTInductor.
+
+The deployed function is a local wrapper, ``(images, mask) -> boxes, scores, labels`` (the deploy-graph contract,
+docs/deployment.md) built from the model and ``dino.postprocess.postprocess`` only, so this script does not depend on
+export/ internals. Besides the top-K outputs, the wrapper returns every query's box and class scores, so the
+difference from eager fp32 is taken query by query (a rank-order comparison after top-K would count near-tied scores
+that swap places as large box errors).
+
+Rows (each saved as it finishes): backend x batch, with FPS (images/s from the median latency), median and p90
+latency, setup time (compile / export; the first call for torch.compile), and the largest |box| (pixels) and |score|
+difference from eager fp32 on the same inputs. bf16 rows use autocast; AOTInductor is exported with the
+deformable-attention seam as the ``dino::ms_deform_attn`` custom op (``dino.ops.use_custom_op()``), i.e. our kernel.
+
+    python scripts/bench_deploy.py --json deploy.json --table deploy.md [--backends ...] [--dry-run]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from bench_rows import RowWriter, deadline_passed, environment, median, model_config, percentile, time_calls
+
+import dino
+import dino.ops
+from dino.postprocess import postprocess
+
+BACKENDS = ("eager_fp32", "eager_bf16", "aoti_bf16", "compile_bf16_cudagraphs", "compile_bf16")
+COLUMNS = [("backend", "backend"), ("batch", "batch"), ("fps", "FPS (images/s)"), ("median_ms", "median ms"),
+           ("p90_ms", "p90 ms"), ("setup_s", "setup s"), ("max_box_diff_px", "max box diff px"),
+           ("max_score_diff", "max score diff"), ("note", "note")]
+
+
+class Detector(nn.Module):
+    """``forward(images (B,3,H,W) normalised, mask (B,H,W) True on padding)`` ->
+    ``boxes (B,K,4)`` xyxy pixels, ``scores (B,K)``, ``labels (B,K)`` int64, plus ``query_boxes (B,Q,4)`` xyxy pixels
+    and ``query_scores (B,Q,C)`` sigmoid probabilities of every query, for the by-query comparison.
+
+    ``autocast``: run the detector under bf16 autocast (post-processing stays float32).
+    """
+
+    def __init__(self, model: nn.Module, num_select: int, autocast: bool = False):
+        super().__init__()
+        self.model, self.num_select, self.autocast = model.eval(), num_select, autocast
+
+    def forward(self, images: Tensor, mask: Tensor):
+        batch, _, height, width = images.shape
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model(images, mask)
+        logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
+        sizes = torch.tensor([[height, width]], dtype=torch.float32, device=images.device).expand(batch, 2)
+        scores, labels, boxes_xyxy = postprocess(logits, boxes, sizes, self.num_select)
+        cx, cy, w, h = boxes.unbind(-1)
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=images.device)
+        query_boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * scale
+        return boxes_xyxy, scores, labels, query_boxes, logits.sigmoid()
+
+
+def by_query_diff(reference: tuple, got: tuple) -> tuple[float, float]:
+    """Largest |box| (pixels) and |score| difference over every query and class."""
+    return ((got[3].float() - reference[3].float()).abs().max().item(),
+            (got[4].float() - reference[4].float()).abs().max().item())
+
+
+def export_aoti(model: Detector, example: tuple[Tensor, Tensor], max_batch: int, workdir: Path, dry_run: bool):
+    """AOTInductor package of ``model`` with a symbolic batch (1..max_batch) and the custom-op seam; the loaded
+    runner takes ``(images, mask)``. ``dry_run``: the exported program itself, without Inductor's C++ build (minutes
+    on a small CPU)."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with dino.ops.use_custom_op(), torch.no_grad():
+        program = torch.export.export(model, example, dynamic_shapes={"images": {0: batch}, "mask": {0: batch}},
+                                      strict=False)
+    if dry_run:
+        return program.module()
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(workdir / "detector.pt2"))
+    return torch._inductor.aoti_load_package(path)
+
+
+def make_runner(name: str, model: Detector, bf16_model: Detector, example, max_batch: int, workdir: Path,
+                dry_run: bool):
+    """(callable, setup seconds) of one backend; the callable takes (images, mask)."""
+    start = time.perf_counter()
+    if name == "eager_fp32":
+        runner = model
+    elif name == "eager_bf16":
+        runner = bf16_model
+    elif name == "aoti_bf16":
+        runner = export_aoti(bf16_model, example, max_batch, workdir, dry_run)
+    elif name.startswith("compile_bf16"):
+        # One static graph per batch size (each first call compiles; counted in that row's setup time).
+        if dry_run:  # Dynamo and AOTAutograd trace as on the GPU, without Inductor's code generation
+            runner = torch.compile(bf16_model, backend="aot_eager", dynamic=False)
+        else:
+            mode = "reduce-overhead" if name.endswith("cudagraphs") else "default"
+            runner = torch.compile(bf16_model, mode=mode, dynamic=False)
+    else:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return runner, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="dino_r50_4scale")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new backend after this many seconds (rows already saved stay)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--table", type=Path)
+    parser.add_argument("--dry-run", action="store_true", help="tiny model and images on the CPU, 1 timed call")
+    args = parser.parse_args(argv)
+
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+    device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+    if args.dry_run:
+        args.image_size, args.batches, args.warmup, args.iters = (64, 96), [2], 0, 1
+    height, width = args.image_size
+    cfg = model_config(args.preset, tiny=args.dry_run)
+    torch.manual_seed(0)
+    model = Detector(dino.build_model(cfg), cfg.num_select).to(device).eval()
+    bf16_model = Detector(model.model, cfg.num_select, autocast=True)
+    kernel = device.type == "cuda" and dino.ops.kernel_available()
+    meta = {"preset": args.preset + (" (tiny, dry run)" if args.dry_run else ""), "image": f"{height}x{width}",
+            **environment(device), "eager deformable attention": "CUDA kernel" if kernel else "PyTorch (grid_sample)",
+            "timing": f"median/p90 of {args.iters} calls after {args.warmup} warm-up"}
+    writer = RowWriter(args.json, args.table, COLUMNS, meta)
+    print(f"== deployed inference: {meta}", flush=True)
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = {}
+    for b in args.batches:
+        images = torch.randn(b, 3, height, width, generator=gen).to(device)
+        mask = torch.zeros(b, height, width, dtype=torch.bool, device=device)
+        inputs[b] = (images, mask)
+    example = inputs[max(args.batches)] if max(args.batches) > 1 else \
+        (inputs[args.batches[0]][0].expand(2, -1, -1, -1).contiguous(), inputs[args.batches[0]][1].expand(2, -1, -1))
+    max_batch = max(max(args.batches), 2)
+
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        references = {b: tuple(t.clone() for t in model(*inputs[b])) for b in args.batches}
+        for name in args.backends:
+            if deadline_passed(deadline):
+                writer.add({"backend": name, "note": f"skipped: section budget of {args.budget_s:.0f} s spent"})
+                continue
+            try:
+                runner, setup_s = make_runner(name, model, bf16_model, example, max_batch, Path(tmp), args.dry_run)
+            except Exception as err:  # noqa: BLE001 - a backend that fails is a row saying why; the others still run
+                writer.add({"backend": name, "note": f"setup failed: {type(err).__name__}: {_first_line(err)}"})
+                continue
+            for b in args.batches:
+                row = {"backend": name, "batch": b}
+                try:
+                    first = time.perf_counter()
+                    got = tuple(t.clone() for t in runner(*inputs[b]))  # compile: the first call compiles
+                    if name.startswith("compile"):
+                        setup_s += time.perf_counter() - first
+                    times = time_calls(lambda: runner(*inputs[b]), device, args.warmup, args.iters)
+                except Exception as err:  # noqa: BLE001
+                    writer.add({**row, "note": f"failed: {type(err).__name__}: {_first_line(err)}"})
+                    continue
+                box_diff, score_diff = by_query_diff(references[b], got)
+                med = median(times)
+                writer.add({**row, "fps": b * 1000 / med, "median_ms": med, "p90_ms": percentile(times, 0.9),
+                            "setup_s": setup_s, "max_box_diff_px": box_diff, "max_score_diff": score_diff,
+                            "note": _note(name, args.dry_run)})
+                if name.startswith("compile"):
+                    setup_s = 0.0
+            del runner
+    return 0
+
+
+def _note(name: str, dry_run: bool) -> str | None:
+    if dry_run and name == "aoti_bf16":
+        return "dry run: torch.export program, no AOTInductor build"
+    if dry_run and name.startswith("compile"):
+        return "dry run: backend aot_eager"
+    return "setup shared by all batches" if name == "aoti_bf16" else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
