@@ -55,7 +55,9 @@ class DenoisingConfig:
     dn_number: int = 100
     label_noise_ratio: float = 0.5
     box_noise_scale: float = 1.0  # the official configs say 0.4 but every official training script sets 1.0
-    labelbook_size: int = 91  # label embedding table has labelbook_size + 1 rows
+    # The label embedding table has labelbook_size + 1 rows and must cover every class (>= model.num_classes).
+    # None: sized to model.num_classes (official COCO: 91 = num_classes).
+    labelbook_size: int | None = None
 
 
 @dataclass
@@ -85,7 +87,9 @@ class ModelConfig:
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    num_classes: int = 91  # COCO: category ids are used directly as labels (max id 90)
+    # Labels are the dataset's category ids (as official), so num_classes = max category id + 1 (COCO: 91).
+    # None: taken from the training annotations (dino.data.fit_num_classes); the presets of the official models say 91.
+    num_classes: int | None = None
     num_select: int = 300  # post-processing top-k over queries x classes
 
 
@@ -98,9 +102,7 @@ class DataConfig:
     train_annotations: str = "annotations/train.json"
     val_images: str = "val"
     val_annotations: str = "annotations/val.json"
-    # "official": COCO category ids used directly as labels (num_classes 91). "contiguous": ids mapped to 0..K-1.
-    label_mapping: str = "contiguous"
-    num_classes: int | None = None  # None: derived from the annotations json
+    # Labels are the category ids of the annotations (COCO ids kept); the number of classes is model.num_classes.
     train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
     train_max_size: int = 1333
     crop_resize_scales: tuple[int, ...] = (400, 500, 600)
@@ -145,11 +147,16 @@ class TrainConfig:
     tracker: str | None = "tensorboard"  # None disables accelerate trackers
     # Stop after this many optimizer steps in total (a clean stop after the step's checkpoint; resuming continues).
     max_steps: int | None = None
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N (>= 1) checkpoint folders are kept
     auto_resume: bool = True  # continue from output_dir/checkpoints when present and no --resume is given
     cpu: bool = False  # force the CPU even when a GPU is present
     # Collective-op timeout: when a worker dies the others fail with an error after this long instead of hanging.
     process_group_timeout_s: int = 600
+    # A step whose loss or gradient norm is NaN/inf on any process: False stops every process with one error naming
+    # the step, the loss terms and the images; True skips the step on every process and counts it (log.jsonl).
+    skip_nonfinite_steps: bool = False
+    # DDP's per-step search for parameters without gradient; not needed by DINO (every parameter is used each step).
+    find_unused_parameters: bool = False
 
 
 @dataclass

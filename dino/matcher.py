@@ -56,6 +56,10 @@ def matching_cost(
     return cost_bbox * l1 + cost_class * cls + cost_giou * giou
 
 
+class NonFinitePredictionError(ValueError):
+    """The model's predictions hold NaN/inf (a diverged model, not bad targets)."""
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimising :func:`matching_cost`, image by image."""
 
@@ -105,9 +109,12 @@ class HungarianMatcher(nn.Module):
         for i, block in enumerate(cost.split(sizes, -1)):
             image_cost = block[i]
             if not torch.isfinite(image_cost).all():
+                if not (torch.isfinite(logits[i]).all() and torch.isfinite(boxes[i]).all()):
+                    raise NonFinitePredictionError(
+                        f"matching cost of image {i} is not finite: the predictions (pred_logits/pred_boxes) hold NaN/inf"
+                    )
                 raise ValueError(
-                    f"matching cost of image {i} is not finite: pred_logits/pred_boxes or targets[{i}]['boxes'] hold "
-                    "NaN/inf or degenerate boxes"
+                    f"matching cost of image {i} is not finite: targets[{i}]['boxes'] hold NaN/inf or degenerate boxes"
                 )
             rows, cols = linear_sum_assignment(image_cost.numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))

@@ -8,17 +8,20 @@ from typing import Callable
 
 from dino.config import BackboneConfig, DenoisingConfig, ModelConfig, TransformerConfig
 
+# The official models' head: COCO category ids are the labels (max id 90), label book the same size.
+COCO_NUM_CLASSES = 91
+
 
 def dino_r50_4scale() -> ModelConfig:
     """Official DINO-4scale R50: C3-C5 + one extra level, 900 queries, 91 COCO classes (46,893,182 params)."""
     return ModelConfig(backbone=BackboneConfig(name="resnet50", return_levels=(1, 2, 3)),
-                       transformer=TransformerConfig(num_feature_levels=4))
+                       transformer=TransformerConfig(num_feature_levels=4), num_classes=COCO_NUM_CLASSES)
 
 
 def dino_r50_5scale() -> ModelConfig:
     """Official DINO-5scale R50: C2-C5 + one extra level."""
     return ModelConfig(backbone=BackboneConfig(name="resnet50", return_levels=(0, 1, 2, 3)),
-                       transformer=TransformerConfig(num_feature_levels=5))
+                       transformer=TransformerConfig(num_feature_levels=5), num_classes=COCO_NUM_CLASSES)
 
 
 def _swin_large(return_levels: tuple[int, ...]) -> BackboneConfig:
@@ -30,12 +33,14 @@ def _swin_large(return_levels: tuple[int, ...]) -> BackboneConfig:
 
 def dino_swinl_4scale() -> ModelConfig:
     """Official DINO-4scale Swin-L (384, window 12): stages 1-3 + one extra level (217,230,066 params)."""
-    return ModelConfig(backbone=_swin_large((1, 2, 3)), transformer=TransformerConfig(num_feature_levels=4))
+    return ModelConfig(backbone=_swin_large((1, 2, 3)), transformer=TransformerConfig(num_feature_levels=4),
+                       num_classes=COCO_NUM_CLASSES)
 
 
 def dino_swinl_5scale() -> ModelConfig:
     """Official DINO-5scale Swin-L: stages 0-3 + one extra level (217,576,690 params)."""
-    return ModelConfig(backbone=_swin_large((0, 1, 2, 3)), transformer=TransformerConfig(num_feature_levels=5))
+    return ModelConfig(backbone=_swin_large((0, 1, 2, 3)), transformer=TransformerConfig(num_feature_levels=5),
+                       num_classes=COCO_NUM_CLASSES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,6 +49,8 @@ def dino_swinl_5scale() -> ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------
 def dino_quickstart() -> ModelConfig:
     """Small DINO for the 3-class shapes dataset, trained from scratch on a CPU by ``python -m dino.quickstart``.
+
+    The shapes' category ids 1-3 are the labels, hence 4 classes (label 0 is never a target), as COCO's 91.
 
     timm ResNet-18 with ordinary (trainable) BatchNorm: from random weights it learns much faster than the official
     FrozenBatchNorm ResNet, whose frozen statistics are meaningless without pretraining (CPU sweep: AP50 0.91 vs 0.56
@@ -54,8 +61,8 @@ def dino_quickstart() -> ModelConfig:
         backbone=BackboneConfig(name="timm:resnet18", return_levels=(1, 2, 3), freeze_stem_and_layer1=False),
         transformer=TransformerConfig(hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=512,
                                       num_feature_levels=4, num_queries=100),
-        denoising=DenoisingConfig(dn_number=20, labelbook_size=3),
-        num_classes=3,
+        denoising=DenoisingConfig(dn_number=20),
+        num_classes=4,
         num_select=100,
     )
 

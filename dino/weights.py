@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dino.durable import replace_durably
+
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Writes ``state_dict`` as safetensors, atomically (temp file in the same folder, then ``os.replace``).
+    """Writes ``state_dict`` as safetensors, atomically and durably (temp file in the same folder, fsynced, renamed).
 
     Tensors are copied to CPU, contiguous and unshared: safetensors rejects tensors that share memory.
     """
@@ -25,7 +27,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, m
     try:
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -64,12 +64,12 @@ def resolve_model_config(spec: str, overrides: list[str] | None = None) -> tuple
 
     Returns (description, config). Raises FileNotFoundError listing both recipes and presets when neither matches.
     """
-    from dino.engine.recipe import available_recipes, load_recipe
+    from dino.engine.recipe import available_recipes, load_recipe, recipe_path
+    from dino.errors import UserError
 
     try:
-        recipe = load_recipe(spec, overrides)
-        return f"recipe {recipe.name}", recipe.model
-    except FileNotFoundError as recipe_err:
+        recipe_path(spec)
+    except UserError as recipe_err:
         from dino.presets import PRESETS, get_preset
 
         if spec in PRESETS:
@@ -83,6 +83,8 @@ def resolve_model_config(spec: str, overrides: list[str] | None = None) -> tuple
         raise FileNotFoundError(
             f"{recipe_err}; presets: {', '.join(sorted(PRESETS))}"
         ) from None
+    recipe = load_recipe(spec, overrides)
+    return f"recipe {recipe.name}", recipe.model
 
 
 def build_deploy_model(

@@ -11,7 +11,9 @@ LR_DROP = {12: (11,), 24: (20,), 36: (30,)}
 
 
 def coco_data(root: str = "data/coco") -> DataConfig:
-    """COCO 2017 with the official augmentation; category ids are the labels (91 classes, as official)."""
+    """COCO 2017 with the official augmentation; category ids are the labels (max id 90 + 1 = the preset's 91 classes).
+
+    On another dataset set ``model.num_classes=None`` to size the head from its annotations."""
     return DataConfig(
         dataset="coco",
         root=root,
@@ -19,8 +21,6 @@ def coco_data(root: str = "data/coco") -> DataConfig:
         train_annotations="annotations/instances_train2017.json",
         val_images="val2017",
         val_annotations="annotations/instances_val2017.json",
-        label_mapping="official",
-        num_classes=91,
     )
 
 

@@ -16,7 +16,6 @@ def recipe() -> Recipe:
     cfg.data = DataConfig(
         dataset="shapes",
         root="data/shapes",
-        label_mapping="contiguous",
         shapes_image_size=IMAGE_SIZE,
         shapes_train_images=512,
         shapes_val_images=64,

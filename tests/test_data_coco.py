@@ -1,5 +1,6 @@
-"""COCO-format dataset: output contract, label mapping, cleaning rules, clear errors on bad datasets; collate."""
+"""COCO-format dataset: output contract, labels = category ids, cleaning rules, clear errors on bad datasets; collate."""
 import json
+import logging
 from functools import partial
 
 import numpy as np
@@ -9,7 +10,8 @@ from PIL import Image
 from torchvision.ops import box_convert
 
 from dino.config import DataConfig
-from dino.data import CocoDetection, build_dataset, collate_fn
+from dino.data import CocoDetection, build_dataset, collate_fn, read_categories
+from dino.errors import UserError
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CATS = [{"id": 5, "name": "five"}, {"id": 2, "name": "two"}, {"id": 9, "name": "nine"}]
@@ -57,8 +59,8 @@ def shapes_cfg(tmp_path_factory):
 
 def test_val_sample_contract_and_exact_normalisation(shapes_cfg):
     ds = build_dataset(shapes_cfg, "val")
-    assert len(ds) == 3 and ds.num_classes == 3
-    assert ds.label_to_category_id == {0: 1, 1: 2, 2: 3}
+    assert len(ds) == 3 and ds.num_classes == 4  # shapes ids 1..3 are the labels
+    assert ds.label_to_category_id == {1: 1, 2: 2, 3: 3}
     image, target = ds[0]
     # val_scale equals the image size: no resize, so the image is exactly the normalised file
     raw = torch.from_numpy(np.array(ds.load_image(0))).permute(2, 0, 1).float() / 255
@@ -110,22 +112,29 @@ def test_dataloader_with_workers(shapes_cfg):
     assert [t["image_id"] for b in batches for t in b.targets] == ds.image_ids
 
 
-def test_label_mapping_contiguous_and_official(tmp_path):
+def test_labels_are_category_ids(tmp_path):
     anns = [ann(1, [0, 0, 10, 10], 5), ann(2, [5, 5, 10, 10], 2), ann(3, [20, 10, 10, 10], 9)]
     images_dir, path = make_dataset(tmp_path, annotations=anns)
-    contiguous = CocoDetection(images_dir, path, label_mapping="contiguous")
-    assert contiguous.num_classes == 3
-    assert contiguous.label_to_category_id == {0: 2, 1: 5, 2: 9}
-    assert contiguous[0][1]["labels"].tolist() == [1, 0, 2]
-    official = CocoDetection(images_dir, path, label_mapping="official")
-    assert official.num_classes == 10
-    assert official.label_to_category_id == {2: 2, 5: 5, 9: 9}
-    assert official[0][1]["labels"].tolist() == [5, 2, 9]
-    assert CocoDetection(images_dir, path, label_mapping="official", num_classes=91).num_classes == 91
-    with pytest.raises(ValueError, match="num_classes=2 is too small"):
-        CocoDetection(images_dir, path, num_classes=2)
-    with pytest.raises(ValueError, match="label_mapping"):
-        CocoDetection(images_dir, path, label_mapping="sorted")
+    ds = CocoDetection(images_dir, path)
+    assert ds.num_classes == 10  # max category id + 1, COCO ids kept
+    assert ds.label_to_category_id == {2: 2, 5: 5, 9: 9}
+    assert ds[0][1]["labels"].tolist() == [5, 2, 9]
+    expected = [{"id": 2, "name": "two"}, {"id": 5, "name": "five"}, {"id": 9, "name": "nine"}]
+    assert ds.categories == expected
+    assert read_categories(path) == (10, expected)
+
+
+def test_read_categories_names_the_file(tmp_path):
+    _, path = make_dataset(tmp_path, categories=[{"id": 3}, {"id": 0, "name": "zero"}])
+    assert read_categories(path) == (4, [{"id": 0, "name": "zero"}, {"id": 3, "name": "class 3"}])
+    _, path = make_dataset(tmp_path, categories=[])
+    with pytest.raises(UserError, match=r"instances.json: 'categories' is empty"):
+        read_categories(path)
+    _, path = make_dataset(tmp_path, categories=[{"id": -1, "name": "neg"}])
+    with pytest.raises(UserError, match=r"instances.json: categories\[0\] has id -1; expected an int >= 0"):
+        read_categories(path)
+    with pytest.raises(FileNotFoundError, match=r"nope.json does not exist"):
+        read_categories(tmp_path / "nope.json")
 
 
 def test_cleaning_crowd_degenerate_clipped_and_empty_images(tmp_path):
@@ -146,7 +155,8 @@ def test_cleaning_crowd_degenerate_clipped_and_empty_images(tmp_path):
     assert len(ds) == 2  # image 2 has no boxes but is kept
     boxes, labels = ds.raw_target(0)
     np.testing.assert_array_equal(boxes, [[10, 10, 30, 30], [50, 40, 64, 48], [0, 0, 5, 5]])
-    assert labels.tolist() == [0, 0, 0]
+    assert labels.tolist() == [2, 2, 2]
+    assert ds.dropped_boxes == 2  # the two zero-size boxes; the crowd one is not a training target either
     _, empty = ds[1]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,) and empty["image_id"] == 2
     _, target = ds[0]
@@ -157,7 +167,33 @@ def test_cleaning_crowd_degenerate_clipped_and_empty_images(tmp_path):
 
 def test_empty_annotation_list_is_fine(tmp_path):
     ds = CocoDetection(*make_dataset(tmp_path, annotations=[]))
-    assert len(ds) == 1 and ds.num_classes == 3 and ds[0][1]["boxes"].shape == (0, 4)
+    assert len(ds) == 1 and ds.num_classes == 10 and ds[0][1]["boxes"].shape == (0, 4) and ds.dropped_boxes == 0
+
+
+def test_box_entirely_outside_its_image_is_dropped_and_counted(tmp_path, caplog):
+    """One bad box must not stop the whole dataset: the official code clips it to the image and drops it."""
+    images = [
+        {"id": 1, "file_name": "a.png", "width": 64, "height": 48},
+        {"id": 2, "file_name": "b.png", "width": 64, "height": 48},
+    ]
+    anns = [
+        ann(1, [70, 10, 5, 5]),  # right of the image
+        ann(2, [10, 48, 5, 5], category_id=9),  # starts on the bottom edge: zero height after clipping
+        ann(3, [-20, -20, 10, 10], image_id=2),  # above-left
+        ann(4, [10, 10, 20, 20], category_id=5, image_id=2),  # kept
+    ]
+    images_dir, path = make_dataset(tmp_path, images=images, annotations=anns)
+    with caplog.at_level(logging.WARNING, logger="dino.data"):
+        ds = CocoDetection(images_dir, path)
+    assert ds.dropped_boxes == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: dropped 3 box(es) of zero size or entirely outside their image (as the official code does)"
+    ]
+    assert ds.raw_target(0)[0].shape == (0, 4)
+    boxes, labels = ds.raw_target(1)
+    np.testing.assert_array_equal(boxes, [[10, 10, 30, 30]])
+    assert labels.tolist() == [5] and ds[1][1]["labels"].tolist() == [5]
+    assert len(ds.coco.getAnnIds()) == 4  # evaluation still sees every annotation, as pycocotools would
 
 
 @pytest.mark.parametrize(
@@ -169,7 +205,6 @@ def test_empty_annotation_list_is_fine(tmp_path):
         ({"images": [{"id": 1, "file_name": "a.png", "width": 64}]}, ValueError, r"images\[0\] \(id 1\) is missing required field 'height'"),
         ({"annotations": [ann(7, [0, 0, 5, 5], category_id=4)]}, ValueError, r"annotation id 7 has category_id 4, which is not in 'categories'"),
         ({"annotations": [ann(8, [0, 0, 5, 5], image_id=3)]}, ValueError, r"annotation id 8 references image_id 3, which is not in 'images'"),
-        ({"annotations": [ann(9, [70, 10, 5, 5])]}, ValueError, r"annotation id 9 has bbox \[70, 10, 5, 5\] entirely outside image id 1 \(a.png, 64x48\)"),
         ({"annotations": [ann(9, [0, 0, 5])]}, ValueError, r"annotation id 9 has bbox \[0, 0, 5\]; expected 4 finite numbers"),
         ({"annotations": [ann(1, [0, 0, 5, 5]), ann(1, [0, 0, 6, 6])]}, ValueError, r"duplicate id 1 in 'annotations'"),
         ({"categories": []}, ValueError, r"'categories' is empty"),
@@ -222,6 +257,6 @@ def test_build_dataset_rejects_unknown_dataset_and_split(shapes_cfg):
 def test_build_dataset_coco_paths_relative_to_root(tmp_path):
     images_dir, path = make_dataset(tmp_path, annotations=[ann(1, [0, 0, 10, 10], 9)])
     cfg = DataConfig(dataset="coco", root=str(tmp_path), val_images="img", val_annotations=str(path),
-                     label_mapping="official", val_scale=48, val_max_size=100)
+                     val_scale=48, val_max_size=100)
     ds = build_dataset(cfg, "val")
     assert ds.num_classes == 10 and ds[0][1]["labels"].tolist() == [9] and ds[0][0].shape == (3, 48, 64)

@@ -1,4 +1,4 @@
-"""COCO AP helpers: perfect/wrong/empty predictions, label mapping back to category ids, the 12-line table."""
+"""COCO AP helpers: perfect/wrong/empty predictions, labels without a category, the 12-line table."""
 import contextlib
 import io
 
@@ -42,14 +42,20 @@ def test_wrong_predictions_give_ap_near_zero(val_set):
     assert evaluate_coco(coco_gt(val_set), predictions_to_coco(results, ids, val_set.label_to_category_id))["AP50"] < 0.05
     results, ids = _perfect_results(val_set)
     for r in results:  # right boxes, wrong classes
-        r["labels"] = (r["labels"] + 1) % 3
+        r["labels"] = r["labels"] % 3 + 1  # shapes ids 1..3: 1 -> 2 -> 3 -> 1
     assert evaluate_coco(coco_gt(val_set), predictions_to_coco(results, ids, val_set.label_to_category_id))["AP"] < 0.05
 
 
-def test_label_mapping_matters(val_set):
-    """Without mapping contiguous labels back to category ids the same predictions score (near) zero."""
+def test_labels_without_a_category_are_not_evaluated(val_set):
+    """Labels are category ids; label 0 (no shapes category, like COCO's unused ids) is dropped, not scored."""
     results, ids = _perfect_results(val_set)
-    assert evaluate_coco(coco_gt(val_set), predictions_to_coco(results, ids, None))["AP"] < 0.2
+    coco = predictions_to_coco(results, ids, val_set.label_to_category_id)
+    for r in results:
+        r["labels"] = torch.cat([r["labels"], torch.zeros(1, dtype=torch.int64)])
+        r["boxes"] = torch.cat([r["boxes"], r["boxes"][:1]])
+        r["scores"] = torch.cat([r["scores"], torch.ones(1)])
+    assert predictions_to_coco(results, ids, val_set.label_to_category_id) == coco
+    assert len(predictions_to_coco(results, ids, None)) == len(coco) + len(ids)
 
 
 def test_empty_predictions_are_all_zero(val_set):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from dino.errors import UserError
 from dino.models.anchors import inverse_sigmoid
 from dino.models.denoising import build_cdn_queries, build_dn_attn_mask, num_dn_groups
 
@@ -100,5 +101,16 @@ def test_groups_follow_budget_and_empty_targets():
 def test_out_of_range_label_is_a_clear_error():
     enc = nn.Embedding(4, 8)
     targets = [{"labels": torch.tensor([5]), "boxes": torch.tensor([[0.5, 0.5, 0.1, 0.1]])}]
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\].*max 5"):
+    with pytest.raises(ValueError, match=r"labels must be in \[0, model.num_classes=3\).*max 5"):
         build_cdn_queries(targets, 10, 0.5, 1.0, 3, enc, num_queries=3)
+
+
+def test_more_classes_than_the_label_book_is_a_clear_error():
+    """Official #81: replacement labels are drawn in [0, num_classes) and would index past a smaller label book at
+    random steps (IndexError on the CPU, a device-side assert on CUDA); it fails on the first call instead."""
+    enc = nn.Embedding(4, 8)  # labelbook_size 3
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.1, 0.1]])}]
+    with pytest.raises(UserError, match=r"model.num_classes=5 is larger than the label book "
+                                        r"\(model.denoising.labelbook_size=3\); set model.denoising.labelbook_size=5"):
+        build_cdn_queries(targets, 10, 0.0, 0.0, 5, enc, num_queries=3)
+    assert build_cdn_queries(targets, 10, 0.5, 1.0, 3, enc, num_queries=3) is not None  # a full book is fine

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from dino.engine.batching import plan_batches
-from dino.engine.recipe import available_recipes, load_recipe
+from dino.engine.recipe import RECIPES_DIR, available_recipes, load_recipe, recipe_path
+from dino.errors import UserError
 from dino.engine.optim import build_optimizer, build_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_official_recipes_match_official_hyperparameters(name):
     assert (cfg.optim.lr, cfg.optim.lr_backbone, cfg.optim.weight_decay, cfg.optim.clip_max_norm) == (1e-4, 1e-5, 1e-4, 0.1)
     assert (cfg.optim.total_batch_size, cfg.optim.batch_size_per_device) == (16, cap)
     assert (cfg.train.seed, cfg.train.mixed_precision, cfg.train.ema) == (42, "no", False)
-    assert (cfg.model.num_classes, cfg.data.label_mapping, cfg.data.dataset) == (91, "official", "coco")
+    assert (cfg.model.num_classes, cfg.data.dataset) == (91, "coco")
     assert cfg.model.transformer.num_queries == 900 and cfg.model.denoising.dn_number == 100
     assert cfg.model.denoising.box_noise_scale == 1.0
     assert cfg.model.backbone.gradient_checkpointing == name.startswith("dino_swinl")
@@ -94,8 +95,38 @@ def test_bad_override_names_the_problem(override, message):
 
 
 def test_unknown_recipe_lists_available():
-    with pytest.raises(FileNotFoundError, match="no recipe named 'nope'; available: .*dino_r50_4scale_12ep"):
+    with pytest.raises(UserError, match="no recipe named 'nope'; available: .*dino_r50_4scale_12ep"):
         load_recipe("nope")
+
+
+def test_recipe_name_never_resolves_from_the_current_folder(tmp_path, monkeypatch):
+    """A name is one of the project's recipes: a recipes/ folder in the cwd must not run code by name."""
+    (tmp_path / "recipes").mkdir()
+    evil = "raise SystemExit('recipes/evil.py of the current folder ran')\n"
+    (tmp_path / "recipes" / "evil.py").write_text(evil)
+    (tmp_path / "recipes" / "quickstart.py").write_text(evil)  # shadows a real name
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no recipe named 'evil'; available: .*quickstart"):
+        recipe_path("evil")
+    assert recipe_path("quickstart") == RECIPES_DIR / "quickstart.py"
+    assert load_recipe("quickstart").name == "quickstart"
+    # Given as a path, the user's own file is used.
+    assert recipe_path("recipes/evil.py") == Path("recipes/evil.py")
+    with pytest.raises(SystemExit, match="ran"):
+        load_recipe("recipes/evil.py")
+
+
+@pytest.mark.parametrize("spec", ["missing.py", "recipes/missing", "./nope.py", "sub/dir/x.py"])
+def test_recipe_path_must_exist(spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"recipe file {spec} does not exist"):
+        recipe_path(spec)
+
+
+@pytest.mark.parametrize("spec", ["", "_private", ".hidden", "quickstart.yaml"])
+def test_recipe_name_that_is_not_a_recipe_lists_available(spec):
+    with pytest.raises(UserError, match=f"no recipe named {spec!r}; available: "):
+        recipe_path(spec)
 
 
 def test_recipe_without_recipe_function_is_rejected(tmp_path):
@@ -142,7 +173,7 @@ def test_launch_and_cli_help_document_every_flag():
     for argv in (["launch.py", "--help"], [*DINO, "train", "--help"]):
         out = _run(*argv)
         assert out.returncode == 0, out.stderr
-        for flag in ("--set", "--resume", "--pretrained", "--ignore-keys", "--print-recipe", "optim.lr ="):
+        for flag in ("--set", "--resume", "--resume-anyway", "--finetune-from", "--ignore-keys", "--print-recipe", "optim.lr ="):
             assert flag in out.stdout, (argv, flag)
     out = _run(*DINO, "eval", "--help")
     assert out.returncode == 0 and "--checkpoint" in out.stdout and "--recipe" in out.stdout
@@ -155,7 +186,7 @@ def test_launch_reports_bad_override_clearly():
 
 
 def test_accelerate_launch_mixed_precision_flag_applies_when_the_recipe_says_no(monkeypatch):
-    from dino.engine.train import build_accelerator
+    from dino.engine.setup import build_accelerator
 
     cfg = load_recipe("quickstart", ["train.tracker=none"])
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
@@ -164,3 +195,26 @@ def test_accelerate_launch_mixed_precision_flag_applies_when_the_recipe_says_no(
     assert build_accelerator(cfg).mixed_precision == "no"
     cfg.train.mixed_precision = "bf16"  # the recipe's own choice needs no flag
     assert build_accelerator(cfg).mixed_precision == "bf16"
+
+
+def test_precision_source_is_logged_and_missing_tensorboard_warned(monkeypatch, caplog):
+    import logging
+
+    import dino.engine.setup
+    from dino.engine.setup import build_accelerator
+
+    cfg = load_recipe("quickstart", ["train.tracker=tensorboard"])
+    monkeypatch.setattr(dino.engine.setup, "is_tensorboard_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level(logging.INFO, logger="dino.engine"):
+        accelerator = build_accelerator(cfg)
+    assert accelerator.log_with == [] and accelerator.mixed_precision == "bf16"
+    assert "train.tracker='tensorboard' but TensorBoard is not installed" in caplog.text
+    assert "mixed precision: bf16 (from accelerate launch / accelerate config (the recipe says 'no'))" in caplog.text
+    caplog.clear()
+    cfg.train.mixed_precision = "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with caplog.at_level(logging.INFO, logger="dino.engine"):
+        build_accelerator(cfg)
+    assert "train.mixed_precision=bf16 overrides accelerate's mixed_precision=fp16" in caplog.text
+    assert "mixed precision: bf16 (from the recipe's train.mixed_precision)" in caplog.text

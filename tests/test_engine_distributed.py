@@ -1,6 +1,7 @@
 """Multi-process runs through `accelerate launch` on the CPU (gloo): sharded training, gathered evaluation, 2 machines."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "tests" / "engine_tiny_recipe.py")
@@ -27,12 +29,12 @@ def _env():
     return env
 
 
-def _launch(*accelerate_args, overrides=()):
+def _launch(*accelerate_args, overrides=(), recipe=TINY):
     # `--multi_gpu` selects torchrun, which also runs CPU processes (gloo); `--cpu` alone would start only one
     # process (Accelerate runs several CPU processes only through MPI). No train.cpu=true: the engine must find out
     # itself that the processes share no GPU (on a GPU machine they would use the GPUs).
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
-            "--dynamo_backend", "no", *accelerate_args, "launch.py", TINY, "--set", *overrides]
+            "--dynamo_backend", "no", *accelerate_args, "launch.py", recipe, "--set", *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,31 @@ def test_two_processes_train_and_evaluate_every_val_image_once(data_root, tmp_pa
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["global_step"] == 2 and log[-1]["eval"]["num_images"] == 5  # 8 images / effective batch 4
     assert (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in (out / "checkpoints" / "step_00000002_end").glob("random_states_*.pkl")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]
+    states = sorted((out / "checkpoints" / "step_00000002_end").glob("random_states_*.pkl"))
+    assert [p.name for p in states] == ["random_states_0.pkl", "random_states_1.pkl"]
+    # Official per-process seeds (seed + rank): the processes draw different denoising noise.
+    rng = [torch.load(p, weights_only=False)["torch_manual_seed"] for p in states]
+    assert not torch.equal(rng[0], rng[1])
+
+
+def test_a_nan_on_one_process_stops_both_at_once_with_the_same_message(data_root, tmp_path):
+    # Process 1's box loss is NaN at step 2; process 0's is finite. Both must raise the same error at step 2, long
+    # before the collective timeout (600 s) would end a process waiting for the other.
+    out = tmp_path / "out"
+    cmd = _launch("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
+                  overrides=[f"data.root={data_root}", f"train.output_dir={out}", "train.checkpoint_every_steps=0",
+                             "train.process_group_timeout_s=600"], recipe=str(REPO / "tests" / "engine_nan_recipe.py"))
+    started = time.monotonic()
+    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    elapsed = time.monotonic() - started
+    assert run.returncode != 0
+    marker = "NonFiniteStepError: "
+    errors = [line[line.index(marker):] for line in run.stderr.splitlines() if marker in line]  # torchrun may prefix
+    assert len(errors) >= 2 and len(set(errors)) == 1, run.stderr[-3000:]  # both processes, one message
+    assert re.match(r"NonFiniteStepError: non-finite loss at step 2 \(epoch 1\): "
+                    r"process 0: finite \(image ids \[\d+, \d+\]\); process 1: loss=nan, loss_bbox=nan "
+                    r"\(image ids \[\d+, \d+\]\)", errors[0]), errors[0]
+    assert elapsed < 300, f"took {elapsed:.0f} s"
 
 
 def test_two_machines_on_loopback_complete_training(data_root, tmp_path):

@@ -1,13 +1,18 @@
 """Loss parity with the official DINO criterion (README of shared/parity, "Loss golden").
 
 The official R50 4-scale model, filled with the seed-0 deterministic weights, run in float64 in train mode with
-denoising off on the golden images and targets, must give every official loss term to 1e-6 (about 1e-9 expected).
+denoising off on the golden images and targets, must give every official loss term to 1e-10 relative (measured:
+7.8e-16 on a 2-core CPU; the margin is for other BLAS summation orders only).
 """
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import dino
+from dino import convert, presets
+from dino.criterion import build_criterion
 from tests.official_weights import fill, official_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -34,14 +39,6 @@ def test_fill_rule_reproduces_key_list():
 
 
 def test_official_losses_reproduced():
-    convert = pytest.importorskip("dino.convert", reason="dino.convert (model engineer) not there yet")
-    presets = pytest.importorskip("dino.presets", reason="dino.presets (model engineer) not there yet")
-    pytest.importorskip("dino.models.dino", reason="dino.models.dino (model engineer) not there yet")
-    from safetensors.torch import load_file
-
-    import dino
-    from dino.criterion import build_criterion
-
     golden = load_file(str(GOLDEN))
     cfg = presets.get_preset(PRESET)
     cfg.denoising.enabled = False
@@ -56,10 +53,12 @@ def test_official_losses_reproduced():
 
     expected = {k[len("loss."):]: v for k, v in golden.items() if k.startswith("loss.")}
     assert set(expected) == set(losses), f"missing {set(expected) - set(losses)}, extra {set(losses) - set(expected)}"
+    errors = {k: abs(losses[k].item() - v.item()) / max(1.0, abs(v.item())) for k, v in expected.items()}
+    print(f"loss parity: max relative error {max(errors.values()):.3g} ({max(errors, key=errors.get)})")
     bad = {
         k: (losses[k].item(), v.item())
         for k, v in expected.items()
-        if abs(losses[k].item() - v.item()) > 1e-6 * max(1.0, abs(v.item()))
+        if errors[k] > 1e-10
     }
     assert not bad, "terms off (ours, official): " + ", ".join(f"{k}={bad[k]}" for k in sorted(bad))
     weights = build_criterion(presets.get_preset(PRESET)).weight_dict

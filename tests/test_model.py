@@ -7,6 +7,7 @@ import torch
 
 import dino
 from dino.config import BackboneConfig, DenoisingConfig, ModelConfig, TransformerConfig
+from dino.errors import UserError
 from dino.models.backbone import Backbone
 from dino.models.dino import DINO
 from dino.presets import PRESETS, get_preset
@@ -172,15 +173,46 @@ def test_presets_build_without_download():
         r50_5 = dino.build_model("dino_r50_5scale")
     assert swin.backbone.num_channels == [384, 768, 1536] and swin.num_classes == 91
     assert len(r50_5.input_proj) == 5 and r50_5.backbone.strides == [4, 8, 16, 32]
-    assert get_preset("dino_quickstart").num_classes == 3
+    assert get_preset("dino_quickstart").num_classes == 4  # shapes category ids 1..3 are the labels
+
+
+def test_official_presets_keep_the_official_coco_head():
+    with torch.device("meta"):
+        model = dino.build_model("dino_r50_4scale")
+    # 91 classes (COCO ids 1..90 as labels) and a label book of 91 (+1 row), as the official checkpoints
+    assert model.class_embed.out_features == 91 and model.label_enc.num_embeddings == 92
+    assert model.transformer.enc_out_class_embed.out_features == 91
+
+
+def test_label_book_defaults_to_num_classes():
+    with torch.device("meta"):
+        model = DINO(tiny_config(num_classes=7, denoising=DenoisingConfig(dn_number=6)))
+        bigger = DINO(tiny_config(num_classes=7, denoising=DenoisingConfig(dn_number=6, labelbook_size=9)))
+    assert model.class_embed.out_features == 7 and model.label_enc.num_embeddings == 8
+    assert bigger.label_enc.num_embeddings == 10
+
+
+def test_label_book_smaller_than_num_classes_fails_at_build():
+    """Official #81: with more classes than the label book, denoising indexes past label_enc at random steps."""
+    cfg = tiny_config(num_classes=12)  # labelbook_size 5
+    with pytest.raises(UserError, match=r"model.denoising.labelbook_size=5 is smaller than model.num_classes=12.*"
+                                        r"set model.denoising.labelbook_size=12"):
+        DINO(cfg)
+
+
+def test_num_classes_from_the_dataset_must_be_filled_in_before_build():
+    with pytest.raises(UserError, match=r"model.num_classes is not set"):
+        dino.build_model(ModelConfig())
+    with pytest.raises(UserError, match=r"model.num_classes must be an int >= 1, got 0"):
+        DINO(tiny_config(num_classes=0))
 
 
 def test_quickstart_trains_on_cpu():
     torch.manual_seed(0)
     model = dino.build_model("dino_quickstart").train()
     images, mask = batch(2, 128, 128)
-    out = model(images, mask, [{"labels": t["labels"] % 3, "boxes": t["boxes"]} for t in targets()])
-    assert out["pred_logits"].shape == (2, 100, 3) and "dn_meta" in out
+    out = model(images, mask, [{"labels": t["labels"] % 3 + 1, "boxes": t["boxes"]} for t in targets()])
+    assert out["pred_logits"].shape == (2, 100, 4) and "dn_meta" in out
 
 
 @pytest.mark.cuda

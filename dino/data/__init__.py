@@ -2,7 +2,8 @@
 
 Typical use::
 
-    train_set = build_dataset(recipe.data, "train")          # model: num_classes = train_set.num_classes
+    train_set = build_dataset(recipe.data, "train")
+    fit_num_classes(recipe.model, train_set.num_classes, str(train_set.annotations_file))  # None -> the dataset's
     loader = DataLoader(train_set, batch_size=2, shuffle=True,
                         collate_fn=partial(collate_fn, size_divisibility=recipe.data.size_divisibility))
     images, mask, targets = next(iter(loader))
@@ -11,7 +12,8 @@ Typical use::
     stats = evaluate_coco(coco_gt(val_set), preds); print(format_ap_table(stats))
 """
 from dino.data.build import build_dataset, split_paths
-from dino.data.coco import CocoDetection, load_instances_json
+from dino.data.classes import fit_num_classes
+from dino.data.coco import CocoDetection, load_instances_json, read_categories
 from dino.data.coco_eval import (
     STAT_NAMES,
     coco_gt,
@@ -35,11 +37,13 @@ __all__ = [
     "coco_gt",
     "collate_fn",
     "evaluate_coco",
+    "fit_num_classes",
     "format_ap_table",
     "generate_shapes_dataset",
     "label_to_category",
     "load_instances_json",
     "pad_images",
     "predictions_to_coco",
+    "read_categories",
     "split_paths",
 ]

@@ -29,8 +29,8 @@ def build_dataset(data_cfg: DataConfig, split: str) -> CocoDetection:
     """The ``split`` ("train" or "val") dataset with the official transforms at the configured scales.
 
     ``dataset="shapes"`` generates the synthetic dataset into ``data_cfg.root`` first (a no-op when it is there);
-    ``dataset="coco"`` reads any COCO-format dataset. ``dataset.num_classes`` and ``dataset.label_to_category_id``
-    follow ``data_cfg.label_mapping`` / ``data_cfg.num_classes``.
+    ``dataset="coco"`` reads any COCO-format dataset. Labels are category ids: ``dataset.num_classes`` is the max
+    category id + 1 (``dino.data.fit_num_classes`` applies it to the model config).
     """
     if data_cfg.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {DATASETS}, got {data_cfg.dataset!r}")
@@ -47,6 +47,4 @@ def build_dataset(data_cfg: DataConfig, split: str) -> CocoDetection:
         images,
         annotations,
         transforms=build_transforms(data_cfg, split),
-        label_mapping=data_cfg.label_mapping,
-        num_classes=data_cfg.num_classes,
     )

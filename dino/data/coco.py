@@ -4,28 +4,27 @@ Behaviour (the official ``CocoDetection`` + ``ConvertCocoPolysToMask``):
 
 - crowd annotations (``iscrowd`` 1) are dropped from the training targets (they stay in the ground truth used by
   COCO evaluation, where pycocotools ignores detections matched to them);
-- boxes are clipped to the image; boxes that are degenerate after clipping (width or height <= 0) are dropped;
+- boxes are clipped to the image; boxes that are degenerate after clipping (width or height <= 0, e.g. a box
+  entirely outside its image) are dropped, counted and logged;
 - images without any remaining box are kept (empty targets), as the official code does.
 
-Label mapping (``label_mapping``):
-
-- ``"official"``: the COCO category id is the label (COCO: 91 classes, ids 1..90 used);
-  ``num_classes = max category id + 1``.
-- ``"contiguous"``: sorted category ids become labels ``0..K-1``; ``num_classes = K``.
-
-``num_classes`` may be overridden with a larger value. ``label_to_category_id`` maps labels back to category ids for
-evaluation in both modes.
+Labels are the category ids (COCO ids kept, as official): ``num_classes = max category id + 1`` (COCO: 91, ids
+1..90 used), so a model, its checkpoint and ``dino predict`` agree on what label 7 is without any mapping table.
+:func:`read_categories` gives ``(num_classes, categories)`` of an annotations file without building the dataset.
 
 Bad input raises at construction with a message naming the file and the offending entry: missing or unparseable
 json, missing required fields, duplicate ids, an annotation whose ``category_id`` is not in ``categories`` or whose
-``image_id`` is not in ``images``, a box entirely outside its image, no images at all, and missing image files
-(all checked up front, the first few listed). An image whose decoded size differs from the json raises when loaded.
+``image_id`` is not in ``images``, no images at all, and missing image files (all checked up front, the first few
+listed). An image whose decoded size differs from the json raises when loaded. A box entirely outside its image is
+not bad input to the official code (it clips and drops it): it is dropped here too, and the drops are counted in
+``dropped_boxes`` and logged.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -39,10 +38,11 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dino.errors import UserError
 
-__all__ = ["CocoDetection", "LABEL_MAPPINGS", "load_instances_json"]
+__all__ = ["CocoDetection", "load_instances_json", "read_categories"]
 
-LABEL_MAPPINGS = ("official", "contiguous")
+logger = logging.getLogger("dino.data")
 _REQUIRED = {
     "images": ("id", "file_name", "width", "height"),
     "annotations": ("id", "image_id", "category_id", "bbox"),
@@ -92,6 +92,33 @@ def load_instances_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _categories_of(data: dict[str, Any], path: str | os.PathLike) -> tuple[int, list[dict[str, Any]]]:
+    """``(num_classes, [{"id", "name"}, ...] sorted by id)`` of a loaded instances json (``path`` for messages).
+
+    ``num_classes = max category id + 1``: labels are the category ids. A category without a name gets
+    ``"class <id>"``.
+    """
+    categories = []
+    for i, cat in enumerate(data["categories"]):
+        cid = cat["id"]
+        if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
+            raise UserError(f"annotations file {path}: categories[{i}] has id {cid!r}; expected an int >= 0")
+        categories.append({"id": cid, "name": str(cat.get("name", f"class {cid}"))})
+    if not categories:
+        raise UserError(f"annotations file {path}: 'categories' is empty; a dataset needs at least one category")
+    categories.sort(key=lambda c: c["id"])
+    return categories[-1]["id"] + 1, categories
+
+
+def read_categories(annotations_file: str | os.PathLike) -> tuple[int, list[dict[str, Any]]]:
+    """``(num_classes, categories)`` of a COCO instances json: ``max category id + 1`` (COCO ids kept as labels; COCO
+    gives 91) and ``[{"id": 1, "name": "person"}, ...]`` sorted by id, the checkpoint's ``"categories"`` metadata.
+
+    Raises UserError naming the file when it is missing, not valid JSON, malformed, or has no categories.
+    """
+    return _categories_of(load_instances_json(annotations_file), annotations_file)
+
+
 def _default_transforms() -> v2.Compose:
     return v2.Compose(
         [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
@@ -111,8 +138,9 @@ class CocoDetection(torch.utils.data.Dataset):
         annotations_file: COCO instances json.
         transforms: a v2 pipeline on ``(image, {"boxes": BoundingBoxes XYXY, "labels"})`` that ends with a normalised
             float image (``dino.data.transforms.build_transforms``); None: only convert and normalise.
-        label_mapping: "official" or "contiguous" (module docstring).
-        num_classes: override of the derived number of classes (must not be smaller).
+    Attributes: ``num_classes`` (max category id + 1), ``categories`` (``[{"id", "name"}]`` by id),
+    ``label_to_category_id`` (the labels that are categories: ``{id: id}``; other labels are not evaluated),
+    ``dropped_boxes`` (annotations dropped as degenerate after clipping to the image).
     """
 
     def __init__(
@@ -120,59 +148,40 @@ class CocoDetection(torch.utils.data.Dataset):
         images_dir: str | os.PathLike,
         annotations_file: str | os.PathLike,
         transforms: Callable | None = None,
-        label_mapping: str = "contiguous",
-        num_classes: int | None = None,
     ) -> None:
-        if label_mapping not in LABEL_MAPPINGS:
-            raise ValueError(f"label_mapping must be one of {LABEL_MAPPINGS}, got {label_mapping!r}")
         self.images_dir = Path(images_dir)
         self.annotations_file = Path(annotations_file)
         self.transforms = transforms if transforms is not None else _default_transforms()
-        self.label_mapping = label_mapping
         data = load_instances_json(self.annotations_file)
-        self.categories = sorted(data["categories"], key=lambda c: c["id"])
-        self._set_label_mapping([c["id"] for c in self.categories], num_classes)
+        self.num_classes, self.categories = _categories_of(data, self.annotations_file)
+        self.label_to_category_id = {c["id"]: c["id"] for c in self.categories}
         self._images = [
             {"id": img["id"], "file_name": str(img["file_name"]), "height": img["height"], "width": img["width"]}
             for img in data["images"]
         ]
         self.image_ids = [img["id"] for img in self._images]
-        self._boxes, self._labels = self._index_annotations(data)
+        self._boxes, self._labels, self.dropped_boxes = self._index_annotations(data)
+        if self.dropped_boxes:
+            logger.warning(
+                "%s: dropped %d box(es) of zero size or entirely outside their image (as the official code does)",
+                self.annotations_file, self.dropped_boxes,
+            )
         self._check_image_files()
         self._coco = None
 
-    def _set_label_mapping(self, category_ids: list, num_classes: int | None) -> None:
-        for cid in category_ids:
-            if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
-                raise ValueError(f"annotations file {self.annotations_file}: category id {cid!r} is not an int >= 0")
-        if self.label_mapping == "official":
-            self.label_to_category_id = {cid: cid for cid in category_ids}
-            needed = max(category_ids) + 1 if category_ids else 0
-        else:
-            self.label_to_category_id = {label: cid for label, cid in enumerate(category_ids)}
-            needed = len(category_ids)
-        self.category_id_to_label = {cid: label for label, cid in self.label_to_category_id.items()}
-        if num_classes is not None and num_classes < needed:
-            raise ValueError(
-                f"num_classes={num_classes} is too small for {self.annotations_file}: "
-                f"label_mapping={self.label_mapping!r} needs at least {needed}"
-            )
-        if num_classes is None and needed == 0:
-            raise ValueError(f"annotations file {self.annotations_file}: 'categories' is empty")
-        self.num_classes = num_classes if num_classes is not None else needed
-
-    def _index_annotations(self, data: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per image: clipped non-crowd xyxy boxes (N, 4) float32 and labels (N,) int64."""
+    def _index_annotations(self, data: dict) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """Per image: clipped non-crowd xyxy boxes (N, 4) float32 and labels (N,) int64; the number dropped."""
         path = self.annotations_file
         row = {img["id"]: i for i, img in enumerate(self._images)}
         boxes: list[list] = [[] for _ in self._images]
         labels: list[list] = [[] for _ in self._images]
+        dropped = 0
         for ann in data["annotations"]:
             aid, iid, cid = ann["id"], ann["image_id"], ann["category_id"]
-            if cid not in self.category_id_to_label:
+            if cid not in self.label_to_category_id:
                 raise ValueError(
                     f"annotations file {path}: annotation id {aid} has category_id {cid!r}, which is not in "
-                    f"'categories' (ids {sorted(self.category_id_to_label)[:20]})"
+                    f"'categories' (ids {sorted(self.label_to_category_id)[:20]})"
                 )
             if iid not in row:
                 raise ValueError(
@@ -190,23 +199,20 @@ class CocoDetection(torch.utils.data.Dataset):
                     "expected 4 finite numbers [x, y, w, h]"
                 )
             image = self._images[row[iid]]
+            if ann.get("iscrowd", 0):
+                continue  # kept for evaluation (pycocotools ignores detections matched to crowds), not a target
             x, y, w, h = (float(v) for v in bbox)
-            if w <= 0 or h <= 0:
-                continue  # degenerate: dropped, as the official code does
             W, H = image["width"], image["height"]
             x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
             if x2 <= x1 or y2 <= y1:
-                raise ValueError(
-                    f"annotations file {path}: annotation id {aid} has bbox {bbox} entirely outside image id {iid} "
-                    f"({image['file_name']}, {W}x{H})"
-                )
-            if ann.get("iscrowd", 0):
+                dropped += 1  # zero size, or entirely outside the image: official clips then drops it
                 continue
             boxes[row[iid]].append((x1, y1, x2, y2))
-            labels[row[iid]].append(self.category_id_to_label[cid])
+            labels[row[iid]].append(cid)
         return (
             [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes],
             [np.asarray(lab, dtype=np.int64) for lab in labels],
+            dropped,
         )
 
     def _check_image_files(self) -> None:
@@ -286,6 +292,6 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"CocoDetection({len(self)} images, {self.num_classes} classes, label_mapping={self.label_mapping!r}, "
+            f"CocoDetection({len(self)} images, {self.num_classes} classes (max category id + 1), "
             f"images_dir={str(self.images_dir)!r}, annotations_file={str(self.annotations_file)!r})"
         )

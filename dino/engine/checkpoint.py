@@ -1,4 +1,4 @@
-"""Resumable training-state checkpoint folders, written atomically (reading weights into a model: dino.model_loading).
+"""Resumable training-state checkpoint folders, written atomically and durably (reading weights: dino.model_loading).
 
 Layout of an output folder::
 
@@ -6,8 +6,11 @@ Layout of an output folder::
     checkpoints/step_00001234/   accelerator.save_state() + progress.json + model.safetensors
     log.jsonl                    one JSON line per epoch
 
-A checkpoint folder is first written as ``checkpoints/.tmp-step_...`` and renamed into place, so a folder named
-``step_*`` is always complete; a crash mid-write leaves only a temp folder, which the next save removes.
+A checkpoint is written as ``checkpoints/.tmp-step_...``, fsynced, and renamed into place, so a folder named
+``step_*`` is always complete. Folders are never deleted in place: a folder being replaced is first renamed to
+``.replaced-step_*`` (listed as a checkpoint while no ``step_*`` of that name exists, so a crash between the two
+renames loses nothing), and one being pruned to ``.trash-step_*`` (never listed), then deleted. A crash at any point
+leaves the previous checkpoint loadable; the next save removes what a crash left behind.
 """
 from __future__ import annotations
 
@@ -17,21 +20,15 @@ import re
 import shutil
 from pathlib import Path
 
+from dino.durable import fsync_path, fsync_tree, write_json
+from dino.errors import UserError
 from dino.weights import save_weights
 
 CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"
 # step_<global step>, plus "_end" for the checkpoint taken at an epoch's end (after the LR scheduler's step).
-_STEP_DIR = re.compile(r"^step_(\d+)(_end)?$")
-
-
-def write_json(obj, path: str | os.PathLike) -> None:
-    """Writes JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+_STEP_DIR = re.compile(r"^(\.replaced-)?step_(\d+)(_end)?$")
+_TMP, _REPLACED, _TRASH = ".tmp-", ".replaced-", ".trash-"
 
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
@@ -39,9 +36,13 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [
-        ((int(m.group(1)), m.group(2) is not None), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))
-    ]
+    names = {p.name for p in root.iterdir() if p.is_dir()}
+    found = []
+    for name in names:
+        m = _STEP_DIR.match(name)
+        # A ".replaced-" folder is the complete previous version of a step whose new version was not yet renamed in.
+        if m and not (m.group(1) and name[len(_REPLACED):] in names):
+            found.append(((int(m.group(2)), m.group(3) is not None), root / name))
     return [p for _, p in sorted(found)]
 
 
@@ -61,17 +62,30 @@ def read_progress(checkpoint: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def check_keep(keep: int) -> None:
+    if not isinstance(keep, int) or keep < 1:
+        raise UserError(f"train.keep_checkpoints must be an integer >= 1 (the newest N checkpoints are kept), got {keep!r}")
+
+
 def save_training_state(
-    accelerator, output_dir: str | os.PathLike, progress: dict, weights: dict[str, dict], keep: int = 2, epoch_end: bool = False
+    accelerator,
+    output_dir: str | os.PathLike,
+    progress: dict,
+    weights: dict[str, dict],
+    keep: int = 2,
+    epoch_end: bool = False,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Saves the full training state of every process into ``checkpoints/step_<global_step>[_end]`` atomically.
 
-    ``weights`` maps file names (``model.safetensors``...) to state dicts written next to the state. All processes
-    must call this (each saves its own RNG state). Older checkpoints beyond the newest ``keep`` are removed.
+    ``weights`` maps file names (``model.safetensors``...) to state dicts written next to the state, with the
+    safetensors ``metadata``. All processes must call this (each saves its own RNG state). Older checkpoints beyond the
+    newest ``keep`` (>= 1) are removed.
     """
+    check_keep(keep)
     root = Path(output_dir) / CHECKPOINTS
     final = root / (f"step_{progress['global_step']:08d}" + ("_end" if epoch_end else ""))
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f"{_TMP}{final.name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,14 +94,38 @@ def save_training_state(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, state in weights.items():
-            save_weights(state, tmp / name)
+            save_weights(state, tmp / name, metadata)
         write_json(progress, tmp / PROGRESS)
-        if final.exists():  # only when a run re-saves a step it already saved (e.g. resumed at max_steps)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        install_checkpoint(tmp, final)
+        for replaced in root.glob(f"{_REPLACED}*"):
+            if (root / replaced.name.removeprefix(_REPLACED)).exists():  # left by a crash after its replacement
+                _delete(replaced)
         for old in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp-*"):
+            _delete(old)
+        for stale in [*root.glob(f"{_TMP}*"), *root.glob(f"{_TRASH}*")]:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def install_checkpoint(tmp: Path, final: Path) -> None:
+    """Moves the complete folder ``tmp`` to ``final`` so that a crash between any two steps loses no checkpoint."""
+    fsync_tree(tmp)
+    replaced = final.with_name(f"{_REPLACED}{final.name}")
+    if final.exists():  # only when a run re-saves a step it already saved (e.g. resumed at max_steps)
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+        fsync_path(final.parent)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    if replaced.exists():
+        _delete(replaced)
+
+
+def _delete(folder: Path) -> None:
+    """Renames ``folder`` out of the checkpoint names (durably), then deletes it."""
+    trash = folder.with_name(f"{_TRASH}{folder.name.removeprefix(_REPLACED)}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    fsync_path(folder.parent)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dino.config import Recipe
 from dino.engine.recipe import available_recipes, iter_fields, load_recipe
+from dino.errors import UserError
 
 OVERRIDE_HELP = (
     "override recipe fields: --set optim.lr=1e-4 data.root=/data/coco model.transformer.num_queries=300 "
@@ -44,13 +45,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "without it, a run continues from train.output_dir's latest checkpoint (train.auto_resume)",
     )
     parser.add_argument(
-        "--pretrained", metavar="PATH",
-        help="initialise from weights (model.safetensors or an official DINO .pth) before training (fine-tuning)",
+        "--resume-anyway", action="store_true",
+        help="resume even though the recipe differs from the checkpoint's (the new values apply, learning rates "
+        "included); without it such a resume is refused with the list of differing fields",
+    )
+    parser.add_argument(
+        "--finetune-from", metavar="PATH",
+        help="start from the weights of a full checkpoint (model.safetensors or an official DINO .pth; official: "
+        "--pretrain_model_path). Class heads and label book are re-initialised when the class count differs",
     )
     parser.add_argument(
         "--ignore-keys", nargs="+", default=[], metavar="REGEX",
-        help="with --pretrained: skip weights whose key matches any regex, e.g. the official fine-tuning case "
-        "--ignore-keys label_enc.weight class_embed",
+        help="with --finetune-from: also skip weights whose key matches any regex (official: --finetune_ignore)",
     )
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe (after --set) and exit")
 
@@ -59,7 +65,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", required=True, help="recipe file or name giving the model and the validation data")
     parser.add_argument(
         "--checkpoint", required=True, metavar="PATH",
-        help="model.safetensors (ours) or an official DINO .pth checkpoint (converted in memory)",
+        help="model.safetensors (ours), a training checkpoint or output folder (its model.safetensors), "
+        "or an official DINO .pth checkpoint (converted in memory)",
     )
     add_override_argument(parser)
     parser.add_argument(
@@ -76,8 +83,8 @@ def _setup_logging() -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if args.ignore_keys and not args.pretrained:
-        raise ValueError("--ignore-keys needs --pretrained")
+    if args.ignore_keys and not args.finetune_from:
+        raise UserError("--ignore-keys needs --finetune-from")
     cfg = load_recipe(args.recipe, args.overrides)
     if args.print_recipe:
         for path, value in iter_fields(cfg):
@@ -86,7 +93,8 @@ def run_train(args: argparse.Namespace) -> int:
     _setup_logging()
     from dino.engine.train import train
 
-    train(cfg, resume=args.resume, pretrained=args.pretrained, ignore_keys=args.ignore_keys)
+    train(cfg, resume=args.resume, finetune_from=args.finetune_from, ignore_keys=args.ignore_keys,
+          resume_anyway=args.resume_anyway)
     return 0
 
 

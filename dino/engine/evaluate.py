@@ -16,7 +16,9 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dino.engine.checkpoint import write_json
+from dino.durable import replace_durably, write_json
+from dino.engine.setup import build_accelerator, build_model, fit_classes_to
+from dino.errors import UserError
 
 logger = logging.getLogger("dino.engine")
 
@@ -104,32 +106,46 @@ def _write_predictions(detections: list[dict], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         json.dump(detections, f, separators=(",", ":"))
-    tmp.replace(path)
+    replace_durably(tmp, path)
+
+
+def checkpoint_weights(path: str | Path) -> Path:
+    """The weights file of ``path``: the file itself, or ``model.safetensors`` of a checkpoint or output folder."""
+    path = Path(path)
+    if path.is_dir():
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise UserError(f"--checkpoint {path}: a folder must be a training checkpoint or output folder holding "
+                            "model.safetensors, and this one has none")
+        return weights
+    if not path.exists():
+        raise UserError(f"--checkpoint {path} does not exist")
+    return path
 
 
 def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | None = None) -> dict | None:
-    """Loads ``checkpoint`` (our safetensors or an official .pth) into the recipe's model and evaluates it.
+    """Loads ``checkpoint`` (our safetensors, an official .pth, or a checkpoint folder) and evaluates it.
 
+    The backbone is built without pretrained weights: the checkpoint replaces them, so nothing is downloaded.
     Prints the 12-line COCO AP table on the main process and returns the stats there (None elsewhere).
     """
-    from dino import build_model
     from dino.data import build_dataset, format_ap_table
     from dino.model_loading import load_weights
-    from dino.engine.train import build_accelerator, check_num_classes
     from dino.postprocess import PostProcess
 
+    weights = checkpoint_weights(checkpoint)
     accelerator = build_accelerator(cfg, use_trackers=False)
     dataset = build_dataset(cfg.data, "val")
-    check_num_classes(cfg, dataset)
-    model = build_model(cfg.model)
-    load_weights(model, checkpoint)
+    fit_classes_to(cfg, dataset)
+    model = build_model(cfg.model, weights_follow=True)
+    load_weights(model, weights)
     batch = cfg.optim.batch_size_per_device or 1
     model, loader = accelerator.prepare(
         model, build_val_loader(dataset, batch, cfg.data.num_workers, cfg.data.size_divisibility)
     )
     stats = evaluate(accelerator, model, PostProcess(cfg.model.num_select), loader, dataset, output_dir)
     if accelerator.is_main_process:
-        print(f"{checkpoint} on {stats['num_images']} images of {cfg.data.root} ({cfg.data.val_annotations}):")
+        print(f"{weights} on {stats['num_images']} images of {cfg.data.root} ({cfg.data.val_annotations}):")
         print(format_ap_table(stats))
         if output_dir is not None:
             print(f"results: {Path(output_dir) / 'results.json'}")

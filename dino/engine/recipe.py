@@ -1,4 +1,4 @@
-"""Recipe files: ``recipes/<name>.py`` defines ``def recipe() -> Recipe`` built on the defaults of dino.config.
+"""Recipe files: ``recipes/<name>.py`` (or any file given by its path) defines ``def recipe() -> Recipe`` built on the defaults of dino.config.
 
 A recipe may import another recipe's function (its folder is importable while it loads), so variants such as a
 36-epoch schedule are a few lines on top of the 12-epoch base. Command-line ``--set section.field=value`` overrides
@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 from dino.config import Recipe, apply_overrides
+from dino.errors import UserError
 
-# The repository's recipes/ folder (next to the dino package in a source checkout).
+# The project's own recipes; a recipe *name* resolves only here (never from the current folder, whose code would run).
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -22,23 +24,30 @@ def available_recipes(directory: Path = RECIPES_DIR) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.py") if not p.stem.startswith("_"))
 
 
-def resolve_recipe_path(spec: str) -> Path:
-    """A recipe file path, or a bare name looked up in ./recipes then the repository's recipes/ folder."""
-    path = Path(spec)
-    if path.suffix == ".py":
+def recipe_path(spec: str) -> Path:
+    """The file of recipe ``spec``: a path when it looks like one (ends with ``.py`` or contains a path separator),
+    else the name of one of the project's recipes (:data:`RECIPES_DIR`).
+
+    Raises UserError naming ``spec`` (and, for a name, the available names) when there is no such file.
+    """
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if spec.endswith(".py") or any(sep in spec for sep in separators):
+        path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"recipe file {spec} does not exist")
+            raise UserError(f"recipe file {spec} does not exist")
         return path
-    for folder in (Path.cwd() / "recipes", RECIPES_DIR):
-        candidate = folder / f"{spec}.py"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no recipe named {spec!r}; available: {', '.join(available_recipes()) or 'none'}")
+    path = RECIPES_DIR / f"{spec}.py"
+    if not spec or spec.startswith(("_", ".")) or not path.is_file():
+        raise UserError(
+            f"no recipe named {spec!r}; available: {', '.join(available_recipes()) or 'none'} "
+            "(a recipe file of your own is given by its path, e.g. ./my_recipe.py)"
+        )
+    return path
 
 
 def load_recipe(spec: str, overrides: list[str] | None = None) -> Recipe:
     """Builds the Recipe of ``spec`` (file path or name) and applies ``section.field=value`` overrides."""
-    path = resolve_recipe_path(spec).resolve()
+    path = recipe_path(spec).resolve()
     module_name = f"_dino_recipe_{path.stem}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -49,10 +58,10 @@ def load_recipe(spec: str, overrides: list[str] | None = None) -> Recipe:
         sys.path.remove(str(path.parent))
     build = getattr(module, "recipe", None)
     if not callable(build):
-        raise ValueError(f"recipe file {path} must define `def recipe() -> Recipe:`")
+        raise UserError(f"recipe file {path} must define `def recipe() -> Recipe:`")
     cfg = build()
     if not isinstance(cfg, Recipe):
-        raise ValueError(f"recipe() in {path} returned {type(cfg).__name__}, expected dino.config.Recipe")
+        raise UserError(f"recipe() in {path} returned {type(cfg).__name__}, expected dino.config.Recipe")
     return apply_overrides(cfg, list(overrides or []))
 
 

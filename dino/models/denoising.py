@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dino.errors import UserError
 from dino.models.anchors import inverse_sigmoid
 
 
@@ -53,13 +54,20 @@ def build_cdn_queries(
         dn_number: budget of positive denoising queries per image (groups = dn_number // max_gt).
         label_noise_ratio: a label is replaced by a uniform random class with probability ratio / 2.
         box_noise_scale: corner jitter as a fraction of half the box size; positives move < 1x, negatives 1x-2x.
-        num_classes: range of the random replacement labels.
-        label_enc: (labelbook_size + 1, C) label embedding giving the content queries.
+        num_classes: range of the random replacement labels; target labels must lie in ``[0, num_classes)``.
+        label_enc: (labelbook_size + 1, C) label embedding giving the content queries; labelbook_size >= num_classes.
         num_queries: number of matching queries (for the attention mask).
     Returns:
         ``None`` when no image has a box, else ``(query_label (B, pad, C), query_bbox (B, pad, 4) logit space,
         attn_mask (pad + Q, pad + Q) bool, dn_meta {"pad_size", "num_dn_group"})``. Unused slots are zeros.
     """
+    book = label_enc.num_embeddings - 1  # labelbook_size
+    if num_classes > book:
+        # Replacement labels are drawn in [0, num_classes): they would index past the book at random steps.
+        raise UserError(
+            f"denoising: model.num_classes={num_classes} is larger than the label book "
+            f"(model.denoising.labelbook_size={book}); set model.denoising.labelbook_size={num_classes}"
+        )
     device = label_enc.weight.device
     counts = [int(t["labels"].numel()) for t in targets]
     max_gt = max(counts, default=0)
@@ -71,9 +79,9 @@ def build_cdn_queries(
     boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=label_enc.weight.dtype)
     batch_idx = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)])
     n = labels.numel()
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= label_enc.num_embeddings):
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
-            f"denoising: target labels must be in [0, {label_enc.num_embeddings - 1}] (denoising.labelbook_size), "
+            f"denoising: target labels must be in [0, model.num_classes={num_classes}), "
             f"got min {int(labels.min())} max {int(labels.max())}"
         )
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dino.config import ModelConfig
+from dino.errors import UserError
 from dino.models.anchors import inverse_sigmoid
 from dino.models.backbone import Backbone
 from dino.models.denoising import build_cdn_queries
@@ -31,6 +32,7 @@ class DINO(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         t = cfg.transformer
+        labelbook_size = check_label_book(cfg)
         self.cfg = copy.deepcopy(cfg)
         self.num_classes = cfg.num_classes
         self.num_queries = t.num_queries
@@ -67,7 +69,7 @@ class DINO(nn.Module):
             enc_n_points=t.enc_n_points, dec_n_points=t.dec_n_points, num_queries=t.num_queries,
             num_classes=cfg.num_classes, two_stage_bbox_size=t.two_stage_bbox_size,
         )
-        self.label_enc = nn.Embedding(cfg.denoising.labelbook_size + 1, hidden)
+        self.label_enc = nn.Embedding(labelbook_size + 1, hidden)
         self.class_embed = nn.Linear(hidden, cfg.num_classes)
         self.bbox_embed = MLP(hidden, hidden, 4, 3)
         init_heads(self.class_embed, self.bbox_embed)
@@ -132,6 +134,29 @@ class DINO(nn.Module):
                                                                 [x[:, :pad] for x in boxes])
             out["dn_meta"] = dn_meta
         return out
+
+
+def check_label_book(cfg: ModelConfig) -> int:
+    """The label book size of ``cfg`` (``denoising.labelbook_size``, None: ``num_classes``), checked to cover every
+    class: denoising draws replacement labels in ``[0, num_classes)`` and looks them up in ``label_enc``, so a smaller
+    book would fail at random steps (IndexError on the CPU, a device-side assert on CUDA)."""
+    if cfg.num_classes is None:
+        raise UserError(
+            "model.num_classes is not set (None means: from the dataset's annotations, which the training and "
+            "evaluation setup fills in); set model.num_classes to build a model without a dataset"
+        )
+    if not isinstance(cfg.num_classes, int) or cfg.num_classes < 1:
+        raise UserError(f"model.num_classes must be an int >= 1, got {cfg.num_classes!r}")
+    size = cfg.denoising.labelbook_size
+    if size is None:
+        return cfg.num_classes
+    if size < cfg.num_classes:
+        raise UserError(
+            f"model.denoising.labelbook_size={size} is smaller than model.num_classes={cfg.num_classes}: "
+            f"the denoising label book must hold every class; set model.denoising.labelbook_size={cfg.num_classes} "
+            "(or leave it unset to size it to num_classes)"
+        )
+    return size
 
 
 def _layer_outputs(logits: list[torch.Tensor], boxes: list[torch.Tensor]) -> dict:

@@ -1,0 +1,59 @@
+"""Durable file-system updates: content and names survive a crash or a power loss.
+
+``os.replace`` alone survives a crash of the process, but after a power loss the new name may point to a file whose
+data never reached the disk, or the rename itself may be lost. The data (file or folder tree) is therefore fsynced
+before the rename, and the parent folder (which holds the name) after it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flushes a file's data, or a folder's entries, to the disk."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() and hasattr(os, "O_DIRECTORY") else 0)
+    try:
+        fd = os.open(path, flags)
+    except (IsADirectoryError, PermissionError):  # folders cannot be opened on Windows; nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync of every file and folder under ``path`` (folders after their contents), then of ``path`` itself."""
+    path = Path(path)
+    if path.is_dir():
+        for child in path.iterdir():
+            fsync_tree(child)
+    fsync_path(path)
+
+
+def replace_durably(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``os.replace(src, dst)`` with ``src`` (file or folder tree) on disk before and the new name on disk after."""
+    fsync_tree(src)
+    os.replace(src, dst)
+    fsync_path(Path(dst).parent)
+
+
+def write_text_durably(text: str, path: str | os.PathLike) -> None:
+    """Writes ``text`` to a temp file next to ``path`` and moves it into place durably."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(obj, path: str | os.PathLike, indent: int | None = 1) -> None:
+    """Writes ``obj`` as JSON atomically and durably."""
+    separators = None if indent is not None else (",", ":")
+    write_text_durably(json.dumps(obj, indent=indent, separators=separators), path)

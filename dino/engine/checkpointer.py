@@ -1,0 +1,56 @@
+"""Where a run stands (:class:`Progress`) and what each of its checkpoints holds (:class:`Checkpointer`)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dino.engine.batching import BatchPlan
+from dino.engine.checkpoint import save_training_state
+from dino.weights import save_weights
+
+logger = logging.getLogger("dino.engine")
+
+
+@dataclass
+class Progress:
+    """The position of a run; saved as ``progress.json`` in each checkpoint."""
+
+    epoch: int = 0  # the epoch in progress (0-based); after an epoch-end checkpoint, the next one
+    batches_in_epoch: int = 0  # micro-batches of this process already done in that epoch
+    global_step: int = 0  # optimizer steps taken (skipped non-finite steps included)
+    skipped_steps: int = 0  # steps skipped as non-finite (train.skip_nonfinite_steps)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Progress":
+        return cls(d["epoch"], d["batches_in_epoch"], d["global_step"], d.get("skipped_steps", 0))
+
+
+class Checkpointer:
+    """Writes training-state checkpoints and the final weights of one run, with the weights' metadata."""
+
+    def __init__(self, accelerator, output_dir: Path, model, ema, plan: BatchPlan, keep: int, recipe: dict,
+                 metadata: dict[str, str]) -> None:
+        self.accelerator, self.output_dir, self.model, self.ema = accelerator, Path(output_dir), model, ema
+        self.plan, self.keep, self.recipe, self.metadata = plan, keep, recipe, metadata
+
+    def _weights(self) -> dict[str, dict]:
+        weights = {"model.safetensors": self.accelerator.unwrap_model(self.model).state_dict()}
+        if self.ema is not None:
+            weights["model_ema.safetensors"] = self.ema.module.state_dict()
+        return weights
+
+    def save(self, progress: Progress, epoch_end: bool) -> Path:
+        """A checkpoint of the whole training state (every process must call it)."""
+        record = {**asdict(progress), "batch_plan": [self.plan.per_device, self.plan.num_processes],
+                  "recipe": self.recipe}
+        path = save_training_state(self.accelerator, self.output_dir, record, self._weights(), keep=self.keep,
+                                   epoch_end=epoch_end, metadata=self.metadata)
+        logger.info("saved %s", path)
+        return path
+
+    def save_final(self) -> None:
+        """``model.safetensors`` (and ``model_ema.safetensors``) in the output folder, on the main process."""
+        if self.accelerator.is_main_process:
+            for name, state in self._weights().items():
+                save_weights(state, self.output_dir / name, self.metadata)

@@ -1,0 +1,197 @@
+"""``train_one_epoch``: the step loop of one epoch (DETR's shape), with gradient accumulation and non-finite checks.
+
+Gradient accumulation is explicit: micro-batches are grouped ``accumulation`` at a time from the epoch's start, each
+micro-batch's loss is divided by the size of its group, and only the group's last micro-batch synchronises
+gradients across processes. A partial group at the end of an epoch is a full step on the micro-batches it has.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from dino.config import Recipe
+from dino.engine.checkpointer import Checkpointer, Progress
+from dino.engine.nonfinite import NonFiniteStepError, any_process, describe, nonfinite_terms
+from dino.matcher import NonFinitePredictionError
+
+logger = logging.getLogger("dino.engine")
+
+
+@dataclass
+class EpochResult:
+    means: dict[str, float]  # mean weighted loss terms over this process's finite micro-batches
+    batches: int  # micro-batches run by this call
+    elapsed_s: float
+    stopped: bool  # train.max_steps reached before the epoch's end
+
+
+class Meter:
+    """Running means of the weighted losses over an epoch (local to this process)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def update(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+def float32(tree):
+    """Mixed-precision outputs back to fp32 so the losses and matching are computed at full precision."""
+    if isinstance(tree, torch.Tensor):
+        return tree.float() if tree.is_floating_point() else tree
+    if isinstance(tree, dict):
+        return {k: float32(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(float32(v) for v in tree)
+    return tree
+
+
+def _output_tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        if tree.requires_grad:
+            yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _output_tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _output_tensors(v)
+
+
+def accumulation_group(index: int, per_epoch: int, accumulation: int) -> tuple[int, bool]:
+    """(size of the accumulation group of micro-batch ``index``, whether it is the group's last micro-batch)."""
+    start = index - index % accumulation
+    size = min(accumulation, per_epoch - start)
+    return size, index + 1 == start + size
+
+
+def weighted_losses(accelerator, model, criterion, images, mask, targets) -> tuple[dict, dict[str, float]]:
+    """(weighted loss terms, the non-finite ones) of one micro-batch; model outputs in fp32 for the criterion.
+
+    NaN/inf predictions make the matcher fail; that is reported as the term ``predictions`` rather than raised, so
+    that the decision to stop is taken by all processes together.
+    """
+    outputs = model(images, mask, targets)
+    if accelerator.mixed_precision != "no":
+        outputs = float32(outputs)
+    try:
+        losses = criterion(outputs, targets)
+    except NonFinitePredictionError:
+        return {"outputs": outputs}, {"predictions": math.nan}
+    weighted = {k: losses[k] * w for k, w in criterion.weight_dict.items() if k in losses}
+    weighted["loss"] = sum(weighted.values())
+    weighted["outputs"] = outputs
+    bad = {} if torch.isfinite(weighted["loss"]) else nonfinite_terms({k: v for k, v in weighted.items() if k != "outputs"})
+    return weighted, bad
+
+
+def train_one_epoch(
+    accelerator,
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    loader,
+    optimizer,
+    progress: Progress,
+    cfg: Recipe,
+    per_epoch: int,
+    accumulation: int,
+    ema=None,
+    checkpointer: Checkpointer | None = None,
+) -> EpochResult:
+    """Trains from ``progress.batches_in_epoch`` to ``per_epoch`` micro-batches (or ``train.max_steps``).
+
+    Updates ``progress`` in place; writes mid-epoch checkpoints every ``train.checkpoint_every_steps`` and when
+    ``train.max_steps`` stops the run mid-epoch. A non-finite loss (any process) or gradient norm raises
+    :class:`NonFiniteStepError` on every process, or skips the step everywhere with ``train.skip_nonfinite_steps``.
+    """
+    model.train()
+    criterion.train()
+    start = progress.batches_in_epoch
+    batches = accelerator.skip_first_batches(loader, start) if start else loader
+    bar = tqdm(total=per_epoch, initial=start, desc=f"epoch {progress.epoch + 1}/{cfg.optim.epochs}", unit="batch",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    meter = Meter()
+    group_failure, group_ids = None, []
+    stopped = False
+    started = time.perf_counter()
+    for batch in batches:
+        index = progress.batches_in_epoch
+        if index >= per_epoch:
+            break
+        images, mask, targets = batch
+        image_ids = [int(t["image_id"]) for t in targets]
+        group_ids += image_ids
+        group_size, last = accumulation_group(index, per_epoch, accumulation)
+        # Only the group's last micro-batch all-reduces gradients across processes.
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            weighted, bad = weighted_losses(accelerator, model, criterion, images, mask, targets)
+            outputs = weighted.pop("outputs")
+            if any_process(accelerator, bool(bad)):
+                message = describe(accelerator, "non-finite loss", progress.global_step + 1, progress.epoch + 1, bad,
+                                   image_ids)
+                if not cfg.train.skip_nonfinite_steps:
+                    raise NonFiniteStepError(message + "; stopping (train.skip_nonfinite_steps=true skips such steps)")
+                group_failure = group_failure or message
+                # Every process still runs a backward through the same graph, which DDP expects; its gradients
+                # are discarded with the step.
+                accelerator.backward(sum(t.sum() for t in _output_tensors(outputs)) * 0.0)
+            else:
+                accelerator.backward(weighted["loss"] / group_size)
+                meter.update({k: v.item() for k, v in weighted.items()})
+        progress.batches_in_epoch += 1
+        bar.update(1)
+        if not last:
+            continue
+        group_failure = _optimizer_step(accelerator, model, optimizer, progress, cfg, group_failure, group_ids)
+        progress.global_step += 1
+        if group_failure:
+            progress.skipped_steps += 1
+            logger.warning("skipped (train.skip_nonfinite_steps, %d so far): %s", progress.skipped_steps, group_failure)
+        elif ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(model))
+        group_failure, group_ids = None, []
+        if progress.global_step % max(cfg.train.log_every_steps, 1) == 0 and "loss" in weighted:
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{weighted['loss'].item():.3f}", lr=f"{lr:.1e}")
+            accelerator.log({"train/loss": weighted["loss"].item(), "train/lr": lr}, step=progress.global_step)
+        at_max = cfg.train.max_steps is not None and progress.global_step >= cfg.train.max_steps
+        every = cfg.train.checkpoint_every_steps
+        if progress.batches_in_epoch < per_epoch and (at_max or (every and progress.global_step % every == 0)):
+            if checkpointer is not None:
+                checkpointer.save(progress, epoch_end=False)
+            if at_max:
+                stopped = True
+                break
+    bar.close()
+    return EpochResult(meter.means(), progress.batches_in_epoch - start, time.perf_counter() - started, stopped)
+
+
+def _optimizer_step(accelerator, model, optimizer, progress: Progress, cfg: Recipe, failure: str | None,
+                    image_ids: list[int]) -> str | None:
+    """Clips and steps (unless the group already failed); returns the failure message of a skipped step, if any."""
+    if failure is None:
+        max_norm = cfg.optim.clip_max_norm if cfg.optim.clip_max_norm > 0 else math.inf
+        norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        # Gradients are already all-reduced, so every process sees the same norm: no extra agreement needed.
+        # Under fp16 an inf norm is the gradient scaler's business (it skips the step and lowers the scale).
+        if not math.isfinite(norm) and accelerator.mixed_precision != "fp16":
+            failure = describe(accelerator, "non-finite gradient norm", progress.global_step + 1, progress.epoch + 1,
+                               {"grad_norm": norm}, image_ids)
+            if not cfg.train.skip_nonfinite_steps:
+                raise NonFiniteStepError(failure + "; stopping (train.skip_nonfinite_steps=true skips such steps)")
+        else:
+            optimizer.step()
+    optimizer.zero_grad()
+    return failure

@@ -1,0 +1,87 @@
+"""Resuming: which checkpoint, whether its recipe is the one asked for, and applying a changed recipe on request.
+
+Each checkpoint's ``progress.json`` holds the resolved recipe it was trained with. Resuming with a recipe that
+differs in anything but run control (output folder, logging, checkpoint cadence, ``max_steps``...) is refused with
+the differing fields, unless ``--resume-anyway``: then the new values apply, the optimizer's learning rates and
+weight decay and the LR schedule included, and the log lists what changed.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import Counter
+from pathlib import Path
+
+from dino.config import OptimConfig
+from dino.engine.checkpoint import latest_checkpoint
+from dino.errors import UserError
+
+logger = logging.getLogger("dino.engine")
+
+# Fields that say how a run is driven, not what is trained: they may change freely between a run and its resumption.
+RUN_CONTROL = frozenset({
+    "train.output_dir", "train.auto_resume", "train.max_steps", "train.checkpoint_every_steps",
+    "train.keep_checkpoints", "train.log_every_steps", "train.eval_every_epochs", "train.tracker",
+    "train.process_group_timeout_s", "train.skip_nonfinite_steps", "train.find_unused_parameters", "data.num_workers",
+})
+
+
+def find_checkpoint(resume: str | None, output_dir: str | Path, auto_resume: bool) -> Path | None:
+    """The checkpoint to continue from: ``--resume PATH``'s, else (with ``train.auto_resume``) the output folder's."""
+    if resume:
+        checkpoint = latest_checkpoint(resume)
+        if checkpoint is None:
+            raise UserError(f"--resume {resume}: no checkpoint found (expected {resume}/checkpoints/step_*)")
+        return checkpoint
+    return latest_checkpoint(output_dir) if auto_resume else None
+
+
+def recipe_differences(saved: dict, current: dict) -> dict[str, tuple]:
+    """``{field: (saved value, current value)}`` for every field that differs, run-control fields left out."""
+    keys = (saved.keys() | current.keys()) - RUN_CONTROL
+    missing = object()
+    return {k: (saved.get(k, missing), current.get(k, missing)) for k in sorted(keys)
+            if saved.get(k, missing) != current.get(k, missing)}
+
+
+def format_differences(differences: dict[str, tuple]) -> str:
+    return ", ".join(f"{k}: {_show(old)} -> {_show(new)}" for k, (old, new) in differences.items())
+
+
+def _show(value) -> str:
+    return "(absent)" if type(value) is object else repr(value)
+
+
+def check_recipe(checkpoint: Path, saved: dict | str | None, current: dict, resume_anyway: bool) -> dict[str, tuple]:
+    """The differences between the checkpoint's recipe and ``current``; UserError if any and not ``resume_anyway``."""
+    if not isinstance(saved, dict):  # checkpoints written before recipes were recorded
+        logger.warning("%s records no resolved recipe; cannot check that it matches the current one", checkpoint)
+        return {}
+    differences = recipe_differences(saved, current)
+    if differences and not resume_anyway:
+        raise UserError(
+            f"{checkpoint} was trained with a different recipe ({format_differences(differences)}); pass "
+            "--resume-anyway to continue it with the new values, or start afresh in another train.output_dir "
+            "(or with --set train.auto_resume=false)"
+        )
+    if differences:
+        logger.warning("resuming %s with a changed recipe (--resume-anyway), new values apply: %s", checkpoint,
+                       format_differences(differences))
+    return differences
+
+
+def apply_optim_config(optimizer, scheduler, cfg: OptimConfig) -> None:
+    """Puts ``cfg``'s learning rates, weight decay and LR steps into a restored optimizer and MultiStepLR.
+
+    The scheduler keeps its position (``last_epoch``); the current lr is recomputed from the new base lrs and steps.
+    """
+    milestones = Counter(cfg.lr_drop_epochs)
+    drops = bisect.bisect_right(sorted(milestones.elements()), scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        base = cfg.lr_backbone if group.get("name") == "backbone" else cfg.lr
+        group["initial_lr"] = base
+        group["weight_decay"] = cfg.weight_decay
+        group["lr"] = base * cfg.lr_drop_factor**drops
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    scheduler.milestones, scheduler.gamma = milestones, cfg.lr_drop_factor
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

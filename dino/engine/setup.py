@@ -1,0 +1,146 @@
+"""What training and evaluation both set up: the Accelerator, the model (and whether it may download), the datasets.
+
+Shared by :mod:`dino.engine.train` and :mod:`dino.engine.evaluate`, which do not import each other.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    is_tensorboard_available,
+)
+
+from dino.config import ModelConfig, Recipe
+from dino.data import fit_num_classes
+from dino.engine.checkpoint import check_keep
+from dino.engine.recipe import iter_fields
+from dino.errors import UserError
+
+logger = logging.getLogger("dino.engine")
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+# Backbone weights fetched from the internet (torchvision's or timm's hub) rather than read from a file.
+DOWNLOADED_BACKBONES = ("torchvision", "timm")
+
+
+def resolve_mixed_precision(cfg: Recipe) -> tuple[str, str]:
+    """(precision, where it came from): the recipe's ``train.mixed_precision``, else ``accelerate launch``'s choice."""
+    recipe = cfg.train.mixed_precision
+    if recipe not in MIXED_PRECISION:
+        raise UserError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {recipe!r}")
+    # `accelerate launch --mixed_precision bf16` (or its `accelerate config` file) exports this variable.
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher not in MIXED_PRECISION:
+        raise UserError(f"ACCELERATE_MIXED_PRECISION must be one of {MIXED_PRECISION}, got {launcher!r}")
+    if recipe != "no":
+        if launcher not in ("no", recipe):
+            logger.warning("train.mixed_precision=%s overrides accelerate's mixed_precision=%s", recipe, launcher)
+        return recipe, "the recipe's train.mixed_precision"
+    if launcher != "no":
+        return launcher, "accelerate launch / accelerate config (the recipe says 'no')"
+    return "no", "the recipe's train.mixed_precision"
+
+
+def check_train_config(cfg: Recipe) -> None:
+    """Rejects run-control values that would only fail (or misbehave) later."""
+    check_keep(cfg.train.keep_checkpoints)
+    if cfg.train.process_group_timeout_s <= 0:
+        raise UserError(f"train.process_group_timeout_s must be positive, got {cfg.train.process_group_timeout_s}")
+
+
+def build_accelerator(cfg: Recipe, use_trackers: bool = True) -> Accelerator:
+    """Accelerator with DINO's needs: a finite collective timeout, seedable sampling, the precision logged."""
+    check_train_config(cfg)
+    mixed_precision, source = resolve_mixed_precision(cfg)
+    log_with = cfg.train.tracker if use_trackers else None
+    if log_with == "tensorboard" and not is_tensorboard_available():
+        logger.warning("train.tracker='tensorboard' but TensorBoard is not installed (pip install dino[tensorboard]); "
+                       "metrics go to log.jsonl only")
+        log_with = None
+    # A previous run in the same process (tests, quickstart) leaves Accelerate's singletons configured; the process
+    # group itself (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    # Under torchrun without GPUs Accelerate only forms a (gloo) process group when told cpu=True; otherwise every
+    # process would silently train alone.
+    cpu = cfg.train.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=cpu,
+        log_with=log_with,
+        project_dir=cfg.train.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        kwargs_handlers=[
+            # Every parameter takes part in every step (the model adds label_enc x 0 when no denoising runs), so
+            # DDP need not search the graph for unused ones each step; train.find_unused_parameters turns it back on.
+            DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.process_group_timeout_s)),
+        ],
+    )
+    logger.info("mixed precision: %s (from %s) on %s", accelerator.mixed_precision, source, accelerator.device)
+    return accelerator
+
+
+def model_config_for(model_cfg: ModelConfig, weights_follow: bool) -> ModelConfig:
+    """``model_cfg``, without pretrained backbone weights when a full checkpoint will be loaded over them anyway.
+
+    A checkpoint replaces every backbone weight, so fetching ImageNet weights first would only download (and fail
+    offline) for nothing.
+    """
+    if not weights_follow or model_cfg.backbone.pretrained is None:
+        return model_cfg
+    cfg = copy.deepcopy(model_cfg)
+    cfg.backbone.pretrained = None
+    return cfg
+
+
+def build_model(model_cfg: ModelConfig, weights_follow: bool) -> torch.nn.Module:
+    """The recipe's model; ``weights_follow``: a full checkpoint will be loaded into it (so nothing is downloaded).
+
+    A failed download of pretrained backbone weights is one UserError line saying what was fetched and what to do.
+    """
+    from dino import build_model as build
+
+    model_cfg = model_config_for(model_cfg, weights_follow)
+    pretrained = model_cfg.backbone.pretrained
+    if pretrained not in DOWNLOADED_BACKBONES:
+        return build(model_cfg)
+    try:
+        return build(model_cfg)
+    except OSError as err:  # URLError, requests' and huggingface_hub's connection errors are all OSErrors
+        raise UserError(
+            f"model.backbone.pretrained={pretrained!r}: fetching the pretrained weights of backbone "
+            f"{model_cfg.backbone.name!r} failed ({type(err).__name__}: {err}); download them where there is internet "
+            "and pass the file with --set model.backbone.pretrained=/path/to/weights.pth (or .safetensors)"
+        ) from err
+
+
+def fit_classes_to(cfg: Recipe, dataset) -> None:
+    """Sizes ``cfg.model``'s class head and denoising label book to ``dataset`` (labels are category ids), in place;
+    values the recipe set are checked instead (:func:`dino.data.fit_num_classes`)."""
+    fit_num_classes(cfg.model, dataset.num_classes, str(dataset.annotations_file))
+
+
+def resolved_recipe(cfg: Recipe) -> dict:
+    """The recipe as a flat JSON-ready dict ``{"optim.lr": 0.0001, ...}`` (tuples become lists)."""
+    return json.loads(json.dumps(dict(iter_fields(cfg)), default=str))
+
+
+def dataset_categories(dataset) -> list[dict]:
+    """``[{"id": 1, "name": "person"}, ...]``: the dataset's categories, ids as in its annotations file."""
+    return [{"id": c["id"], "name": c.get("name", f"class {c['id']}")} for c in getattr(dataset, "categories", [])]
+
+
+def weights_metadata(cfg: Recipe, categories: list[dict]) -> dict[str, str]:
+    """The safetensors metadata of every ``model.safetensors`` training writes (CONTRACTS.md item 3)."""
+    return {"categories": json.dumps(categories), "recipe": json.dumps(resolved_recipe(cfg))}

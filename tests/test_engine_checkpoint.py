@@ -1,0 +1,117 @@
+"""Checkpoint folders and weight files: durable writes, crash safety at every step, retention."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dino.durable
+import dino.engine.checkpoint as checkpoint
+from dino.engine.checkpoint import checkpoint_dirs, latest_checkpoint, read_progress, save_training_state
+from dino.errors import UserError
+from dino.weights import save_weights
+
+
+class FakeAccelerator:
+    """The part of Accelerator that save_training_state uses, in one process."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "random_states_0.pkl").write_bytes(b"state")
+
+
+def _save(out, step, value, keep=2):
+    return save_training_state(FakeAccelerator(), out, {"global_step": step, "value": value},
+                               {"model.safetensors": {"w": torch.full((2,), float(value))}}, keep=keep)
+
+
+def _loadable(out):
+    """(step, value) of the checkpoint a resume would load, after checking it is complete."""
+    ckpt = latest_checkpoint(out)
+    progress = read_progress(ckpt)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert (ckpt / "random_states_0.pkl").read_bytes() == b"state"
+    assert torch.equal(weights["w"], torch.full((2,), float(progress["value"])))
+    return progress["global_step"], progress["value"]
+
+
+class Crash(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("resave", [False, True], ids=["new_step", "same_step_again"])
+def test_a_crash_between_any_two_steps_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, resave):
+    # Every file-system step of a save (fsyncs, renames, deletes) is interrupted in turn; after each simulated kill
+    # the checkpoint a resume picks is complete, and it is the old one or the new one.
+    real = {"replace": os.replace, "rmtree": checkpoint.shutil.rmtree, "fsync": os.fsync}
+    crash_at = 1
+    while True:
+        out = tmp_path / f"run{crash_at}"
+        _save(out, 3, 3, keep=1)
+        calls = [0]
+
+        def step(name, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == crash_at:
+                raise Crash(name)
+            return real[name](*args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", lambda *a, **k: step("replace", *a, **k))
+        monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: step("rmtree", *a, **k))
+        monkeypatch.setattr(os, "fsync", lambda *a, **k: step("fsync", *a, **k))
+        try:
+            _save(out, 3 if resave else 4, 30, keep=1)
+            crashed = False
+        except Crash:
+            crashed = True
+        finally:
+            monkeypatch.undo()
+        assert _loadable(out) in ({(3, 3), (3, 30)} if resave else {(3, 3), (4, 30)}), f"crash at step {crash_at}"
+        if not crashed:
+            break
+        _save(out, 5, 5, keep=1)  # the next save cleans up after the crash
+        assert _loadable(out) == (5, 5)
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000005"], f"crash at step {crash_at}"
+        crash_at += 1
+    assert crash_at > 10  # every fsync, rename and delete was interrupted once
+    assert _loadable(out) == ((3, 30) if resave else (4, 30))
+
+
+def test_writes_fsync_file_and_folder_around_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    save_weights({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    (_, tmp), rename, (_, folder) = events
+    assert rename == ("replace", tmp, str(tmp_path / "model.safetensors")) and folder == str(tmp_path)
+
+    events.clear()
+    dino.durable.write_json({"a": 1}, tmp_path / "sub" / "x.json")
+    assert events == [("fsync", str(tmp_path / "sub" / ".x.json.tmp")),
+                      ("replace", str(tmp_path / "sub" / ".x.json.tmp"), str(tmp_path / "sub" / "x.json")),
+                      ("fsync", str(tmp_path / "sub"))]
+
+    events.clear()
+    _save(tmp_path / "out", 1, 1)
+    final = str(tmp_path / "out" / "checkpoints" / "step_00000001")
+    tmp = str(tmp_path / "out" / "checkpoints" / ".tmp-step_00000001")
+    at = events.index(("replace", tmp, final))
+    synced_before = {e[1] for e in events[:at] if e[0] == "fsync"}
+    assert {tmp, f"{tmp}/progress.json", f"{tmp}/model.safetensors", f"{tmp}/random_states_0.pkl"} <= synced_before
+    assert events[at + 1] == ("fsync", str(tmp_path / "out" / "checkpoints"))
+
+
+def test_retention_keeps_the_newest_and_rejects_zero(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step, step, keep=2)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000002", "step_00000003"]
+    with pytest.raises(UserError, match="train.keep_checkpoints must be an integer >= 1.*got 0"):
+        _save(tmp_path, 4, 4, keep=0)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000002", "step_00000003"]
