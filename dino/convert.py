@@ -1,7 +1,8 @@
 """Official IDEA-Research/DINO checkpoint -> this project's safetensors state dict.
 
-Every official key either maps to one of our keys or is on an explicit "dropped" list; anything else (a key
-missing, unexpected, or of the wrong shape) is an error naming the key. CLI: ``dino convert-official``.
+Every official key either maps to one of our keys or is on an explicit "dropped" list (the per-layer copies of the
+shared heads; Swin's ``relative_position_index`` buffers, after checking them against the computed index); anything
+else (a key missing, unexpected, or of the wrong shape) is an error naming the key. CLI: ``dino convert-official``.
 """
 from __future__ import annotations
 
@@ -169,9 +170,10 @@ def register(subparsers) -> None:
         "convert-official",
         help="convert an official IDEA-Research/DINO checkpoint (.pth) to safetensors",
         description="Convert an official IDEA-Research/DINO checkpoint (e.g. checkpoint0011_4scale.pth) to a "
-                    "safetensors state dict that loads strictly into `dino.build_model(PRESET)`. Every official "
-                    "key is mapped or deliberately dropped (the per-layer copies of the shared heads); a missing "
-                    "or unexpected key or a wrong shape is an error naming the key.",
+                    "safetensors state dict that loads strictly into `dino.build_model(PRESET)` (R50 and Swin-L, "
+                    "4- and 5-scale). Every official key is mapped or deliberately dropped (the per-layer copies of "
+                    "the shared heads; Swin's relative_position_index buffers, once checked); a missing or "
+                    "unexpected key or a wrong shape is an error naming the key.",
     )
     p.add_argument("input", help="official checkpoint (.pth): {'model': state_dict, ...} or a bare state dict")
     p.add_argument("output", help="output .safetensors path (written atomically)")

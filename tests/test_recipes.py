@@ -82,6 +82,19 @@ SCHEDULE = {12: {"optim.epochs": 12, "optim.lr_drop_epochs": (11,)},
             24: {"optim.epochs": 24, "optim.lr_drop_epochs": (20,)},
             36: {"optim.epochs": 36, "optim.lr_drop_epochs": (30,)}}
 
+# Swin-L: DINO_4scale_swin.py (backbone swin_L_384_22k, use_checkpoint=True); 5-scale: stages 0-3, 5 levels.
+SWINL = {
+    "model.backbone.name": "swin_large_patch4_window12_384",
+    "model.backbone.pretrained": "timm",  # timm's .ms_in22k: the ImageNet-22k weights, as the official runs
+    "model.backbone.drop_path_rate": 0.2,
+    "model.backbone.freeze_stem_and_layer1": False,  # official frozen_stages=-1: every stage trains
+    "model.backbone.gradient_checkpointing": True,
+}
+SWINL_4SCALE = {**SWINL, "model.backbone.return_levels": (1, 2, 3), "model.transformer.num_feature_levels": 4,
+                "optim.batch_size_per_device": 2}  # official 2 x 8 GPUs
+SWINL_5SCALE = {**SWINL, "model.backbone.return_levels": (0, 1, 2, 3), "model.transformer.num_feature_levels": 5,
+                "optim.batch_size_per_device": 1}
+
 RECIPES = {
     "dino_r50_4scale_12ep": {**R50_4SCALE, **SCHEDULE[12]},
     "dino_r50_4scale_24ep": {**R50_4SCALE, **SCHEDULE[24]},
@@ -89,6 +102,10 @@ RECIPES = {
     "dino_r50_5scale_12ep": {**R50_5SCALE, **SCHEDULE[12]},
     "dino_r50_5scale_24ep": {**R50_5SCALE, **SCHEDULE[24]},
     "dino_r50_5scale_36ep": {**R50_5SCALE, **SCHEDULE[36]},
+    "dino_swinl_4scale_12ep": {**SWINL_4SCALE, **SCHEDULE[12]},
+    "dino_swinl_4scale_36ep": {**SWINL_4SCALE, **SCHEDULE[36]},
+    "dino_swinl_5scale_12ep": {**SWINL_5SCALE, **SCHEDULE[12]},
+    "dino_swinl_5scale_36ep": {**SWINL_5SCALE, **SCHEDULE[36]},
 }
 
 

@@ -42,7 +42,8 @@ def test_swinl_structure_drop_path_and_checkpointing():
     assert all(s.use_checkpoint for s in bb.body.layers)
     blocks = [b for s in bb.body.layers for b in s.blocks]
     assert isinstance(blocks[0].drop_path, torch.nn.Identity)
-    assert blocks[-1].drop_path.drop_prob == pytest.approx(0.2) and blocks[1].drop_path.drop_prob == pytest.approx(0.2 / 23)
+    assert blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    assert blocks[1].drop_path.drop_prob == pytest.approx(0.2 / 23)
     names = {k for k in bb.body.state_dict()}
     assert {"norm1.weight", "norm3.bias", "layers.2.downsample.reduction.weight", "patch_embed.proj.weight"} <= names
     assert "norm0.weight" not in names and not any("relative_position_index" in k for k in names)

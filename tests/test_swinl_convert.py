@@ -16,8 +16,8 @@ REL_INDEX = "backbone.0.layers.2.blocks.5.attn.relative_position_index"
 
 def official_keys(name: str) -> dict[str, torch.Tensor]:
     """Right keys and shapes, no memory (meta), except the small relative_position_index buffers: true values."""
-    return {k: swin_relative_position_index(12) if k.endswith("relative_position_index") else torch.empty(s, device="meta")
-            for k, s in read_keys(PARITY / f"official_keys_{name}.txt")}
+    return {k: swin_relative_position_index(12) if k.endswith("relative_position_index")
+            else torch.empty(s, device="meta") for k, s in read_keys(PARITY / f"official_keys_{name}.txt")}
 
 
 @pytest.mark.parametrize("scale", ["4scale", "5scale"])
@@ -26,7 +26,8 @@ def test_every_official_swinl_key_is_mapped(scale):
     out = convert_official_state_dict(sd, f"dino_swinl_{scale}", check_aliases=False)
     assert out["backbone.body.layers.2.blocks.17.mlp.fc2.bias"] is sd["backbone.0.layers.2.blocks.17.mlp.fc2.bias"]
     assert out["backbone.body.norm3.weight"] is sd["backbone.0.norm3.weight"]
-    assert out["backbone.body.layers.0.downsample.reduction.weight"] is sd["backbone.0.layers.0.downsample.reduction.weight"]
+    merge = "layers.0.downsample.reduction.weight"
+    assert out[f"backbone.body.{merge}"] is sd[f"backbone.0.{merge}"]
     assert not any("relative_position_index" in k for k in out)
     assert ("backbone.body.norm0.weight" in out) == (scale == "5scale")
 

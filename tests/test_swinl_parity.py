@@ -59,11 +59,13 @@ def test_converted_official_swinl_reproduces_golden_outputs(scale, tmp_path):
     assert len(out["aux_outputs"]) == 5
     errors = output_errors(out, golden)
     print(f"swinl {scale} parity max abs errors: {max(errors.values()):.3g}", errors)
-    assert max(errors.values()) <= 1e-6, errors
+    # float64 on the CPU, measured max 1.7e-14 (4-scale) and 1.3e-13 (5-scale); the bound is 1e-6, this one
+    # leaves room for other BLAS summation orders only, so a slip (a missing norm, a wrong mask) cannot hide under it.
+    assert max(errors.values()) <= 1e-10, errors
 
     sizes = torch.tensor([[320, 480], [288, 384]])
     scores, labels, boxes = postprocess(out["pred_logits"], out["pred_boxes"], sizes, 300)
     for b in range(2):
         assert torch.equal(labels[b], golden[f"post{b}_labels"])
-        assert (scores[b] - golden[f"post{b}_scores"]).abs().max() <= 1e-6
-        assert (boxes[b] - golden[f"post{b}_boxes"]).abs().max() <= 1e-4  # pixels
+        assert (scores[b] - golden[f"post{b}_scores"]).abs().max() <= 1e-10
+        assert (boxes[b] - golden[f"post{b}_boxes"]).abs().max() <= 1e-8  # pixels

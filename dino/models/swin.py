@@ -43,7 +43,7 @@ SWIN_VARIANTS: dict[str, SwinSpec] = {
 
 
 def relative_position_index(window: int) -> torch.Tensor:
-    """(window², window²) int64: index into the relative-position bias table for each pair of positions in a window."""
+    """(window², window²) int64: the relative-position bias table row of each pair of positions in a window."""
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return rel[:, :, 0] * (2 * window - 1) + rel[:, :, 1]
