@@ -166,7 +166,7 @@ def _small_cfg():
 
 
 def test_weight_dict_official_recipe():
-    cfg = ModelConfig()
+    cfg = ModelConfig(num_classes=91)
     w = build_criterion(cfg).weight_dict
     assert len(w) == 3 + 3 + 5 * 6 + 3
     for suffix in ["", "_dn", "_0", "_4", "_dn_0", "_dn_4", "_interm"]:

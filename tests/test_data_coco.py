@@ -1,4 +1,4 @@
-"""COCO-format dataset: output contract, labels = category ids, cleaning rules, clear errors on bad datasets; collate."""
+"""COCO-format dataset: output contract, labels = category ids, cleaning, clear errors on bad datasets; collate."""
 import json
 import logging
 from functools import partial

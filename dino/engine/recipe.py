@@ -1,4 +1,5 @@
-"""Recipe files: ``recipes/<name>.py`` (or any file given by its path) defines ``def recipe() -> Recipe`` built on the defaults of dino.config.
+"""Recipe files: ``recipes/<name>.py`` (or any file given by its path) defines ``def recipe() -> Recipe`` built on
+the defaults of dino.config.
 
 A recipe may import another recipe's function (its folder is importable while it loads), so variants such as a
 36-epoch schedule are a few lines on top of the 12-epoch base. Command-line ``--set section.field=value`` overrides
