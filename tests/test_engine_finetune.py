@@ -59,7 +59,7 @@ def test_finetune_official_checkpoint_to_three_classes(tmp_path, offline):
                "data.val_annotations=annotations/val.json", "data.shapes_train_images=2", "data.shapes_val_images=2",
                "data.shapes_image_size=128", "data.train_scales=256", "data.train_max_size=256",
                "data.crop_resize_scales=256", "data.crop_size=128,128", "data.val_scale=256", "data.val_max_size=256",
-               "data.num_workers=0", "data.label_mapping=official", "model.num_classes=4",
+               "data.num_workers=0", "data.label_mapping=official", "data.num_classes=none", "model.num_classes=4",
                "model.denoising.labelbook_size=4", "model.denoising.dn_number=10", "optim.total_batch_size=1",
                "optim.batch_size_per_device=1", "optim.epochs=1", "optim.lr_drop_epochs=1", "train.max_steps=2",
                "train.eval_every_epochs=1", "train.checkpoint_every_steps=0", "train.tracker=none",

@@ -197,7 +197,7 @@ def test_bf16_step_matches_fp32_on_the_same_batch(data_root, tmp_path):
         accelerator = build_accelerator(cfg)
         prepared = accelerator.prepare(copy.deepcopy(model))
         torch.manual_seed(1)  # the same denoising noise in both runs
-        weighted, bad = weighted_losses(accelerator, prepared, build_criterion(cfg.model), *batch)
+        _, weighted, bad = weighted_losses(accelerator, prepared, build_criterion(cfg.model), *batch)
         assert not bad
         weighted["loss"].backward()
         grads = torch.cat([p.grad.flatten() for p in prepared.parameters() if p.grad is not None])
