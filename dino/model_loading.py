@@ -43,14 +43,16 @@ def read_state_dict(path: str | os.PathLike, model_cfg=None) -> dict[str, torch.
 
 
 def _heads_as_in(state_dict: dict, model_cfg):
-    """``model_cfg`` with the class-head and label-embedding sizes of the checkpoint, so a checkpoint for other classes
-    converts and the caller's ``ignore_keys`` (fine-tuning) decide what is dropped."""
+    """``model_cfg`` with the class-head, label-embedding and query-embedding sizes of the checkpoint, so a checkpoint
+    for other classes (or query counts) converts and the caller's ``ignore_keys`` (fine-tuning) decide what is dropped."""
     cfg = copy.deepcopy(model_cfg)
     for key, value in state_dict.items():
         if key.endswith("class_embed.0.weight"):
             cfg.num_classes = value.shape[0]
         elif key.endswith("label_enc.weight"):
             cfg.denoising.labelbook_size = value.shape[0] - 1
+        elif key.endswith("tgt_embed.weight"):
+            cfg.transformer.num_queries = value.shape[0]
     return cfg
 
 

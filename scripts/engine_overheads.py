@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import socket
 import statistics
@@ -48,6 +49,7 @@ def _find_unused(forwards: int) -> dict[bool, float]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from dino import build_model
+    from dino.criterion import build_criterion
     from dino.engine.recipe import load_recipe
     from dino.data import build_dataset, collate_fn
 
@@ -59,7 +61,9 @@ def _find_unused(forwards: int) -> dict[bool, float]:
     images, mask, targets = collate_fn([dataset[0], dataset[1]])
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    wrapped = {flag: DDP(model, find_unused_parameters=flag) for flag in (False, True)}
+    criterion = build_criterion(cfg.model)
+    # One copy per wrapper: two DDP wrappers of one module would both hook its parameters.
+    wrapped = {flag: DDP(copy.deepcopy(model), find_unused_parameters=flag) for flag in (False, True)}
     times = {False: [], True: []}
     for i in range(forwards + 3):
         for flag in (False, True):
@@ -67,8 +71,9 @@ def _find_unused(forwards: int) -> dict[bool, float]:
             started = time.perf_counter()
             out = wrapped[flag](images, mask, targets)
             elapsed = time.perf_counter() - started
-            (out["pred_logits"].sum() + out["pred_boxes"].sum()).backward()  # DDP expects the backward
-            model.zero_grad()
+            losses = criterion(out, targets)  # the training loss: every output (aux, interm, dn) takes part
+            sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
+            wrapped[flag].zero_grad()
             if i >= 3:
                 times[flag].append(elapsed)
     dist.destroy_process_group()

@@ -77,11 +77,11 @@ def accumulation_group(index: int, per_epoch: int, accumulation: int) -> tuple[i
     return size, index + 1 == start + size
 
 
-def weighted_losses(accelerator, model, criterion, images, mask, targets) -> tuple[dict, dict[str, float]]:
-    """(weighted loss terms, the non-finite ones) of one micro-batch; model outputs in fp32 for the criterion.
+def weighted_losses(accelerator, model, criterion, images, mask, targets) -> tuple[dict, dict, dict[str, float]]:
+    """(model outputs, weighted loss terms + their sum ``loss``, the non-finite terms) of one micro-batch.
 
-    NaN/inf predictions make the matcher fail; that is reported as the term ``predictions`` rather than raised, so
-    that the decision to stop is taken by all processes together.
+    The outputs go to the criterion in fp32. NaN/inf predictions make the matcher fail; that is reported as the term
+    ``predictions`` rather than raised, so that the decision to stop is taken by all processes together.
     """
     outputs = model(images, mask, targets)
     if accelerator.mixed_precision != "no":
@@ -89,12 +89,10 @@ def weighted_losses(accelerator, model, criterion, images, mask, targets) -> tup
     try:
         losses = criterion(outputs, targets)
     except NonFinitePredictionError:
-        return {"outputs": outputs}, {"predictions": math.nan}
+        return outputs, {}, {"predictions": math.nan}
     weighted = {k: losses[k] * w for k, w in criterion.weight_dict.items() if k in losses}
     weighted["loss"] = sum(weighted.values())
-    weighted["outputs"] = outputs
-    bad = {} if torch.isfinite(weighted["loss"]) else nonfinite_terms({k: v for k, v in weighted.items() if k != "outputs"})
-    return weighted, bad
+    return outputs, weighted, {} if torch.isfinite(weighted["loss"]) else nonfinite_terms(weighted)
 
 
 def train_one_epoch(
@@ -136,8 +134,7 @@ def train_one_epoch(
         group_size, last = accumulation_group(index, per_epoch, accumulation)
         # Only the group's last micro-batch all-reduces gradients across processes.
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            weighted, bad = weighted_losses(accelerator, model, criterion, images, mask, targets)
-            outputs = weighted.pop("outputs")
+            outputs, weighted, bad = weighted_losses(accelerator, model, criterion, images, mask, targets)
             if any_process(accelerator, bool(bad)):
                 message = describe(accelerator, "non-finite loss", progress.global_step + 1, progress.epoch + 1, bad,
                                    image_ids)
@@ -159,13 +156,14 @@ def train_one_epoch(
         if group_failure:
             progress.skipped_steps += 1
             logger.warning("skipped (train.skip_nonfinite_steps, %d so far): %s", progress.skipped_steps, group_failure)
-        elif ema is not None:
-            ema.update_parameters(accelerator.unwrap_model(model))
+        else:
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
+            if progress.global_step % max(cfg.train.log_every_steps, 1) == 0:
+                loss, lr = weighted["loss"].item(), optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+                accelerator.log({"train/loss": loss, "train/lr": lr}, step=progress.global_step)
         group_failure, group_ids = None, []
-        if progress.global_step % max(cfg.train.log_every_steps, 1) == 0 and "loss" in weighted:
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{weighted['loss'].item():.3f}", lr=f"{lr:.1e}")
-            accelerator.log({"train/loss": weighted["loss"].item(), "train/lr": lr}, step=progress.global_step)
         at_max = cfg.train.max_steps is not None and progress.global_step >= cfg.train.max_steps
         every = cfg.train.checkpoint_every_steps
         if progress.batches_in_epoch < per_epoch and (at_max or (every and progress.global_step % every == 0)):
