@@ -69,8 +69,7 @@ def test_every_recipe_file_loads():
     names = available_recipes()
     assert set(OFFICIAL) | {"quickstart"} <= set(names)
     for name in names:
-        # The quickstart's batch 8 is tuned for its 512 images; every COCO recipe keeps the official 16.
-        assert load_recipe(name).optim.total_batch_size == (8 if name == "quickstart" else 16)
+        assert load_recipe(name).optim.total_batch_size == 16
 
 
 def test_overrides_apply_with_types():
