@@ -1,7 +1,7 @@
 """``python -m dino.quickstart``: generate the shapes dataset, train the quickstart recipe on this machine, evaluate.
 
-Prints the 12-line COCO AP table and the wall time, writes ``outputs/quickstart/model.safetensors``, and exits with
-status 1 when AP50 is below ``--min-ap50`` (0.5).
+Prints the 12-line COCO AP table and the wall time, writes ``outputs/quickstart/model.safetensors``, draws the
+detections on a few validation images, and exits with status 1 when AP50 is below ``--min-ap50`` (0.5).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 # Freed large blocks stay in the heap instead of going back to the OS. Otherwise every new tensor page-faults its
 # memory in again, which on some VMs costs more than the arithmetic: measured 9 s vs 0.47 s per training step here.
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     from dino.data import format_ap_table, generate_shapes_dataset
+    from dino.engine.evaluate import evaluate_checkpoint
     from dino.engine.recipe import load_recipe
     from dino.engine.train import train
 
@@ -46,15 +48,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shapes dataset: {data.shapes_train_images} train + {data.shapes_val_images} val images of "
           f"{data.shapes_image_size} px in {root} ({time.perf_counter() - started:.1f} s)")
     result = train(cfg)
+    weights = Path(cfg.train.output_dir) / "model.safetensors"
     stats = result["eval"]
+    if stats is None:
+        # Training did not evaluate (train.eval_every_epochs=0): the quickstart's answer is the final weights' AP.
+        stats = evaluate_checkpoint(cfg, weights, Path(cfg.train.output_dir) / "eval" / "final")
+    else:
+        print(format_ap_table(stats))
     wall = time.perf_counter() - started
-    print(format_ap_table(stats))
     print(f"quickstart: AP {stats['AP']:.3f}, AP50 {stats['AP50']:.3f} on {stats['num_images']} val images; "
-          f"wall time {wall / 60:.1f} min ({wall:.0f} s); weights in {cfg.train.output_dir}/model.safetensors")
+          f"wall time {wall / 60:.1f} min ({wall:.0f} s); weights in {weights}")
+    _predict_examples(cfg, weights)
     if stats["AP50"] < args.min_ap50:
         print(f"quickstart: AP50 {stats['AP50']:.3f} is below {args.min_ap50}", file=sys.stderr)
         return 1
     return 0
+
+
+def _predict_examples(cfg, weights_path: Path) -> None:
+    """Draws the detections of ``weights_path`` on a few validation images and says where the pictures are.
+
+    TODO(merge): the single call site for ``dino predict`` (written on the deploy branch); the lead wires it here.
+    """
+    logging.getLogger("dino.quickstart").info(
+        "TODO: dino predict --recipe quickstart --checkpoint %s on a few images of %s/val", weights_path, cfg.data.root
+    )
 
 
 if __name__ == "__main__":
