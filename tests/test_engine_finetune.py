@@ -61,8 +61,8 @@ def test_finetune_official_checkpoint_to_three_classes(tmp_path, offline):
                "data.shapes_image_size=96", "data.train_scales=96", "data.train_max_size=96",
                "data.crop_resize_scales=96", "data.crop_size=64,96", "data.val_scale=96", "data.val_max_size=96",
                "model.transformer.num_queries=100", "model.num_select=100",
-               "data.num_workers=0", "data.label_mapping=official", "data.num_classes=none", "model.num_classes=4",
-               "model.denoising.labelbook_size=4", "model.denoising.dn_number=10", "optim.total_batch_size=1",
+               "data.num_workers=0", "model.num_classes=none", "model.denoising.labelbook_size=none",
+               "model.denoising.dn_number=10", "optim.total_batch_size=1",
                "optim.batch_size_per_device=1", "optim.epochs=1", "optim.lr_drop_epochs=1", "train.max_steps=2",
                "train.eval_every_epochs=1", "train.checkpoint_every_steps=0", "train.tracker=none",
                f"train.output_dir={out}"])
