@@ -118,17 +118,19 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             times = time_calls(step, device, args.warmup, args.iters)
         except torch.OutOfMemoryError as err:
-            writer.add({**row, "note": f"out of memory: {str(err).splitlines()[0][:120]}"})
-            continue
-        finally:
-            del model, optimizer
-        med = median(times)
+            times, note = None, f"out of memory: {str(err).splitlines()[0][:120]}"
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        # Free this precision's model, optimizer state and gradients before the next row's peak is measured.
+        del step, model, optimizer, criterion
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if times is None:
+            writer.add({**row, "note": note})
+            continue
+        med = median(times)
         writer.add({**row, "median_ms": med, "images_per_s": args.batch * 1000 / med, "peak_mem_gib": peak,
                     "loss": losses[0] if losses else None,
                     "note": f"{time.perf_counter() - start:.0f} s incl. warm-up"})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return 0
 
 
