@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new backend after this many seconds (rows already saved stay)")
     parser.add_argument("--json", type=Path)

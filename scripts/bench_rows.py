@@ -22,9 +22,13 @@ class RowWriter:
     """Rewrites a JSON file and a markdown table after every row, atomically, so a run cut at any point keeps every
     row that finished."""
 
-    def __init__(self, json_path: Path | None, table_path: Path | None, columns: list[tuple[str, str]], meta: dict):
+    def __init__(self, json_path: Path | None, table_path: Path | None, columns: list[tuple[str, str]], meta: dict,
+                 append: bool = False):
+        """``append``: keep the rows already in ``json_path`` (another process's part of the same table)."""
         self.json_path, self.table_path, self.columns, self.meta = json_path, table_path, columns, meta
         self.rows: list[dict] = []
+        if append and json_path is not None and json_path.exists():
+            self.rows = json.loads(json_path.read_text())["rows"]
         self._flush()
 
     def add(self, row: dict) -> None:

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="images per step (official: 2 per GPU)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--table", type=Path)
     parser.add_argument("--append", action="store_true", help="keep the rows already in --json")
@@ -92,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model_config(args.preset, tiny=args.dry_run)
     meta = {"preset": args.preset + (" (tiny, dry run)" if args.dry_run else ""), **environment(device),
             "timing": f"median of {args.iters} steps after {args.warmup} warm-up"}
-    writer = RowWriter(args.json, args.table, COLUMNS, meta)
-    if args.append and args.json is not None and args.json.exists():
-        import json
-
-        writer.rows = json.loads(args.json.read_text())["rows"]
+    writer = RowWriter(args.json, args.table, COLUMNS, meta, append=args.append)
     print(f"== training step: {meta}, deformable attention: {path}", flush=True)
 
     for precision in args.precisions:
@@ -122,17 +118,19 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             times = time_calls(step, device, args.warmup, args.iters)
         except torch.OutOfMemoryError as err:
-            writer.add({**row, "note": f"out of memory: {str(err).splitlines()[0][:120]}"})
-            continue
-        finally:
-            del model, optimizer
-        med = median(times)
+            times, note = None, f"out of memory: {str(err).splitlines()[0][:120]}"
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        # Free this precision's model, optimizer state and gradients before the next row's peak is measured.
+        del step, model, optimizer, criterion
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if times is None:
+            writer.add({**row, "note": note})
+            continue
+        med = median(times)
         writer.add({**row, "median_ms": med, "images_per_s": args.batch * 1000 / med, "peak_mem_gib": peak,
                     "loss": losses[0] if losses else None,
                     "note": f"{time.perf_counter() - start:.0f} s incl. warm-up"})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return 0
 
 

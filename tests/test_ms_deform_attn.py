@@ -198,6 +198,25 @@ def test_load_kernel_without_cuda_falls_back_or_raises(monkeypatch):
         kernel.load_kernel()
 
 
+
+def test_disable_kernel_skips_the_build_even_with_cuda(monkeypatch):
+    monkeypatch.setattr(kernel, "_module", kernel._UNSET)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernel, "build_extension", lambda *a, **k: pytest.fail("must not build"))
+    monkeypatch.setenv("DINO_DISABLE_KERNEL", "1")
+    monkeypatch.delenv("DINO_REQUIRE_KERNEL", raising=False)
+    assert kernel.load_kernel() is None
+    monkeypatch.setenv("DINO_REQUIRE_KERNEL", "1")
+    with pytest.raises(RuntimeError, match="DINO_DISABLE_KERNEL is set"):
+        kernel.load_kernel()
+
+
+def test_benchmark_baseline_stays_out_of_the_user_extension():
+    names = {p.name for p in kernel.kernel_sources()}
+    assert names == {"ms_deform_attn.cu", "ms_deform_attn_binding.cpp"}
+    binding = (kernel.BINDING_DIR / "ms_deform_attn_binding.cpp").read_text()
+    assert "baseline" not in binding
+
 def test_cache_dir_changes_with_kernel_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_EXT_CACHE", str(tmp_path / "cache"))
     copy = tmp_path / "ms_deform_attn"

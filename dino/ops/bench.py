@@ -95,7 +95,13 @@ def benchmark(batch: int, dtypes: list[str], warmup: int, reps: int, dry_run: bo
         ext = load_kernel()
         if ext is None:
             raise RuntimeError("the ms_deform_attn CUDA kernel is unavailable (see the dino.ops warning)")
-        base, levels, shapes, device = load_baseline(), LEVELS, SHAPES, "cuda"
+        levels, shapes, device = LEVELS, SHAPES, "cuda"
+        try:
+            base = load_baseline()
+        except Exception as err:  # noqa: BLE001 - the table is still useful without the baseline column
+            print(f"original-style baseline unavailable ({type(err).__name__}: {err}); its column stays empty",
+                  file=sys.stderr)
+            base = None
     num_values = sum(h * w for h, w in levels)
     rows = []
     for dtype_name in dtypes:
