@@ -151,7 +151,7 @@ def build_driver_checks(include: Path, plugin_lib: Path, out: Path, log: list[st
     log = [] if log is None else log
     _run(["g++", "-std=c++17", "-g", "-O1", *SANITIZE, *WARNINGS, "-isystem", str(include),
           "-isystem", str(cuda_home() / "include"), str(DRIVER_DIR / "plugin_checks.cpp"),
-          str(DRIVER_DIR / "fake_tensorrt.cpp"), "-o", str(out), "-rdynamic", str(plugin_lib),
+          str(DRIVER_DIR / "fake_tensorrt.cpp"), "-o", str(out), "-rdynamic", "-Wl,--no-as-needed", str(plugin_lib),
           f"-Wl,-rpath,{plugin_lib.parent}", f"-Wl,-rpath,{_cudart_dir(cuda_home())}"], log)
     return out
 
@@ -162,7 +162,7 @@ def build_driver_enqueue(include: Path, plugin_lib: Path, out: Path, log: list[s
     cuda_lib = _cudart_dir(cuda_home())
     _run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", *WARNINGS, "-isystem", str(include),
           "-isystem", str(cuda_home() / "include"), str(DRIVER_DIR / "plugin_enqueue.cpp"),
-          str(DRIVER_DIR / "fake_tensorrt.cpp"), "-o", str(out), str(plugin_lib), "-L", str(cuda_lib), "-lcudart",
+          str(DRIVER_DIR / "fake_tensorrt.cpp"), "-o", str(out), "-Wl,--no-as-needed", str(plugin_lib), "-L", str(cuda_lib), "-lcudart",
           f"-Wl,-rpath,{plugin_lib.parent}", f"-Wl,-rpath,{cuda_lib}"], log)
     return out
 
