@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dino.engine.checkpoint import write_json
+from dino.model_loading import build_model_from_checkpoint
 
 logger = logging.getLogger("dino.engine")
 
@@ -112,17 +113,14 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
 
     Prints the 12-line COCO AP table on the main process and returns the stats there (None elsewhere).
     """
-    from dino import build_model
     from dino.data import build_dataset, format_ap_table
-    from dino.model_loading import load_weights
     from dino.engine.train import build_accelerator, check_num_classes
     from dino.postprocess import PostProcess
 
     accelerator = build_accelerator(cfg, use_trackers=False)
     dataset = build_dataset(cfg.data, "val")
     check_num_classes(cfg, dataset)
-    model = build_model(cfg.model)
-    load_weights(model, checkpoint)
+    model = build_model_from_checkpoint(cfg.model, checkpoint)  # never downloads backbone weights
     batch = cfg.optim.batch_size_per_device or 1
     model, loader = accelerator.prepare(
         model, build_val_loader(dataset, batch, cfg.data.num_workers, cfg.data.size_divisibility)

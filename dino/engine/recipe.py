@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dino.config import Recipe, apply_overrides
+from dino.errors import UserError
 
 # The repository's recipes/ folder (next to the dino package in a source checkout).
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -27,13 +28,13 @@ def resolve_recipe_path(spec: str) -> Path:
     path = Path(spec)
     if path.suffix == ".py":
         if not path.is_file():
-            raise FileNotFoundError(f"recipe file {spec} does not exist")
+            raise UserError(f"recipe file {spec} does not exist")
         return path
     for folder in (Path.cwd() / "recipes", RECIPES_DIR):
         candidate = folder / f"{spec}.py"
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"no recipe named {spec!r}; available: {', '.join(available_recipes()) or 'none'}")
+    raise UserError(f"no recipe named {spec!r}; available: {', '.join(available_recipes()) or 'none'}")
 
 
 def load_recipe(spec: str, overrides: list[str] | None = None) -> Recipe:
@@ -49,10 +50,10 @@ def load_recipe(spec: str, overrides: list[str] | None = None) -> Recipe:
         sys.path.remove(str(path.parent))
     build = getattr(module, "recipe", None)
     if not callable(build):
-        raise ValueError(f"recipe file {path} must define `def recipe() -> Recipe:`")
+        raise UserError(f"recipe file {path} must define `def recipe() -> Recipe:`")
     cfg = build()
     if not isinstance(cfg, Recipe):
-        raise ValueError(f"recipe() in {path} returned {type(cfg).__name__}, expected dino.config.Recipe")
+        raise UserError(f"recipe() in {path} returned {type(cfg).__name__}, expected dino.config.Recipe")
     return apply_overrides(cfg, list(overrides or []))
 
 
