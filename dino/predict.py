@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -249,7 +250,7 @@ def predict_files(
             try:
                 chunk.append((path, read_image(path)))
             except UserError as err:
-                tqdm.write(f"dino predict: skipped {err}")
+                tqdm.write(f"dino predict: skipped {err}", file=sys.stderr)
                 failed.append({"file": str(path), "error": str(err)})
                 bar.update(1)
         if not chunk:
