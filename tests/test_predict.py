@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import PIL.Image
 import pytest
 import torch
@@ -24,7 +25,6 @@ from dino.predict_labels import COCO_CATEGORY_NAMES, LabelNames
 from dino.weights import save_weights
 from dino_cli import main
 from export.predict_backends import OnnxRuntimeBackend
-from tests.export_standin import StandInDetector
 
 TINY = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
 CATEGORIES = [{"id": 7, "name": "rectangle"}, {"id": 3, "name": "ellipse"}, {"id": 9, "name": "triangle"}]
@@ -138,21 +138,33 @@ class ContractModel(nn.Module):
         return boxes, scores, labels
 
 
-def _export_onnx(model: nn.Module, size: tuple[int, int], path: Path, mask: bool = True) -> None:
-    images = torch.randn(1, 3, *size)
-    inputs = (images, torch.zeros(1, *size, dtype=torch.bool)) if mask else (images,)
-    names = ["images", "mask"] if mask else ["images"]
-    with torch.no_grad():
-        program = torch.export.export(model, inputs, strict=True)
-    torch.onnx.export(program, inputs, str(path), input_names=names, output_names=["boxes", "scores", "labels"],
-                      dynamo=True, opset_version=18, verbose=False)
+class ConvDetector(nn.Module):
+    """A detector with the DINO I/O contract in a few convolutions (exports to ONNX in seconds)."""
+
+    def __init__(self, num_queries: int = 12, num_classes: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 8, stride=8)
+        self.pool = nn.AdaptiveAvgPool2d((3, 4))
+        self.cls = nn.Linear(16, num_classes)
+        self.box = nn.Linear(16, 4)
+
+    def forward(self, images, mask):
+        q = self.pool(self.stem(images)).flatten(2).transpose(1, 2)  # (B, 12, 16)
+        return {"pred_logits": self.cls(q), "pred_boxes": self.box(q).sigmoid()}
+
+
+def _export_onnx(model: nn.Module, size: tuple[int, int], path: Path) -> None:
+    inputs = (torch.randn(1, 3, *size), torch.zeros(1, *size, dtype=torch.bool))
+    torch.onnx.export(model, inputs, str(path), input_names=["images", "mask"],
+                      output_names=["boxes", "scores", "labels"], dynamo=True, opset_version=18, verbose=False)
 
 
 def test_onnx_backend_gives_the_pytorch_predictions(tmp_path):
     torch.manual_seed(0)
-    detector = StandInDetector(num_queries=12, num_classes=4).eval()
+    detector = ConvDetector().eval()
     graph = tmp_path / "standin.onnx"
     _export_onnx(ContractModel(detector, num_select=8), (64, 64), graph)
+    graph_bytes = graph.read_bytes()
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -173,10 +185,17 @@ def test_onnx_backend_gives_the_pytorch_predictions(tmp_path):
         torch.testing.assert_close(torch.tensor([d["box"] for d in a["detections"]]),
                                    torch.tensor([d["box"] for d in b["detections"]]), atol=0.02, rtol=0)
 
-    mask_free = tmp_path / "mask_free.onnx"
-    _export_onnx(_ImagesOnly(ContractModel(detector, 8)), (64, 64), mask_free, mask=False)
+    mask_free = tmp_path / "mask_free.onnx"  # a graph of the old, mask-free contract
+    images = onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 3, 64, 64])
+    boxes = onnx.helper.make_tensor_value_info("boxes", onnx.TensorProto.FLOAT, [1, 3, 64, 64])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["images"], ["boxes"])], "g", [images], [boxes])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10), mask_free)
     with pytest.raises(UserError, match="re-export"):
         OnnxRuntimeBackend(mask_free, "cpu")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(graph_bytes[: len(graph_bytes) // 2])
+    with pytest.raises(UserError, match="ONNX Runtime cannot load .*corrupt.onnx"):
+        OnnxRuntimeBackend(corrupt, "cpu")
 
 
 class _Letterboxed:
@@ -187,15 +206,6 @@ class _Letterboxed:
 
     def run(self, images, mask):
         return self.backend.run(images, mask)
-
-
-class _ImagesOnly(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model(images, torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool))
 
 
 def test_fixed_size_graph_letterboxes_and_fits_images():
