@@ -14,9 +14,10 @@ from typing import Any, Iterator
 
 from dino.config import Recipe, apply_overrides
 from dino.errors import UserError
+from dino.resources import resource_dir
 
-# The repository's recipes/ folder (next to the dino package in a source checkout).
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+# The named recipes: the repository's recipes/ folder, or its copy inside an installed wheel.
+RECIPES_DIR = resource_dir("recipes")
 
 
 def available_recipes(directory: Path = RECIPES_DIR) -> list[str]:
