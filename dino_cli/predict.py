@@ -78,7 +78,7 @@ def register(subparsers) -> None:
         "predict", help="detect objects in images; writes predictions.json and pictures with the boxes drawn",
         description="Run a checkpoint (PyTorch) or an exported artifact (--onnx, --aoti, --engine) on image files and "
         "folders with dino eval's pre- and post-processing. Writes OUTPUT/predictions.json (boxes xyxy in the original "
-        "image's pixels, score, label, category id and name; format in docs/deployment.md) and one picture per image. "
+        "image's pixels, score, label, category id and name; format in README.md) and one picture per image. "
         "Unreadable files are named and skipped; the exit status is then 1. Put --set after the inputs.",
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
