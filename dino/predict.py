@@ -18,12 +18,13 @@ resized to fit instead (keeping its aspect ratio), which is the only case where 
 
 ``predictions.json``::
 
-    {"backend": "pytorch", "model": "...", "score_threshold": 0.3, "max_detections": 100,
+    {"backend": "pytorch", "model": "...", "score_threshold": 0.3, "max_detections": 100, "complete": true,
      "images": [{"file": "in/cat.jpg", "picture": "cat.jpg", "width": 640, "height": 480,
                  "detections": [{"box": [x1, y1, x2, y2], "score": 0.93, "label": 17, "category_id": 17,
                                  "name": "cat"}, ...]}, ...],
      "failed": [{"file": "in/broken.jpg", "error": "..."}]}
 
+``complete`` is false only when the run stopped on an error (the images done so far are listed).
 ``box`` is xyxy in the original image's pixels (not clipped, as ``dino eval``), detections sorted by descending score;
 ``label`` is the model's class index, ``category_id`` the dataset's id for it (equal for COCO's 91-slot models).
 """
@@ -244,33 +245,38 @@ def predict_files(
     pictures = dict(zip(files, _picture_names(files)))
     records, failed = [], []
     bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(files), batch_size):
-        chunk = []
-        for path in files[start:start + batch_size]:
-            try:
-                chunk.append((path, read_image(path)))
-            except UserError as err:
-                tqdm.write(f"dino predict: skipped {err}", file=sys.stderr)
-                failed.append({"file": str(path), "error": str(err)})
-                bar.update(1)
-        if not chunk:
-            continue
-        images, mask, resized = preprocess([image for _, image in chunk])
-        boxes, scores, labels = backend.run(images.to(backend.device), mask.to(backend.device))
-        boxes, scores, labels = boxes.float().cpu(), scores.float().cpu(), labels.cpu()
-        for i, (path, image) in enumerate(chunk):
-            dets = _detections(boxes[i], scores[i], labels[i], resized[i], (image.height, image.width),
-                               score_threshold, max_detections, names)
-            drawn = draw_detections(F.pil_to_tensor(image), torch.tensor([d["box"] for d in dets]).reshape(-1, 4),
-                                    [d["label"] for d in dets], [f"{d['name']} {d['score']:.2f}" for d in dets])
-            _save_picture(drawn, output_dir / pictures[path])
-            records.append({"file": str(path), "picture": pictures[path], "width": image.width,
-                            "height": image.height, "detections": dets})
-            bar.update(1)
-    bar.close()
-    result = {"backend": getattr(backend, "name", type(backend).__name__), "model": description,
-              "score_threshold": score_threshold, "max_detections": max_detections, "images": records,
-              "failed": failed}
     json_path = output_dir / "predictions.json"
-    _write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    complete = False
+    try:
+        for start in range(0, len(files), batch_size):
+            chunk = []
+            for path in files[start:start + batch_size]:
+                try:
+                    chunk.append((path, read_image(path)))
+                except UserError as err:
+                    tqdm.write(f"dino predict: skipped {err}", file=sys.stderr)
+                    failed.append({"file": str(path), "error": str(err)})
+                    bar.update(1)
+            if not chunk:
+                continue
+            images, mask, resized = preprocess([image for _, image in chunk])
+            boxes, scores, labels = backend.run(images.to(backend.device), mask.to(backend.device))
+            boxes, scores, labels = boxes.float().cpu(), scores.float().cpu(), labels.cpu()
+            for i, (path, image) in enumerate(chunk):
+                dets = _detections(boxes[i], scores[i], labels[i], resized[i], (image.height, image.width),
+                                   score_threshold, max_detections, names)
+                drawn = draw_detections(F.pil_to_tensor(image), torch.tensor([d["box"] for d in dets]).reshape(-1, 4),
+                                        [d["label"] for d in dets], [f"{d['name']} {d['score']:.2f}" for d in dets])
+                _save_picture(drawn, output_dir / pictures[path])
+                records.append({"file": str(path), "picture": pictures[path], "width": image.width,
+                                "height": image.height, "detections": dets})
+                bar.update(1)
+        complete = True
+    finally:
+        # Also when a batch fails (out of memory, a bug): what was predicted so far is kept, marked incomplete.
+        bar.close()
+        result = {"backend": getattr(backend, "name", type(backend).__name__), "model": description,
+                  "score_threshold": score_threshold, "max_detections": max_detections, "complete": complete,
+                  "images": records, "failed": failed}
+        _write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     return PredictSummary(records, failed, json_path)

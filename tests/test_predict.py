@@ -244,3 +244,31 @@ def test_pictures_are_enlarged_and_boxes_have_a_dark_outline():
     column = out[:, int(8 * scale) + 40: int(40 * scale) - 20, int(40 * scale) - 2: int(40 * scale) + 3]
     assert (column.sum(0) < 100).any()
     assert (out[:, -5:, -5:] == 255).all()
+
+
+class _FailsOnSecondBatch:
+    """Boxes for one 64x64 image, then a real error (as CUDA out of memory would be)."""
+
+    device, input_size, max_batch, name = torch.device("cpu"), None, None, "fake"
+
+    def __init__(self):
+        self.calls = 0
+
+    def run(self, images, mask):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return torch.tensor([[[1.0, 2.0, 30.0, 40.0]]]), torch.tensor([[0.9]]), torch.tensor([[0]])
+
+
+def test_a_failing_batch_keeps_its_traceback_and_what_was_done(tmp_path):
+    for i in range(2):
+        PIL.Image.new("RGB", (64, 64), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    files = sorted(tmp_path.glob("*.png"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        predict_files(_FailsOnSecondBatch(), files, DataConfig(val_scale=64, val_max_size=64),
+                      LabelNames.build(3, "contiguous", None), tmp_path / "out")
+    result = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert result["complete"] is False and [Path(r["file"]).name for r in result["images"]] == ["0.png"]
+    assert result["images"][0]["detections"] == [{"box": [1.0, 2.0, 30.0, 40.0], "score": 0.9, "label": 0,
+                                                  "category_id": 0, "name": "class 0"}]
