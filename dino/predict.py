@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from dino.config import DataConfig
 from dino.data import build_transforms, pad_images
+from dino.data.transforms import resized_size
 from dino.errors import UserError
 from dino.postprocess import postprocess
 from dino.predict_draw import draw_detections
@@ -53,6 +54,8 @@ from dino.predict_labels import LabelNames
 
 PICTURE_SUFFIX = ".jpg"
 PICTURE_QUALITY = 92
+_UMASK = os.umask(0o22)
+os.umask(_UMASK)
 
 
 class Backend(Protocol):
@@ -106,8 +109,6 @@ class Preprocessor:
     def _transform_for(self, height: int, width: int):
         if self.input_size is None:
             return self.transform
-        from dino.data.transforms import resized_size
-
         cfg = self.data_cfg
         out_h, out_w = resized_size(height, width, cfg.val_scale, cfg.val_max_size)
         max_h, max_w = self.input_size
@@ -189,6 +190,7 @@ def _write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
