@@ -8,6 +8,7 @@ import pytest
 from dino.engine.batching import plan_batches
 from dino.engine.recipe import available_recipes, load_recipe
 from dino.engine.optim import build_optimizer, build_scheduler
+from dino.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,7 @@ def test_bad_override_names_the_problem(override, message):
 
 
 def test_unknown_recipe_lists_available():
-    with pytest.raises(FileNotFoundError, match="no recipe named 'nope'; available: .*dino_r50_4scale_12ep"):
+    with pytest.raises(UserError, match="no recipe named 'nope'; available: .*dino_r50_4scale_12ep"):
         load_recipe("nope")
 
 
