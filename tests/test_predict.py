@@ -163,7 +163,7 @@ def test_onnx_backend_gives_the_pytorch_predictions(tmp_path):
     torch.manual_seed(0)
     detector = ConvDetector().eval()
     graph = tmp_path / "standin.onnx"
-    _export_onnx(ContractModel(detector, num_select=8), (64, 64), graph)
+    _export_onnx(ContractModel(detector, num_select=8).eval(), (64, 64), graph)
     graph_bytes = graph.read_bytes()
     folder = tmp_path / "in"
     folder.mkdir()
