@@ -6,11 +6,13 @@ Defaults are the official DINO R50 4-scale values (``../shared/reference/dino_of
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from dino.errors import UserError
 
 @dataclass
 class BackboneConfig:
@@ -195,23 +197,35 @@ def _parse_value(text: str, current: Any) -> Any:
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Applies ``section.field=value`` overrides in place and returns ``cfg``.
 
-    Raises ValueError naming the override when the path does not exist or the value cannot be parsed.
+    Raises UserError naming the override when the path does not exist or the value cannot be parsed.
     """
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
+            raise UserError(f"override {item!r} must look like section.field=value")
         path, text = item.split("=", 1)
         parts = path.strip().split(".")
         obj = cfg
         for name in parts[:-1]:
             if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
-                raise ValueError(f"override {item!r}: no config section {name!r}")
+                raise UserError(f"override {item!r}: no config section {name!r}")
             obj = getattr(obj, name)
         leaf = parts[-1]
         if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
-            raise ValueError(f"override {item!r}: no field {leaf!r} in {type(obj).__name__}")
+            raise UserError(f"override {item!r}: no field {leaf!r} in {type(obj).__name__}")
         try:
             setattr(obj, leaf, _parse_value(text.strip(), getattr(obj, leaf)))
         except ValueError as err:
-            raise ValueError(f"override {item!r}: {err}") from None
+            raise UserError(f"override {item!r}: {err}") from None
     return cfg
+
+
+OVERRIDE_HELP = (
+    "override recipe fields: --set optim.lr=1e-4 data.root=/data/coco model.transformer.num_queries=300 "
+    "(tuples as 1,2,3 or (1,2,3); none/null for None; repeatable)"
+)
+
+
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set FIELD=VALUE [FIELD=VALUE ...]`` (repeatable) into ``args.overrides``: the same flag in every command."""
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                        help=OVERRIDE_HELP)

@@ -1,20 +1,30 @@
 """Reading weights from any supported file into a model: this project's safetensors or an official DINO ``.pth``.
 
 Used by evaluation, export, prediction and training (fine-tuning), so all of them accept the same files and give the
-same errors. File formats themselves (atomic safetensors writes, safe ``.pth`` reads) live in :mod:`dino.weights`.
+same errors: a missing, truncated or corrupt file, or one that does not fit the model, is a
+:class:`~dino.errors.UserError` naming the file. File formats themselves (atomic safetensors writes, safe ``.pth``
+reads) live in :mod:`dino.weights`.
+
+:func:`build_model_from_checkpoint` is the one way to build a model whose every weight comes from a file: it never
+fetches pretrained backbone weights (the checkpoint replaces them all), so it works offline.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from dino.convert import convert_official_state_dict
+from dino import convert
+from dino.config import ModelConfig
+from dino.errors import UserError
+from dino.models.dino import DINO, build_model
 from dino.weights import load_pth_state_dict
 
 
@@ -24,22 +34,71 @@ def is_official_state_dict(state_dict: dict) -> bool:
     return any(k.startswith("backbone.0.") for k in keys) or any(k.startswith("transformer.decoder.bbox_embed.") for k in keys)
 
 
-def read_state_dict(path: str | os.PathLike, model_cfg=None) -> dict[str, torch.Tensor]:
-    """Reads our safetensors weights, or an official DINO .pth (``{"model": state_dict, ...}``) converted in memory.
-
-    ``model_cfg`` (a ModelConfig) tells the converter which architecture the official file is for.
-    """
+def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
+        raise UserError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a file")
+    return path
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
         return load_file(str(path))
-    obj = load_pth_state_dict(path)
+    except (SafetensorError, OSError) as err:
+        # Truncated files, garbage headers and unreadable files all land here.
+        raise UserError(f"checkpoint {path} is not a readable safetensors file (corrupt or truncated?): {err}") from None
+
+
+def read_state_dict(path: str | os.PathLike, model_cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """Reads our safetensors weights, or an official DINO .pth (``{"model": state_dict, ...}``) converted in memory.
+
+    ``model_cfg`` tells the converter which architecture the official file is for. Raises UserError naming the file
+    when it is missing, corrupt, truncated or not a DINO checkpoint.
+    """
+    path = _existing_file(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    try:
+        obj = load_pth_state_dict(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
     if is_official_state_dict(obj):
         if model_cfg is None:
-            raise ValueError(f"{path} is an official DINO checkpoint; converting it needs the model config")
-        return convert_official_state_dict(obj, _heads_as_in(obj, model_cfg))
+            raise UserError(f"{path} is an official DINO checkpoint; converting it needs the model config")
+        try:
+            return convert.convert_official_state_dict(obj, _heads_as_in(obj, model_cfg))
+        except UserError:
+            raise
+        except ValueError as err:  # the converter names the key that does not fit
+            raise UserError(f"{path}: {err}") from None
     return obj
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint (``{}`` for a ``.pth`` or a file written without any).
+
+    Training stores ``"categories"`` (JSON list of ``{"id", "name"}``) and ``"recipe"`` there.
+    """
+    path = _existing_file(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"checkpoint {path} is not a readable safetensors file (corrupt or truncated?): {err}") from None
+
+
+def read_categories(path: str | os.PathLike) -> list[dict] | None:
+    """The dataset categories ``[{"id": 1, "name": "person"}, ...]`` stored with a checkpoint, or None."""
+    text = read_metadata(path).get("categories")
+    if text is None:
+        return None
+    try:
+        categories = json.loads(text)
+        return [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"checkpoint {path}: metadata 'categories' is not a JSON list of {{id, name}}: {err}") from None
 
 
 def _heads_as_in(state_dict: dict, model_cfg):
@@ -62,8 +121,8 @@ def load_weights(
     """Loads weights into ``model``, dropping keys that match any regex in ``ignore_keys`` (re.search).
 
     Fine-tuning on new classes uses the official ``--finetune_ignore label_enc.weight class_embed``.
-    With ``strict``, keys missing from the file (other than ignored ones) or unknown to the model raise ValueError;
-    a shape mismatch always raises ValueError naming the key. Returns (missing, unexpected) key lists.
+    With ``strict``, keys missing from the file (other than ignored ones) or unknown to the model raise UserError;
+    a shape mismatch always raises UserError naming the key. Returns (missing, unexpected) key lists.
     """
     patterns = [re.compile(p) for p in ignore_keys]
     state = read_state_dict(path, getattr(model, "cfg", None))
@@ -71,7 +130,7 @@ def load_weights(
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise ValueError(
+            raise UserError(
                 f"{path}: {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)} "
                 f"(add it to --ignore-keys to fine-tune with a different head)"
             )
@@ -79,8 +138,29 @@ def load_weights(
     missing = [k for k in result.missing_keys if not any(p.search(k) for p in patterns)]
     unexpected = list(result.unexpected_keys)
     if strict and (missing or unexpected):
-        raise ValueError(
+        raise UserError(
             f"{path} does not match the model: {len(missing)} missing key(s) {missing[:5]}, "
             f"{len(unexpected)} unexpected key(s) {unexpected[:5]}"
         )
     return missing, unexpected
+
+
+def without_pretrained_backbone(model_cfg: ModelConfig) -> ModelConfig:
+    """A copy of ``model_cfg`` whose backbone starts from random weights (``backbone.pretrained = None``)."""
+    cfg = copy.deepcopy(model_cfg)
+    cfg.backbone.pretrained = None
+    return cfg
+
+
+def build_model_from_checkpoint(model_cfg: ModelConfig, path: str | os.PathLike) -> DINO:
+    """The model of ``model_cfg`` with every weight read (strictly) from ``path``, in eval mode on the CPU.
+
+    The backbone is built without its pretrained weights whatever ``backbone.pretrained`` says (the checkpoint
+    replaces every one of them), so loading a checkpoint never downloads. The file is checked before the model is
+    built, so a missing file fails at once. Raises UserError naming the file when it is missing, corrupt or does not
+    match the model.
+    """
+    _existing_file(path)
+    model = build_model(without_pretrained_backbone(model_cfg))
+    load_weights(model, path, strict=True)
+    return model.eval()

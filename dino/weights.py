@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from dino.durable import replace_durably
+from dino.errors import UserError
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -38,11 +39,11 @@ def load_pth_state_dict(path: str | os.PathLike, trust_checkpoint: bool = False)
 
     Loads with ``weights_only=True``, allowing the ``argparse.Namespace`` that official checkpoints pickle beside the
     weights; ``trust_checkpoint=True`` unpickles anything (only for files you trust).
-    Raises FileNotFoundError / ValueError naming the file.
+    Raises UserError naming the file.
     """
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such checkpoint file: {path!r}")
+        raise UserError(f"no such checkpoint file: {path!r}")
     try:
         if trust_checkpoint:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -50,11 +51,11 @@ def load_pth_state_dict(path: str | os.PathLike, trust_checkpoint: bool = False)
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling raises many types
-        raise ValueError(f"cannot load {path!r} with torch.load(weights_only=True): {err}. If you trust the file, "
+        raise UserError(f"cannot load {path!r} with torch.load(weights_only=True): {err}. If you trust the file, "
                          "convert it with `dino convert-official --trust-checkpoint`.") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ValueError(f"{path!r} is not a DINO checkpoint: expected a dict with a 'model' state dict "
+        raise UserError(f"{path!r} is not a DINO checkpoint: expected a dict with a 'model' state dict "
                          "or a bare state dict of tensors")
     return ckpt

@@ -1,39 +1,62 @@
-"""The `dino` console script: one parser, subcommands contributed by the library and by export/.
+"""The `dino` console script and ``launch.py``: one parser, one error policy.
 
-Lives outside `dino/` because `dino/` never imports `export/`; this module sits above both.
-Each command module exposes ``register(subparsers)``, which adds its subparser(s) and sets ``func``.
+Lives outside `dino/` because `dino/` never imports `export/`; this package sits above both. Each command module
+exposes ``register(subparsers)``, which adds its subparser(s) and sets ``func``.
+
+Errors: :class:`dino.errors.UserError` (a missing or corrupt file, a bad recipe field or ``--set`` value, a bad image)
+is printed as one line ``dino <command>: error: <message>`` with exit status 2, like argparse's own usage errors.
+Every other exception (CUDA out of memory, real bugs) propagates with its traceback.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from dino import convert
+from dino.engine import cli as engine_cli
+from dino.errors import UserError
+from dino_cli import predict as predict_cli
+from export import cli as export_cli
+
 # Modules that contribute subcommands, in help order.
-COMMAND_MODULES = (
-    "dino.convert",       # convert-official
-    "dino.engine.cli",    # train, eval
-    "export.cli",         # export onnx|trt|aoti, bench
-)
+COMMAND_MODULES = (convert, engine_cli, export_cli, predict_cli)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dino", description="DINO object detection: train, evaluate, convert, export.")
+def _build(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="DINO object detection: train, evaluate, convert, export, predict.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
-    return parser
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser, sub.choices
+
+
+def build_parser(prog: str = "dino") -> argparse.ArgumentParser:
+    return _build(prog)[0]
+
+
+def _run(args: argparse.Namespace, error_prefix: str) -> int:
+    try:
+        rc = args.func(args)
+    except UserError as err:
+        print(f"{error_prefix}: error: {err}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one ``dino`` command; returns its exit status (2 for a :class:`UserError` or a usage error)."""
     args = build_parser().parse_args(argv)
-    try:
-        rc = args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
-        # Known, user-facing failures: one clear line, no traceback.
-        print(f"dino {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return int(rc or 0)
+    target = getattr(args, "target", None)
+    return _run(args, f"dino {args.command}" + (f" {target}" if target else ""))
+
+
+def launch_main(argv: list[str] | None = None) -> int:
+    """Entry of ``launch.py`` (``accelerate launch launch.py RECIPE ...``): the ``dino train`` parser and command under
+    the name ``launch.py``, so arguments, errors and exit codes are those of ``dino train``."""
+    train = _build("dino")[1]["train"]
+    train.prog = "launch.py"
+    return _run(train.parse_args(argv), "launch.py")
 
 
 if __name__ == "__main__":

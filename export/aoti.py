@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from dino.errors import UserError
 from export.deploy_model import DeployModel
 from export.tracing import export_program
 
@@ -46,7 +47,7 @@ def export_aoti(
         use_custom_op = kernel_available(device)
     path = Path(output)
     if path.suffix != ".pt2":
-        raise ValueError(f"an AOTInductor package must end in .pt2, got {path}")
+        raise UserError(f"an AOTInductor package must end in .pt2, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.to(device).eval()
     height, width = image_size
@@ -69,5 +70,5 @@ def load_aoti(path: str | os.PathLike):
     """Loads a package; the result is called as ``boxes, scores, labels = runner(images)``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"AOTInductor package {path} does not exist")
+        raise UserError(f"AOTInductor package {path} does not exist")
     return torch._inductor.aoti_load_package(str(path))

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from dino.errors import UserError
 from export.deploy_model import DeployModel
 
 ALL_BACKENDS = ("eager_fp32", "eager_bf16", "eager_fp16", "compile", "aoti", "ort_cpu", "ort_cuda", "tensorrt")
@@ -179,11 +180,11 @@ def run_bench(
     backends = list(backends or ALL_BACKENDS)
     unknown = [b for b in backends if b not in ALL_BACKENDS]
     if unknown:
-        raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
+        raise UserError(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
     if not batches or min(batches) < 1:
-        raise ValueError(f"--batch sizes must be >= 1, got {batches}")
+        raise UserError(f"--batch sizes must be >= 1, got {batches}")
     if iters < 1 or warmup < 0:
-        raise ValueError(f"--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}")
+        raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
     height, width = image_size

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import torch
 
+from dino.config import add_override_argument
+
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool) -> None:
     p.add_argument("--recipe", required=True, help="recipe name or file (recipes/*.py), or a preset name")
     p.add_argument("--checkpoint", required=checkpoint_required, default=None,
                    help="model.safetensors (state dict of the recipe's model)" +
                         ("" if checkpoint_required else "; omitted: random weights"))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="recipe override, e.g. model.num_select=100 (repeatable)")
+    add_override_argument(p)
     p.add_argument("--image-size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"),
                    help="input size in pixels (default 800 1333)")
 

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from dino.config import ModelConfig
+from dino.errors import UserError
+from dino.model_loading import build_model_from_checkpoint
 from dino.postprocess import postprocess
 
 # The feature pyramid's coarsest level has stride 64 (the extra stride-2 convolution after C5): a smaller image leaves
@@ -45,15 +47,15 @@ class DeployModel(nn.Module):
 
 
 def check_image_size(image_size: tuple[int, int] | list[int]) -> tuple[int, int]:
-    """Validates an ``(H, W)`` export size in pixels; raises ValueError naming the bad value."""
+    """Validates an ``(H, W)`` export size in pixels; raises UserError naming the bad value."""
     if len(image_size) != 2:
-        raise ValueError(f"--image-size takes two numbers H W, got {list(image_size)}")
+        raise UserError(f"--image-size takes two numbers H W, got {list(image_size)}")
     height, width = (int(v) for v in image_size)
     for name, value in (("height", height), ("width", width)):
         if value <= 0:
-            raise ValueError(f"--image-size {name} must be positive, got {value}")
+            raise UserError(f"--image-size {name} must be positive, got {value}")
         if value < MIN_IMAGE_SIDE:
-            raise ValueError(
+            raise UserError(
                 f"--image-size {name} {value} is below {MIN_IMAGE_SIDE} px: the stride-64 feature level would be empty"
             )
     return height, width
@@ -62,27 +64,19 @@ def check_image_size(image_size: tuple[int, int] | list[int]) -> tuple[int, int]
 def resolve_model_config(spec: str, overrides: list[str] | None = None) -> tuple[str, ModelConfig]:
     """The model config of a recipe (name or file, see ``dino.engine.recipe``) or, failing that, of a preset name.
 
-    Returns (description, config). Raises FileNotFoundError listing both recipes and presets when neither matches.
+    Returns (description, config). Raises UserError listing both recipes and presets when neither matches.
     """
-    from dino.engine.recipe import available_recipes, load_recipe, recipe_path
-    from dino.errors import UserError
+    from dino.config import Recipe, apply_overrides
+    from dino.engine.recipe import load_recipe, recipe_path
+    from dino.presets import PRESETS, get_preset
 
     try:
         recipe_path(spec)
     except UserError as recipe_err:
-        from dino.presets import PRESETS, get_preset
-
-        if spec in PRESETS:
-            cfg = get_preset(spec)
-            if overrides:
-                from dino.config import apply_overrides
-
-                # Overrides are written against a Recipe (model.xxx=...); a preset is a ModelConfig.
-                apply_overrides(cfg, [o[len("model."):] if o.startswith("model.") else o for o in overrides])
-            return f"preset {spec}", cfg
-        raise FileNotFoundError(
-            f"{recipe_err}; presets: {', '.join(sorted(PRESETS))}"
-        ) from None
+        if spec not in PRESETS:
+            raise UserError(f"{recipe_err}; presets: {', '.join(sorted(PRESETS))}") from None
+        # A preset is the model of a default Recipe, so --set takes the same model.xxx=... paths as with a recipe.
+        return f"preset {spec}", apply_overrides(Recipe(name=spec, model=get_preset(spec)), list(overrides or [])).model
     recipe = load_recipe(spec, overrides)
     return f"recipe {recipe.name}", recipe.model
 
@@ -97,23 +91,22 @@ def build_deploy_model(
     """Builds the model of recipe/preset ``spec``, loads ``checkpoint`` (strict) and wraps it for export.
 
     ``checkpoint=None`` keeps random weights (for benchmarks). Returns (model in eval mode on CPU, description).
-    Raises FileNotFoundError for a missing file and ValueError naming the keys when the checkpoint does not match.
+    Raises UserError naming the file when it is missing, corrupt or does not match the model.
     """
     import dino
-    from dino.model_loading import load_weights
 
     desc, cfg = resolve_model_config(spec, overrides)
     cfg = dataclasses.replace(cfg)
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    model = dino.build_model(cfg)
+        raise UserError(f"checkpoint {checkpoint} does not exist")
     if checkpoint is not None:
-        try:
-            load_weights(model, checkpoint)
-        except ValueError as err:
-            raise ValueError(f"checkpoint does not match {desc}: {err}") from None
+        try:  # never downloads backbone weights: the checkpoint replaces them
+            model = build_model_from_checkpoint(cfg, checkpoint)
+        except UserError as err:
+            raise UserError(f"checkpoint does not match {desc}: {err}") from None
         desc += f", weights {Path(checkpoint).name}"
     else:
+        model = dino.build_model(cfg)
         desc += ", random weights (no checkpoint)"
     wrapped = DeployModel(model, num_select if num_select is not None else cfg.num_select, half=half)
     return wrapped.eval(), desc

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnx
 
+from dino.errors import UserError
 from export.plugin_node import plugin_nodes
 
 
@@ -60,13 +61,13 @@ def make_build_plan(
     """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        raise FileNotFoundError(f"ONNX file {onnx_path} does not exist")
+        raise UserError(f"ONNX file {onnx_path} does not exist")
     if workspace_gb <= 0:
-        raise ValueError(f"--workspace-gb must be positive, got {workspace_gb}")
+        raise UserError(f"--workspace-gb must be positive, got {workspace_gb}")
     if max_batch < 1:
-        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
+        raise UserError(f"--max-batch must be >= 1, got {max_batch}")
     if not 1 <= opt_batch <= max_batch:
-        raise ValueError(f"the optimisation batch {opt_batch} must lie in 1..--max-batch ({max_batch})")
+        raise UserError(f"the optimisation batch {opt_batch} must lie in 1..--max-batch ({max_batch})")
     model = onnx.load(str(onnx_path), load_external_data=False)
     if len(model.graph.input) != 1:
         raise ValueError(f"{onnx_path}: expected one input (images), found {[i.name for i in model.graph.input]}")
@@ -83,9 +84,9 @@ def make_build_plan(
     libs = [Path(p) for p in (plugin_libs or [])]
     for lib in libs:
         if not lib.is_file():
-            raise FileNotFoundError(f"plugin library {lib} does not exist (build csrc/tensorrt with CMake)")
+            raise UserError(f"plugin library {lib} does not exist (build csrc/tensorrt with CMake)")
     if n_plugin and not libs:
-        raise ValueError(
+        raise UserError(
             f"{onnx_path} has {n_plugin} DinoMSDeformAttn plugin node(s): pass --plugin-lib "
             "path/to/libdino_trt_plugin.so (see docs/deployment.md)"
         )

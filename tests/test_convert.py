@@ -11,6 +11,7 @@ import torch
 
 import dino
 from dino.convert import convert_official_state_dict, register
+from dino.errors import UserError
 from dino.postprocess import postprocess
 from tests.official_weights import official_state_dict as filled_state_dict, read_keys
 
@@ -166,7 +167,7 @@ def test_unreadable_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="junk.pth"):
         args.func(args)
     args = parser().parse_args(["convert-official", str(tmp_path / "nope.pth"), str(tmp_path / "o.safetensors")])
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(UserError, match="nope.pth"):
         args.func(args)
 
 

@@ -9,6 +9,7 @@ from dino.engine.batching import plan_batches
 from dino.engine.recipe import RECIPES_DIR, available_recipes, load_recipe, recipe_path
 from dino.errors import UserError
 from dino.engine.optim import build_optimizer, build_scheduler
+from dino.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""``dino train`` and ``dino eval``; ``launch.py`` uses the same arguments and the same engine.
+"""``dino train`` and ``dino eval``; ``launch.py`` is ``dino train`` (same entry: dino_cli).
 
     dino train recipes/quickstart.py --set optim.lr=2e-4 data.root=/data/shapes
     accelerate launch --num_processes 8 launch.py recipes/dino_r50_4scale_12ep.py --set data.root=/data/coco
@@ -9,18 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
-from dino.config import Recipe
-from dino.engine.recipe import available_recipes, iter_fields, load_recipe
+from dino.config import Recipe, add_override_argument
 from dino.errors import UserError
-
-OVERRIDE_HELP = (
-    "override recipe fields: --set optim.lr=1e-4 data.root=/data/coco model.transformer.num_queries=300 "
-    "(tuples as 1,2,3 or (1,2,3); none/null for None; repeatable)"
-)
-
+from dino.engine.recipe import available_recipes, iter_fields, load_recipe
 
 def _fields_epilog() -> str:
     lines = [f"  {path} = {value!r}" for path, value in iter_fields(Recipe())]
@@ -30,10 +23,6 @@ def _fields_epilog() -> str:
         "Every field below can be overridden with --set FIELD=VALUE (defaults shown; recipes change some):\n"
         + "\n".join(lines)
     )
-
-
-def add_override_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE", help=OVERRIDE_HELP)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,21 +115,3 @@ def register(subparsers) -> None:
     )
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=run_eval)
-
-
-def launch_main(argv: list[str] | None = None) -> int:
-    """Entry of ``launch.py``: the ``dino train`` arguments without the subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="launch.py",
-        description="Train DINO from a recipe under Accelerate: "
-        "`accelerate launch [--num_processes N] [--num_machines M --machine_rank R --main_process_ip IP "
-        "--main_process_port PORT] launch.py RECIPE [--set FIELD=VALUE ...]`. Plain `python launch.py` runs one process.",
-        epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_train(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"launch.py: error: {err}", file=sys.stderr)
-        return 2

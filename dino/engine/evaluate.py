@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dino.durable import replace_durably, write_json
-from dino.engine.setup import build_accelerator, build_model, fit_classes_to
+from dino.engine.setup import build_accelerator, fit_classes_to
 from dino.errors import UserError
+from dino.model_loading import build_model_from_checkpoint
 
 logger = logging.getLogger("dino.engine")
 
@@ -130,15 +131,13 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
     Prints the 12-line COCO AP table on the main process and returns the stats there (None elsewhere).
     """
     from dino.data import build_dataset, format_ap_table
-    from dino.model_loading import load_weights
     from dino.postprocess import PostProcess
 
     weights = checkpoint_weights(checkpoint)
     accelerator = build_accelerator(cfg, use_trackers=False)
     dataset = build_dataset(cfg.data, "val")
     fit_classes_to(cfg, dataset)
-    model = build_model(cfg.model, weights_follow=True)
-    load_weights(model, weights)
+    model = build_model_from_checkpoint(cfg.model, weights)  # never downloads backbone weights
     batch = cfg.optim.batch_size_per_device or 1
     model, loader = accelerator.prepare(
         model, build_val_loader(dataset, batch, cfg.data.num_workers, cfg.data.size_divisibility)

@@ -16,9 +16,11 @@ from typing import Any, Iterator
 
 from dino.config import Recipe, apply_overrides
 from dino.errors import UserError
+from dino.resources import resource_dir
 
-# The project's own recipes; a recipe *name* resolves only here (never from the current folder, whose code would run).
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+# The project's own recipes (the repository's recipes/ folder, or its copy inside an installed wheel); a recipe
+# *name* resolves only here, never from the current folder, whose code would run.
+RECIPES_DIR = resource_dir("recipes")
 
 
 def available_recipes(directory: Path = RECIPES_DIR) -> list[str]:

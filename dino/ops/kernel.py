@@ -18,9 +18,11 @@ from types import ModuleType
 from filelock import FileLock  # inter-process lock; a dependency of torch
 import torch
 
+from dino.resources import resource_dir
+
 logger = logging.getLogger("dino.ops")
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = resource_dir("csrc")  # the repository's csrc/, or its copy inside an installed wheel
 KERNEL_DIR = CSRC / "ms_deform_attn"
 BINDING_DIR = CSRC / "torch"
 EXTENSION_NAME = "dino_msda_ext"

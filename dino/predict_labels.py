@@ -1,0 +1,58 @@
+"""Names of a detector's labels, for ``dino predict``: the checkpoint's own categories, or COCO's for 91-slot models.
+
+A model label is a class index of the classification head. How it maps to a dataset category id follows the recipe's
+``data.label_mapping`` (``dino.data.coco``): ``"official"`` uses the category id itself as the label, ``"contiguous"``
+numbers the categories sorted by id 0..K-1. Training stores the dataset's categories in the checkpoint metadata
+(``"categories"``); checkpoints without them (older files, converted official models) get COCO's 80 names at their
+official ids when the model has 91 class slots, and ``"class <label>"`` otherwise.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# The 80 COCO 2017 detection categories at their official ids (1..90, ten ids unused).
+COCO_CATEGORY_NAMES: dict[int, str] = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
+    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
+    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear", 24: "zebra",
+    25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee",
+    35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
+    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass", 47: "cup", 48: "fork",
+    49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple", 54: "sandwich", 55: "orange", 56: "broccoli",
+    57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant",
+    65: "bed", 67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard",
+    77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book",
+    85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}
+COCO_NUM_CLASS_SLOTS = 91
+
+
+class LabelInfo(NamedTuple):
+    category_id: int
+    name: str
+
+
+class LabelNames:
+    """``names[label] -> LabelInfo(category_id, name)`` for every label a model can emit (unknown ones included)."""
+
+    def __init__(self, table: dict[int, LabelInfo], source: str):
+        self._table = table
+        self.source = source  # one line for the log: where the names come from
+
+    def __getitem__(self, label: int) -> LabelInfo:
+        return self._table.get(int(label), LabelInfo(int(label), f"class {int(label)}"))
+
+    @classmethod
+    def build(cls, num_classes: int, label_mapping: str, categories: list[dict] | None) -> "LabelNames":
+        """From the checkpoint's ``categories`` (``[{"id", "name"}]``, any order) or, without them, COCO / numbers."""
+        if categories:
+            ordered = sorted(categories, key=lambda c: c["id"])
+            if label_mapping == "official":
+                table = {c["id"]: LabelInfo(c["id"], c["name"]) for c in ordered}
+            else:
+                table = {i: LabelInfo(c["id"], c["name"]) for i, c in enumerate(ordered)}
+            return cls(table, f"{len(table)} category names from the checkpoint")
+        if num_classes == COCO_NUM_CLASS_SLOTS:
+            table = {cid: LabelInfo(cid, name) for cid, name in COCO_CATEGORY_NAMES.items()}
+            return cls(table, "COCO category names (91-slot model, no categories in the checkpoint)")
+        return cls({}, "no category names in the checkpoint: labels shown as 'class <label>'")

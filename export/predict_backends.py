@@ -1,0 +1,123 @@
+"""Exported artifacts as ``dino predict`` backends: ONNX Runtime, AOTInductor packages, TensorRT engines.
+
+Each implements the backend interface of :mod:`dino.predict` on the deploy-graph contract (docs/ARCHITECTURE.md,
+CONTRACTS item 4): ``run(images (B,3,H,W) float32, mask (B,H,W) bool) -> boxes (B,K,4) xyxy pixels of each image's
+valid region, scores (B,K), labels (B,K) int64``, plus ``device``, ``input_size`` (the graph's fixed (H, W), or
+None) and ``max_batch`` (a static batch axis, or None). ONNX Runtime and TensorRT are imported only when used.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dino.errors import UserError
+
+INPUT_NAMES = ("images", "mask")
+OUTPUT_NAMES = ("boxes", "scores", "labels")
+
+
+def _existing(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    return path
+
+
+def _static(dim) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+class OnnxRuntimeBackend:
+    """An exported ONNX graph (standard deform op) in ONNX Runtime, on the CPU or (``device="cuda"``) the GPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+        path = _existing(path, "ONNX graph")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("--onnx needs ONNX Runtime: pip install 'dino[export]' (or onnxruntime)") from None
+        self.device = torch.device(device)
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError("--device cuda: this ONNX Runtime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as err:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types for bad files
+            raise UserError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if set(inputs) != set(INPUT_NAMES):
+            raise UserError(f"{path} takes inputs {sorted(inputs)}; dino predict needs a graph taking "
+                            f"{list(INPUT_NAMES)} (re-export it with this version of dino export onnx)")
+        shape = inputs["images"].shape
+        height, width = _static(shape[2]), _static(shape[3])
+        if height is None or width is None:
+            raise UserError(f"{path}: the graph's image size {shape[2:]} is not fixed")
+        self.input_size = (height, width)
+        self.max_batch = _static(shape[0])
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feed = {"images": images.detach().float().cpu().numpy(), "mask": mask.detach().cpu().numpy().astype(np.bool_)}
+        values = dict(zip(self._outputs, self.session.run(self._outputs, feed)))
+        names = OUTPUT_NAMES if set(OUTPUT_NAMES) <= set(values) else self._outputs[:3]
+        return tuple(torch.from_numpy(values[n]) for n in names)  # type: ignore[return-value]
+
+
+class AotiBackend:
+    """An AOTInductor package (``dino export aoti``), compiled for one image size on one device."""
+
+    name = "aoti"
+    max_batch = None  # the package's batch range is not recorded in it; --batch-size must stay within it
+
+    def __init__(self, path: str | os.PathLike, input_size: tuple[int, int] | None, device: str | torch.device):
+        path = _existing(path, "AOTInductor package")
+        if input_size is None:
+            raise UserError("--aoti needs --image-size H W: the size the package was exported for")
+        self.device = torch.device(device)
+        self.input_size = tuple(input_size)
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as err:  # noqa: BLE001 - a corrupt archive surfaces as many error types
+            raise UserError(f"cannot load the AOTInductor package {path}: {str(err).splitlines()[0]}") from None
+
+    @torch.no_grad()
+    def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        boxes, scores, labels = self.runner(images.float(), mask)
+        return boxes, scores, labels
+
+
+class TensorRTBackend:
+    """A TensorRT engine (``dino export trt``), with the plugin libraries a plugin graph needs; CUDA only."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | os.PathLike, plugin_libs: list[str | os.PathLike], device: str | torch.device):
+        path = _existing(path, "TensorRT engine")
+        try:
+            import tensorrt  # noqa: F401 - only to fail early with a clear line
+        except ImportError:
+            raise UserError("--engine needs TensorRT: the `tensorrt` Python package is not installed "
+                            "(pip install tensorrt, on a machine with an NVIDIA GPU)") from None
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise UserError("--engine runs on a CUDA GPU: pass --device cuda on a machine with one")
+        from export.trt_runtime import TensorRTRunner
+
+        self.runner = TensorRTRunner(path, list(plugin_libs))
+        shape = tuple(self.runner.engine.get_tensor_shape("images"))
+        if _static(shape[2]) is None or _static(shape[3]) is None:
+            raise UserError(f"{path}: the engine's image size {shape[2:]} is not fixed")
+        self.input_size = (shape[2], shape[3])
+        self.max_batch = _static(shape[0])
+
+    @torch.no_grad()
+    def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        boxes, scores, labels = self.runner(images.float(), mask)
+        return boxes, scores, labels.long()

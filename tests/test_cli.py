@@ -1,0 +1,175 @@
+"""The `dino` front door: one parser, UserError as one line with exit 2, every other exception with its traceback,
+the same --set everywhere, launch.py as `dino train`, and loading a checkpoint never downloading."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import dino_cli
+from dino.engine.recipe import load_recipe
+from dino.errors import UserError
+from dino.model_loading import build_model_from_checkpoint, read_categories, read_state_dict
+from dino.models.dino import build_model
+from dino.weights import save_weights
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "tests" / "engine_tiny_recipe.py")
+
+
+def _run(argv, capsys):
+    rc = dino_cli.main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dino_cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for command in ("convert-official", "train", "eval", "export", "bench", "predict"):
+        assert command in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", TINY],
+    ["eval", "--recipe", TINY, "--checkpoint", "x.safetensors"],
+    ["predict", "x.png", "--recipe", TINY, "--checkpoint", "x.safetensors"],
+    ["export", "onnx", "--recipe", TINY, "--checkpoint", "x.safetensors"],
+    ["bench", "--recipe", TINY],
+])
+def test_set_is_the_same_flag_with_the_same_error_in_every_command(argv, capsys):
+    rc, _, err = _run([*argv, "--set", "data.root=/tmp/x", "optim.nope=1"], capsys)
+    assert rc == 2
+    assert err.strip().endswith("error: override 'optim.nope=1': no field 'nope' in OptimConfig")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_user_error_is_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
+    from dino.engine import cli as engine_cli
+
+    def fail_with(exc):
+        def run(args):
+            raise exc
+        return run
+
+    monkeypatch.setattr(engine_cli, "run_eval", fail_with(UserError("bad thing in /x/y.json")))
+    rc, _, err = _run(["eval", "--recipe", TINY, "--checkpoint", "c"], capsys)
+    assert (rc, err) == (2, "dino eval: error: bad thing in /x/y.json\n")
+    for exc in (RuntimeError("CUDA out of memory"), KeyError("pred_logits"), FileNotFoundError("a bug")):
+        monkeypatch.setattr(engine_cli, "run_eval", fail_with(exc))
+        with pytest.raises(type(exc)):
+            dino_cli.main(["eval", "--recipe", TINY, "--checkpoint", "c"])
+
+
+def test_launch_is_dino_train(capsys):
+    rc = dino_cli.launch_main([TINY, "--set", "optim.lr=1e-3", "--print-recipe"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "optim.lr = 0.001" in out  # the real dino train ran (print-recipe) with the override
+    rc = dino_cli.launch_main([TINY, "--ignore-keys", "class_embed"])
+    assert rc == 2 and capsys.readouterr().err == "launch.py: error: --ignore-keys needs --pretrained\n"
+
+
+# --- checkpoints: corrupt files are user errors; loading one never downloads -----------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    cfg = load_recipe(TINY, [f"data.root={root / 'shapes'}"])
+    path = root / "model.safetensors"
+    save_weights(build_model(cfg.model).state_dict(), path)
+    return cfg, path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors_is_one_line_naming_the_file(tiny_checkpoint, tmp_path, capsys, damage):
+    cfg, good = tiny_checkpoint
+    data = good.read_bytes()
+    bad = tmp_path / f"{damage}.safetensors"
+    bad.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x13\x00garbage" * 10, "empty": b""}[damage])
+    with pytest.raises(UserError, match=f"{damage}.safetensors"):
+        read_state_dict(bad)
+    rc, _, err = _run(["eval", "--recipe", TINY, "--checkpoint", str(bad), "--set", f"data.root={cfg.data.root}"],
+                      capsys)
+    assert rc == 2 and err.startswith(f"dino eval: error: checkpoint {bad} is not a readable safetensors file")
+    assert len(err.splitlines()) == 1
+
+
+def test_missing_and_mismatching_checkpoints(tiny_checkpoint, tmp_path):
+    cfg, good = tiny_checkpoint
+    with pytest.raises(UserError, match="nope.safetensors does not exist"):
+        build_model_from_checkpoint(cfg.model, tmp_path / "nope.safetensors")
+    cfg.model.transformer.dec_layers += 1
+    try:
+        with pytest.raises(UserError, match="does not match the model"):
+            build_model_from_checkpoint(cfg.model, good)
+    finally:
+        cfg.model.transformer.dec_layers -= 1
+    assert read_categories(good) is None
+
+
+def test_categories_metadata_is_read(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_weights({"w": torch.zeros(1)}, path, {"categories": json.dumps([{"id": 4, "name": "cat"}])})
+    assert read_categories(path) == [{"id": 4, "name": "cat"}]
+    save_weights({"w": torch.zeros(1)}, path, {"categories": "[{\"id\": 4}]"})
+    with pytest.raises(UserError, match="categories"):
+        read_categories(path)
+
+
+TORCHVISION_RECIPE = """
+from dino.config import Recipe
+from dino.presets import get_preset
+
+
+def recipe():
+    # The tiny engine model on a torchvision ResNet-18 whose recipe asks for ImageNet weights, as the COCO recipes do.
+    import sys
+    sys.path.insert(0, {tests!r})
+    from engine_tiny_recipe import recipe as tiny
+    cfg = tiny()
+    cfg.model.backbone.name = "resnet18"
+    cfg.model.backbone.pretrained = "torchvision"
+    return cfg
+"""
+
+
+def test_loading_a_checkpoint_never_downloads(tmp_path, monkeypatch, capsys):
+    """eval, export (and bench) and predict of a checkpoint with backbone.pretrained="torchvision" and no network."""
+    from export.deploy_model import build_deploy_model
+
+    recipe = tmp_path / "tv_recipe.py"
+    recipe.write_text(textwrap.dedent(TORCHVISION_RECIPE.format(tests=str(REPO / "tests"))))
+    data_root = tmp_path / "shapes"
+    cfg = load_recipe(str(recipe), [f"data.root={data_root}"])
+    fetched = []
+
+    def no_network(self, *args, **kwargs):
+        fetched.append(self.url)
+        raise OSError(f"no network: tried to fetch {self.url}")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_network)
+    with pytest.raises(OSError, match="no network"):  # the patch is where a fresh model would fetch
+        build_model(cfg.model)
+    fetched.clear()
+    cfg.model.backbone.pretrained = None
+    checkpoint = tmp_path / "model.safetensors"
+    save_weights(build_model(cfg.model).state_dict(), checkpoint)
+
+    overrides = ["--set", f"data.root={data_root}", f"train.output_dir={tmp_path / 'out'}"]
+    rc, out, err = _run(["eval", "--recipe", str(recipe), "--checkpoint", str(checkpoint), *overrides], capsys)
+    assert rc == 0, err
+    assert "AP" in out
+    image = next((data_root / "val").glob("*.png"))
+    rc, _, err = _run(["predict", str(image), "--recipe", str(recipe), "--checkpoint", str(checkpoint), "--output",
+                       str(tmp_path / "pred"), "--device", "cpu", *overrides], capsys)
+    assert rc == 0, err
+    model, desc = build_deploy_model(str(recipe), checkpoint)  # what dino export * and dino bench --checkpoint build
+    assert "weights model.safetensors" in desc
+    assert fetched == []
