@@ -73,7 +73,7 @@ def test_launch_is_dino_train(capsys):
     out = capsys.readouterr().out
     assert "optim.lr = 0.001" in out  # the real dino train ran (print-recipe) with the override
     rc = dino_cli.launch_main([TINY, "--ignore-keys", "class_embed"])
-    assert rc == 2 and capsys.readouterr().err == "launch.py: error: --ignore-keys needs --pretrained\n"
+    assert rc == 2 and capsys.readouterr().err == "launch.py: error: --ignore-keys needs --finetune-from\n"
 
 
 # --- checkpoints: corrupt files are user errors; loading one never downloads -----------------------------------
