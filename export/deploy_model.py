@@ -1,6 +1,18 @@
-"""The deployable form of a detector: images in, post-processed detections out, and how to build it from files."""
+"""The deployable form of a detector: a letterboxed batch and its padding mask in, detections out; how to build it.
+
+This is the graph contract every exporter (ONNX standard and plugin, AOTInductor, TensorRT) traces
+(``CONTRACTS.md`` item 4, ``docs/deployment.md``):
+
+- inputs ``images (B, 3, H, W)`` float32 ImageNet-normalised, each image at the top-left of the H x W canvas, zero
+  padding right/bottom; ``mask (B, H, W)`` bool, True on padding (what ``dino.data.pad_images`` makes for
+  ``dino eval``);
+- outputs ``boxes (B, K, 4)`` float32 xyxy in pixels of the network input (the valid region starts at (0, 0), so
+  these are pixels of the resized image; multiply by original / resized size for the original image),
+  ``scores (B, K)`` float32 sigmoid probabilities, descending, ``labels (B, K)`` int64; K = ``num_select``.
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -8,19 +20,49 @@ import torch
 from torch import Tensor, nn
 
 from dino.config import ModelConfig
+from dino.errors import UserError
 from dino.postprocess import postprocess
 
 # The feature pyramid's coarsest level has stride 64 (the extra stride-2 convolution after C5): a smaller image leaves
 # it without a single cell.
 MIN_IMAGE_SIDE = 64
 
+INPUT_NAMES = ("images", "mask")
+OUTPUT_NAMES = ("boxes", "scores", "labels")
+# The detector's raw per-query outputs, named in every exported graph (intermediate values of the shipped graph),
+# so a check can read them back and compare query by query: ``pred_logits (B, Q, C)``, ``pred_boxes (B, Q, 4)``
+# cxcywh in [0, 1] of each image's valid region.
+QUERY_OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+
+
+@dataclasses.dataclass
+class DeployOutputs:
+    """Everything one deploy forward computes: the detections and the per-query outputs they were selected from."""
+
+    boxes: Tensor  # (B, K, 4) xyxy pixels of the network input
+    scores: Tensor  # (B, K) descending
+    labels: Tensor  # (B, K) int64
+    pred_logits: Tensor  # (B, Q, C) float32
+    pred_boxes: Tensor  # (B, Q, 4) cxcywh in [0, 1] of the valid region, float32
+    valid_sizes: Tensor  # (B, 2) float32 (height, width) of each image's valid region in pixels
+
+    def detections(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.boxes, self.scores, self.labels
+
+
+def valid_sizes(mask: Tensor) -> Tensor:
+    """``mask (B, H, W)`` bool, True on padding, image at the top-left -> ``(B, 2)`` float32 (height, width) pixels."""
+    height = (~mask[:, :, 0]).sum(1)
+    width = (~mask[:, 0, :]).sum(1)
+    return torch.stack((height, width), 1).to(torch.float32)
+
 
 class DeployModel(nn.Module):
-    """Wraps a DINO model with its post-processing for export: no padding mask, fixed top-k in the graph.
+    """Wraps a DINO model with its post-processing for export (fixed top-k in the graph, no NMS, as evaluation).
 
-    ``forward(images)`` with ``images (B, 3, H, W)`` ImageNet-normalised returns ``boxes (B, K, 4)`` xyxy in pixels of
-    the input size, ``scores (B, K)`` sigmoid probabilities (descending), ``labels (B, K)`` int64, K = ``num_select``.
-    With ``half``, the detector runs in float16 (images are cast inside) and the post-processing in float32.
+    ``forward(images, mask)`` -> ``(boxes, scores, labels)`` as in the module docstring; :meth:`run` also returns the
+    per-query outputs. With ``half``, the detector runs in float16 (images are cast inside) and the post-processing
+    in float32.
     """
 
     def __init__(self, model: nn.Module, num_select: int = 300, half: bool = False):
@@ -31,29 +73,44 @@ class DeployModel(nn.Module):
         if self.half:
             self.model.half()
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        batch, _, height, width = images.shape
-        # All-False mask: exported inputs are whole images, never padded batches.
-        mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
+    def run(self, images: Tensor, mask: Tensor) -> DeployOutputs:
         if self.half:
             images = images.half()
         out = self.model(images, mask)
         logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
-        sizes = torch.tensor([[height, width]], dtype=torch.float32, device=images.device).expand(batch, 2)
+        sizes = valid_sizes(mask)
+        # Exactly dino eval's post-processing (dino.postprocess), scaled to the valid region instead of the
+        # original image size.
         scores, labels, boxes_xyxy = postprocess(logits, boxes, sizes, self.num_select)
-        return boxes_xyxy, scores, labels
+        return DeployOutputs(boxes_xyxy, scores, labels, logits, boxes, sizes)
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.run(images, mask).detections()
+
+
+class WithQueryOutputs(nn.Module):
+    """The graph exporters trace: ``(boxes, scores, labels, pred_logits, pred_boxes)``; the last two are removed
+    from the shipped graph's outputs but keep their names inside it (see ``QUERY_OUTPUT_NAMES``)."""
+
+    def __init__(self, deploy: DeployModel):
+        super().__init__()
+        self.deploy = deploy
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+        out = self.deploy.run(images, mask)
+        return out.boxes, out.scores, out.labels, out.pred_logits, out.pred_boxes
 
 
 def check_image_size(image_size: tuple[int, int] | list[int]) -> tuple[int, int]:
-    """Validates an ``(H, W)`` export size in pixels; raises ValueError naming the bad value."""
+    """Validates an ``(H, W)`` export size in pixels; raises UserError naming the bad value."""
     if len(image_size) != 2:
-        raise ValueError(f"--image-size takes two numbers H W, got {list(image_size)}")
+        raise UserError(f"--image-size takes two numbers H W, got {list(image_size)}")
     height, width = (int(v) for v in image_size)
     for name, value in (("height", height), ("width", width)):
         if value <= 0:
-            raise ValueError(f"--image-size {name} must be positive, got {value}")
+            raise UserError(f"--image-size {name} must be positive, got {value}")
         if value < MIN_IMAGE_SIDE:
-            raise ValueError(
+            raise UserError(
                 f"--image-size {name} {value} is below {MIN_IMAGE_SIDE} px: the stride-64 feature level would be empty"
             )
     return height, width
@@ -62,9 +119,9 @@ def check_image_size(image_size: tuple[int, int] | list[int]) -> tuple[int, int]
 def resolve_model_config(spec: str, overrides: list[str] | None = None) -> tuple[str, ModelConfig]:
     """The model config of a recipe (name or file, see ``dino.engine.recipe``) or, failing that, of a preset name.
 
-    Returns (description, config). Raises FileNotFoundError listing both recipes and presets when neither matches.
+    Returns (description, config). Raises UserError listing both recipes and presets when neither matches.
     """
-    from dino.engine.recipe import available_recipes, load_recipe
+    from dino.engine.recipe import load_recipe
 
     try:
         recipe = load_recipe(spec, overrides)
@@ -80,9 +137,27 @@ def resolve_model_config(spec: str, overrides: list[str] | None = None) -> tuple
                 # Overrides are written against a Recipe (model.xxx=...); a preset is a ModelConfig.
                 apply_overrides(cfg, [o[len("model."):] if o.startswith("model.") else o for o in overrides])
             return f"preset {spec}", cfg
-        raise FileNotFoundError(
-            f"{recipe_err}; presets: {', '.join(sorted(PRESETS))}"
-        ) from None
+        raise UserError(f"{recipe_err}; presets: {', '.join(sorted(PRESETS))}") from None
+
+
+def _build_model(cfg: ModelConfig, checkpoint: str | Path | None, desc: str) -> nn.Module:
+    """The detector of ``cfg`` with the weights of ``checkpoint`` (random weights when None); never downloads.
+
+    The backbone is built without pretrained weights: a checkpoint replaces all of them, and a benchmark with random
+    weights does not need them. (At merge: ``dino.model_loading.build_model_from_checkpoint`` replaces this.)
+    """
+    import dino
+    from dino.model_loading import load_weights
+
+    cfg = copy.deepcopy(cfg)
+    cfg.backbone.pretrained = None
+    model = dino.build_model(cfg)
+    if checkpoint is not None:
+        try:
+            load_weights(model, checkpoint)
+        except (ValueError, FileNotFoundError) as err:
+            raise UserError(f"checkpoint does not match {desc}: {err}") from None
+    return model
 
 
 def build_deploy_model(
@@ -95,23 +170,12 @@ def build_deploy_model(
     """Builds the model of recipe/preset ``spec``, loads ``checkpoint`` (strict) and wraps it for export.
 
     ``checkpoint=None`` keeps random weights (for benchmarks). Returns (model in eval mode on CPU, description).
-    Raises FileNotFoundError for a missing file and ValueError naming the keys when the checkpoint does not match.
+    Raises UserError for a missing file or a checkpoint that does not match (naming the keys).
     """
-    import dino
-    from dino.model_loading import load_weights
-
     desc, cfg = resolve_model_config(spec, overrides)
-    cfg = dataclasses.replace(cfg)
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    model = dino.build_model(cfg)
-    if checkpoint is not None:
-        try:
-            load_weights(model, checkpoint)
-        except ValueError as err:
-            raise ValueError(f"checkpoint does not match {desc}: {err}") from None
-        desc += f", weights {Path(checkpoint).name}"
-    else:
-        desc += ", random weights (no checkpoint)"
+        raise UserError(f"checkpoint {checkpoint} does not exist")
+    model = _build_model(cfg, checkpoint, desc)
+    desc += f", weights {Path(checkpoint).name}" if checkpoint is not None else ", random weights (no checkpoint)"
     wrapped = DeployModel(model, num_select if num_select is not None else cfg.num_select, half=half)
     return wrapped.eval(), desc
