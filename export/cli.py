@@ -133,6 +133,8 @@ def _cmd_export_trt(args) -> int:
         raise UserError("dino export trt takes either --onnx FILE or --recipe R --checkpoint C")
     if args.recipe is not None and args.checkpoint is None:
         raise UserError("dino export trt --recipe needs --checkpoint (the weights to build the engine from)")
+    if args.onnx is not None and not Path(args.onnx).is_file():
+        raise UserError(f"ONNX file {args.onnx} does not exist")
     version = require_tensorrt()  # before a long ONNX export
     if args.onnx is not None:
         onnx_path = Path(args.onnx)
