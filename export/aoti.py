@@ -60,17 +60,17 @@ def export_aoti(
     device: str | torch.device = "cpu",
     dynamic_batch: bool = False,
     max_batch: int = 16,
-    use_custom_op: bool | None = None,
+    custom_op: bool | None = None,
     verify: bool = True,
 ) -> tuple[Path, list[QueryCheck]]:
     """Compiles ``model`` for ``(H, W)`` canvases on ``device`` into an AOTInductor package at ``output``.
 
-    ``use_custom_op=None`` picks the custom op when the kernel is available on ``device``. Returns (path, checks);
+    ``custom_op=None`` picks the custom op when the kernel is available on ``device``. Returns (path, checks);
     raises ExportCheckError (nothing written) when the package disagrees with eager PyTorch.
     """
     device = torch.device(device)
-    if use_custom_op is None:
-        use_custom_op = kernel_available(device)
+    if custom_op is None:
+        custom_op = kernel_available(device)
     path = Path(output)
     if path.suffix != ".pt2":
         raise UserError(f"an AOTInductor package must end in .pt2, got {path}")
@@ -78,7 +78,7 @@ def export_aoti(
     # Always traced with a symbolic batch: Inductor fails on the static batch-1 program (a data-dependent guard on
     # the level shapes read with tolist); without --dynamic-batch the package is still only promised for batch 1.
     example = example_inputs(2, image_size, device=device)
-    program = export_program(model, example, True, max(max_batch, 2), use_custom_op)
+    program = export_program(model, example, True, max(max_batch, 2), custom_op)
     checks: list[QueryCheck] = []
     with files.staged(path) as tmp:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))

@@ -93,7 +93,7 @@ def _trace_to_onnx(model: DeployModel, example: tuple[torch.Tensor, torch.Tensor
         register_onnx_schema()
         table = {torch.ops.dino.ms_deform_attn.default: _plugin_translation}
     program = export_program(WithQueryOutputs(model), example, dynamic_batch, max_batch,
-                             use_custom_op=deform_op == "plugin")
+                             custom_op=deform_op == "plugin")
     onnx_program = torch.onnx.export(
         program,
         example,

@@ -6,7 +6,7 @@ import contextlib
 import torch
 from torch import nn
 
-from dino.ops import use_custom_op as custom_op_route
+from dino.ops import use_custom_op
 
 
 def example_inputs(batch: int, image_size: tuple[int, int], device: torch.device | str = "cpu",
@@ -35,9 +35,10 @@ def check_inputs(batch: int, image_size: tuple[int, int], seed: int) -> tuple[to
 
 
 def export_program(model: nn.Module, example: tuple[torch.Tensor, torch.Tensor], dynamic_batch: bool,
-                   max_batch: int, use_custom_op: bool) -> torch.export.ExportedProgram:
+                   max_batch: int, custom_op: bool) -> torch.export.ExportedProgram:
     """``torch.export`` of ``model(images, mask)``; the batch axis of both inputs symbolic (1..max_batch) when
-    ``dynamic_batch``.
+    ``dynamic_batch``. With ``custom_op`` deformable attention is traced as one ``dino::ms_deform_attn`` op per call
+    (inside :func:`dino.ops.use_custom_op`), otherwise as the PyTorch (GridSample) path.
 
     The PyTorch seam reads the level shapes as Python ints (``tolist``), which only strict (Dynamo) tracing keeps
     static, so that route starts with strict mode; the custom-op route (a fake kernel, no ``tolist``) starts with
@@ -47,10 +48,10 @@ def export_program(model: nn.Module, example: tuple[torch.Tensor, torch.Tensor],
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=max_batch)
         dynamic_shapes = {"images": {0: batch}, "mask": {0: batch}}
-    route = custom_op_route() if use_custom_op else contextlib.nullcontext()
+    route = use_custom_op() if custom_op else contextlib.nullcontext()
     errors = []
     with route, torch.no_grad():
-        for strict in ((False, True) if use_custom_op else (True, False)):
+        for strict in ((False, True) if custom_op else (True, False)):
             try:
                 return torch.export.export(model, example, dynamic_shapes=dynamic_shapes, strict=strict)
             except Exception as err:  # noqa: BLE001 - retried in the other mode, reported if both fail
