@@ -226,7 +226,7 @@ def test_failed_check_leaves_nothing_and_no_verify_says_so(tmp_path, monkeypatch
 def test_random_weight_r50_export_passes_its_own_check(tmp_path):
     """The export the old rank-by-rank check rejected (a 352 px "error" from near-tied rank swaps): dino_r50_4scale,
     random weights (seed 0), 320x480, 900 queries x 91 classes, top 300. Encoder and decoder cut to two layers
-    each to keep the test's time sane; the full preset passes too (docs/deployment.md)."""
+    each to keep the test's time sane. (Not yet run: the shared 2-core machine could not finish it in time.)"""
     from dino.presets import get_preset
 
     cfg = get_preset("dino_r50_4scale")
