@@ -1,20 +1,24 @@
 """AOTInductor packages (.pt2): the detector compiled ahead of time, loadable without this project's code.
 
-On CUDA, when ``dino.ops`` has its compiled kernel, the seam is traced as the ``dino::ms_deform_attn`` custom op and
-the package calls that kernel (the loading process must then load the kernel library too). Everywhere else the
-seam traces to the PyTorch path (GridSample), which Inductor compiles like any other op.
+The package is called as ``boxes, scores, labels = runner(images, mask)`` (the deploy-graph contract,
+:mod:`export.deploy_model`). On CUDA, when ``dino.ops`` has its compiled kernel, deformable attention is traced as
+the ``dino::ms_deform_attn`` custom op and the package calls that kernel (the loading process must then import
+``dino.ops`` too). Everywhere else it traces to the PyTorch path (GridSample), which Inductor compiles like any
+other op. Every package is compiled to a temporary file, checked against eager PyTorch query by query
+(:func:`check_aoti`), and only then moved into place.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dino.errors import UserError
+from export import files
 from export.deploy_model import DeployModel
-from export.tracing import export_program
+from export.query_check import QueryCheck, Tolerance, compare_detections, tolerance_for
+from export.tracing import check_inputs, example_inputs, export_program
 
 
 def kernel_available(device: torch.device) -> bool:
@@ -29,6 +33,26 @@ def kernel_available(device: torch.device) -> bool:
         return False
 
 
+def check_aoti(model: DeployModel, runner, image_size: tuple[int, int], batches: list[int], device: torch.device,
+               tolerance: Tolerance | None = None, seed: int = 100) -> list[QueryCheck]:
+    """Runs ``runner`` on letterboxed batches and compares its detections, matched by query, with eager ``model``.
+
+    Raises ExportCheckError naming the largest difference beyond ``tolerance``.
+    """
+    tolerance = tolerance or tolerance_for(model.half)
+    checks = []
+    for batch in batches:
+        images, mask = (t.to(device) for t in check_inputs(batch, image_size, seed + batch))
+        with torch.no_grad():
+            reference = model.run(images, mask)
+            got = runner(images, mask)
+        check = QueryCheck(f"AOTInductor ({device.type})", batch, tolerance)
+        check.detection_score, check.detection_box = compare_detections(reference, *got[:3], tolerance=tolerance)
+        checks.append(check)
+        check.raise_on_failure("eager PyTorch")
+    return checks
+
+
 def export_aoti(
     model: DeployModel,
     output: str | os.PathLike,
@@ -36,38 +60,37 @@ def export_aoti(
     device: str | torch.device = "cpu",
     dynamic_batch: bool = False,
     max_batch: int = 16,
-    use_custom_op: bool | None = None,
-) -> Path:
-    """Compiles ``model`` for ``(H, W)`` images on ``device`` into an AOTInductor package at ``output`` (atomic).
+    custom_op: bool | None = None,
+    verify: bool = True,
+) -> tuple[Path, list[QueryCheck]]:
+    """Compiles ``model`` for ``(H, W)`` canvases on ``device`` into an AOTInductor package at ``output``.
 
-    ``use_custom_op=None`` picks the custom op when the kernel is available on ``device``.
+    ``custom_op=None`` picks the custom op when the kernel is available on ``device``. Returns (path, checks);
+    raises ExportCheckError (nothing written) when the package disagrees with eager PyTorch.
     """
     device = torch.device(device)
-    if use_custom_op is None:
-        use_custom_op = kernel_available(device)
+    if custom_op is None:
+        custom_op = kernel_available(device)
     path = Path(output)
     if path.suffix != ".pt2":
         raise UserError(f"an AOTInductor package must end in .pt2, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.to(device).eval()
-    height, width = image_size
     # Always traced with a symbolic batch: Inductor fails on the static batch-1 program (a data-dependent guard on
     # the level shapes read with tolist); without --dynamic-batch the package is still only promised for batch 1.
-    example = torch.randn(2, 3, height, width, device=device)
-    program = export_program(model, example, True, max(max_batch, 2), use_custom_op)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
-    os.close(fd)
-    try:
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    example = example_inputs(2, image_size, device=device)
+    program = export_program(model, example, True, max(max_batch, 2), custom_op)
+    checks: list[QueryCheck] = []
+    with files.staged(path) as tmp:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        if verify:
+            runner = torch._inductor.aoti_load_package(str(tmp))
+            checks = check_aoti(model, runner, image_size, [1, 3] if dynamic_batch else [1], device)
+        files.commit(tmp, path)
+    return path, checks
 
 
 def load_aoti(path: str | os.PathLike):
-    """Loads a package; the result is called as ``boxes, scores, labels = runner(images)``."""
+    """Loads a package; the result is called as ``boxes, scores, labels = runner(images, mask)``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"AOTInductor package {path} does not exist")

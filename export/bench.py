@@ -2,8 +2,9 @@
 
 Each backend is prepared once (export / compile time is reported separately), warmed up, then timed per call with
 CUDA synchronisation; the table gives median and p90 latency, images per second, and the largest difference of its
-outputs from eager float32 PyTorch (boxes in pixels and scores, top-K in rank order, so low-precision backends that
-reorder near-tied scores show large box differences). Backends that cannot run here are listed with the reason.
+detections from eager float32 PyTorch, matched by query (:func:`export.query_check.compare_detections`, so rank swaps
+of near-tied scores do not count). Inputs are letterboxed batches with their padding mask (the deploy-graph contract).
+Backends that cannot run here are listed with the reason.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from typing import Callable
 import torch
 
 from dino.errors import UserError
+from export import files
 from export.deploy_model import DeployModel
+from export.query_check import FP16_TOLERANCE, compare_detections
+from export.tracing import check_inputs
 
 ALL_BACKENDS = ("eager_fp32", "eager_bf16", "eager_fp16", "compile", "aoti", "ort_cpu", "ort_cuda", "tensorrt")
 
@@ -60,7 +64,7 @@ class _Backends:
                  workdir: Path, plugin_libs: list[str]):
         self.model, self.device, self.image_size = model, device, image_size
         self.max_batch, self.workdir, self.plugin_libs = max_batch, workdir, plugin_libs
-        self._onnx: Path | None = None
+        self._onnx: dict[str, Path] = {}
 
     def make(self, name: str) -> Callable[[torch.Tensor], tuple]:
         return getattr(self, f"_make_{name}")()
@@ -73,9 +77,9 @@ class _Backends:
             raise _Unavailable("reduced-precision eager is benchmarked on CUDA only")
         model = self.model
 
-        def run(images):
+        def run(images, mask):
             with torch.autocast("cuda", dtype=dtype):
-                return model(images)
+                return model(images, mask)
 
         return run
 
@@ -96,21 +100,23 @@ class _Backends:
     def _make_aoti(self):
         from export.aoti import export_aoti, load_aoti
 
-        path = export_aoti(self.model, self.workdir / "model.pt2", self.image_size, device=self.device,
-                           dynamic_batch=self.max_batch > 1, max_batch=max(self.max_batch, 2))
+        path, _ = export_aoti(self.model, self.workdir / "model.pt2", self.image_size, device=self.device,
+                              dynamic_batch=self.max_batch > 1, max_batch=max(self.max_batch, 2))
         return load_aoti(path)
 
-    def _onnx_file(self) -> Path:
-        if self._onnx is None:
+    def _onnx_file(self, deform_op: str = "standard") -> Path:
+        """The ONNX graph (exported once per kind; its check is the bench's own difference column)."""
+        if deform_op not in self._onnx:
             from export.onnx_export import export_onnx
 
             cpu_model = self.model.to("cpu")
             try:
-                self._onnx = export_onnx(cpu_model, self.workdir / "model.onnx", self.image_size, "standard",
-                                         dynamic_batch=True, max_batch=max(self.max_batch, 2), verify=False).path
+                self._onnx[deform_op] = export_onnx(
+                    cpu_model, self.workdir / f"model_{deform_op}.onnx", self.image_size, deform_op,
+                    dynamic_batch=True, max_batch=max(self.max_batch, 2), verify=False).path
             finally:
                 self.model.to(self.device)
-        return self._onnx
+        return self._onnx[deform_op]
 
     def _ort(self, provider: str):
         try:
@@ -125,8 +131,9 @@ class _Backends:
         opts.log_severity_level = 3
         session = ort.InferenceSession(str(self._onnx_file()), opts, providers=[provider])
 
-        def run(images):
-            outs = session.run(None, {"images": images.detach().cpu().numpy()})
+        def run(images, mask):
+            outs = session.run(["boxes", "scores", "labels"],
+                               {"images": images.detach().cpu().numpy(), "mask": mask.detach().cpu().numpy()})
             return tuple(torch.from_numpy(o) for o in outs)
 
         return run
@@ -142,19 +149,20 @@ class _Backends:
             raise _Unavailable("the tensorrt Python package is not installed")
         if self.device.type != "cuda":
             raise _Unavailable("TensorRT needs a CUDA device")
-        from export.trt_engine import build_engine, make_build_plan
+        from export.trt_export import build_checked_engine, plan_from_args
         from export.trt_runtime import TensorRTRunner
 
-        plan = make_build_plan(self._onnx_file(), self.workdir / "model.engine", max_batch=max(self.max_batch, 1),
-                               plugin_libs=self.plugin_libs)
-        engine, _ = build_engine(plan)
-        return TensorRTRunner(engine, self.plugin_libs)
+        # The plugin graph (TensorRT's GridSample: NVIDIA/TensorRT#4813), checked against ONNX Runtime when built.
+        plan = plan_from_args(self._onnx_file("plugin"), self.workdir / "model.engine", False, self.plugin_libs,
+                              4.0, max(self.max_batch, 1), None)
+        engine, _ = build_checked_engine(plan)
+        return TensorRTRunner(engine, plan.plugin_libs)
 
 
-def _diff(reference: tuple, got: tuple) -> tuple[float, float]:
-    ref_boxes, ref_scores = reference[0].float().cpu(), reference[1].float().cpu()
-    boxes, scores = got[0].float().cpu(), got[1].float().cpu()
-    return (boxes - ref_boxes).abs().max().item(), (scores - ref_scores).abs().max().item()
+def _diff(reference, got: tuple) -> tuple[float, float]:
+    """Largest box (px) and score differences of ``got``'s detections from the eager reference, matched by query."""
+    score, box = compare_detections(reference, *got[:3], tolerance=FP16_TOLERANCE)
+    return box.value, score.value
 
 
 def run_bench(
@@ -187,9 +195,7 @@ def run_bench(
         raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
-    height, width = image_size
-    gen = torch.Generator().manual_seed(0)
-    inputs = {b: torch.randn(b, 3, height, width, generator=gen).to(device) for b in batches}
+    inputs = {b: tuple(t.to(device) for t in check_inputs(b, image_size, seed=b)) for b in batches}
     rows: list[BenchRow] = []
 
     def add(row: BenchRow) -> None:
@@ -199,14 +205,14 @@ def run_bench(
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch.no_grad():
         factory = _Backends(model, device, image_size, max(batches), Path(tmp), list(plugin_libs or []))
-        references = {b: model(x) for b, x in inputs.items()}
+        references = {b: model.run(*x) for b, x in inputs.items()}
         bar = tqdm(total=len(backends) * len(batches), desc="dino bench", disable=not progress, unit="run")
         for name in backends:
             bar.set_postfix_str(f"{name}: preparing")
             start = time.perf_counter()
             try:
                 runner = factory.make(name)
-                runner(inputs[batches[0]])  # first call: lazy compilation (torch.compile) counts as setup
+                runner(*inputs[batches[0]])  # first call: lazy compilation (torch.compile) counts as setup
                 _sync(device)
             except _Unavailable as why:
                 add(BenchRow(name, unavailable=str(why)))
@@ -220,15 +226,15 @@ def run_bench(
             setup = time.perf_counter() - start
             for batch in batches:
                 bar.set_postfix_str(f"{name} batch {batch}")
-                images = inputs[batch]
+                images = inputs[batch]  # (images, mask)
                 try:
                     for _ in range(warmup):
-                        runner(images)
+                        runner(*images)
                     _sync(device)
                     times, out = [], None
                     for _ in range(iters):
                         t0 = time.perf_counter()
-                        out = runner(images)
+                        out = runner(*images)
                         _sync(device)
                         times.append((time.perf_counter() - t0) * 1e3)
                 except Exception as err:  # noqa: BLE001
@@ -266,6 +272,5 @@ def write_json(rows: list[BenchRow], meta: dict, path: str | os.PathLike) -> Non
     """Writes ``{"meta": ..., "rows": [...]}`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
-    os.replace(tmp, path)
+    files.write_bytes(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1).encode(),
+                      path)

@@ -8,43 +8,58 @@ from pathlib import Path
 import torch
 
 from dino.config import add_override_argument
+from dino.errors import UserError
 
 
-def _add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool) -> None:
-    p.add_argument("--recipe", required=True, help="recipe name or file (recipes/*.py), or a preset name")
+def _add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool, recipe_required: bool = True) -> None:
+    p.add_argument("--recipe", required=recipe_required, help="recipe name or file (recipes/*.py), or a preset name")
     p.add_argument("--checkpoint", required=checkpoint_required, default=None,
-                   help="model.safetensors (state dict of the recipe's model)" +
+                   help="model.safetensors or official .pth of the recipe's model" +
                         ("" if checkpoint_required else "; omitted: random weights"))
     add_override_argument(p)
     p.add_argument("--image-size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"),
-                   help="input size in pixels (default 800 1333)")
+                   help="network input canvas in pixels; images are resized as in `dino eval`, placed top-left and "
+                        "padded, with the padding mask as the second input (default 800 1333)")
+
+
+def _add_graph_args(p: argparse.ArgumentParser, max_batch: int) -> None:
+    p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis")
+    p.add_argument("--max-batch", type=int, default=max_batch,
+                   help=f"upper bound of the dynamic batch (default {max_batch})")
+    p.add_argument("--fp16", action="store_true", help="float16 detector (post-processing stays float32)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check against the reference and write the file unchecked")
 
 
 def register(subparsers) -> None:
     exp = subparsers.add_parser("export", help="export a trained model (ONNX, TensorRT engine, AOTInductor)")
     targets = exp.add_subparsers(dest="target", required=True, metavar="TARGET")
 
-    onnx_p = targets.add_parser("onnx", help="ONNX graph with post-processing inside (standard or TensorRT-plugin)")
+    onnx_p = targets.add_parser("onnx", help="ONNX graph (images, mask) -> (boxes, scores, labels), standard or "
+                                             "TensorRT-plugin")
     _add_model_args(onnx_p, checkpoint_required=True)
     onnx_p.add_argument("--deform-op", choices=("standard", "plugin"), default="standard",
                         help="standard: GridSample (any runtime); plugin: one DinoMSDeformAttn node per attention "
                              "(TensorRT with csrc/tensorrt)")
-    onnx_p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis")
-    onnx_p.add_argument("--max-batch", type=int, default=32, help="upper bound of the dynamic batch (default 32)")
-    onnx_p.add_argument("--fp16", action="store_true", help="float16 detector (post-processing stays float32)")
-    onnx_p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
+    _add_graph_args(onnx_p, max_batch=32)
     onnx_p.add_argument("--output", default="model.onnx")
     onnx_p.set_defaults(func=_cmd_export_onnx)
 
-    trt_p = targets.add_parser("trt", help="TensorRT engine from an exported ONNX file (needs `tensorrt`)")
-    trt_p.add_argument("--onnx", required=True)
-    trt_p.add_argument("--fp16", action="store_true",
-                       help="TensorRT 10 weakly typed FP16; on TensorRT 11 export the ONNX with --fp16 instead")
+    trt_p = targets.add_parser("trt", help="TensorRT engine from a checkpoint (via a checked ONNX graph) or from an "
+                                           "exported ONNX file (needs `tensorrt` and a GPU)")
+    _add_model_args(trt_p, checkpoint_required=False, recipe_required=False)
+    trt_p.add_argument("--onnx", default=None, help="build from this exported ONNX file instead of --recipe/--checkpoint")
+    trt_p.add_argument("--deform-op", choices=("standard", "plugin"), default="plugin",
+                       help="graph to build from a checkpoint (default plugin: TensorRT's GridSample has given wrong "
+                            "outputs on DETR graphs, NVIDIA/TensorRT#4813)")
+    _add_graph_args(trt_p, max_batch=8)
     trt_p.add_argument("--plugin-lib", action="append", default=[], metavar="PATH",
-                       help="plugin library (libdino_trt_plugin.so) for a --deform-op plugin graph")
-    trt_p.add_argument("--output", default=None, help="engine file (default: the ONNX path with .engine)")
+                       help="libdino_trt_plugin.so; default: build/trt/libdino_trt_plugin.so, built with CMake from "
+                            "csrc/tensorrt when missing")
+    trt_p.add_argument("--tensorrt-root", default=None, help="TensorRT install root for building the plugin library")
+    trt_p.add_argument("--output", default=None, help="engine file (default: model.engine, or the ONNX path with "
+                                                      ".engine)")
     trt_p.add_argument("--workspace-gb", type=float, default=4.0)
-    trt_p.add_argument("--max-batch", type=int, default=8, help="profile maximum for a dynamic-batch graph")
     trt_p.add_argument("--timing-cache", default=None, help="timing cache file (default: next to the engine)")
     trt_p.add_argument("--verbose", action="store_true")
     trt_p.set_defaults(func=_cmd_export_trt)
@@ -54,6 +69,7 @@ def register(subparsers) -> None:
     aoti_p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     aoti_p.add_argument("--dynamic-batch", action="store_true")
     aoti_p.add_argument("--max-batch", type=int, default=16)
+    aoti_p.add_argument("--no-verify", action="store_true", help="skip the check against eager PyTorch")
     aoti_p.add_argument("--output", default="model.pt2")
     aoti_p.set_defaults(func=_cmd_export_aoti)
 
@@ -67,7 +83,9 @@ def register(subparsers) -> None:
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--iters", type=int, default=10)
-    bench.add_argument("--plugin-lib", action="append", default=[], metavar="PATH")
+    bench.add_argument("--plugin-lib", action="append", default=[], metavar="PATH",
+                       help="libdino_trt_plugin.so for the tensorrt backend (default: found or built as in "
+                            "`dino export trt`)")
     bench.add_argument("--json", default=None, help="also write the results as JSON")
     bench.add_argument("--table", default=None, help="also write the table as text")
     bench.set_defaults(func=_cmd_bench)
@@ -81,47 +99,66 @@ def _load(args, half: bool = False):
     return model, desc, size
 
 
-def _cmd_export_onnx(args) -> int:
+def _print_checks(checks, notes) -> None:
+    for check in checks:
+        print(check.line())
+    for note in notes:
+        print(f"note: {note}")
+
+
+def _export_onnx(args, output: str):
     from export.onnx_export import export_onnx
 
     model, desc, size = _load(args, half=args.fp16)
-    result = export_onnx(model, args.output, size, args.deform_op, args.dynamic_batch, args.max_batch,
+    result = export_onnx(model, output, size, args.deform_op, args.dynamic_batch, args.max_batch,
                          verify=not args.no_verify)
-    for check in result.checks:
-        print(check.line())
-    for note in result.notes:
-        print(f"note: {note}")
+    _print_checks(result.checks, result.notes)
     plugin = f", {result.num_plugin_nodes} DinoMSDeformAttn plugin nodes" if result.num_plugin_nodes else ""
-    batch = "dynamic batch" if result.dynamic_batch else "batch 1"
+    batch = f"dynamic batch 1..{args.max_batch}" if result.dynamic_batch else "batch 1"
+    checked = "checked against PyTorch" if result.checks else "NOT checked (--no-verify)"
     print(f"wrote {result.path} ({desc}; {args.deform_op}{plugin}; {size[0]}x{size[1]}, {batch}"
-          f"{', float16' if args.fp16 else ''}); onnx.checker passed")
+          f"{', float16' if args.fp16 else ''}); onnx.checker passed; {checked}")
+    return result.path
+
+
+def _cmd_export_onnx(args) -> int:
+    _export_onnx(args, args.output)
     return 0
 
 
 def _cmd_export_trt(args) -> int:
-    from export.trt_engine import build_engine, make_build_plan
+    from export.trt_export import build_checked_engine, plan_from_args, require_tensorrt
 
-    plan = make_build_plan(args.onnx, args.output, args.fp16, args.plugin_lib, args.workspace_gb, args.max_batch,
-                           timing_cache=args.timing_cache)
-    path, notes = build_engine(plan, verbose=args.verbose)
+    if (args.onnx is None) == (args.recipe is None):
+        raise UserError("dino export trt takes either --onnx FILE or --recipe R --checkpoint C")
+    if args.recipe is not None and args.checkpoint is None:
+        raise UserError("dino export trt --recipe needs --checkpoint (the weights to build the engine from)")
+    if args.onnx is not None and not Path(args.onnx).is_file():
+        raise UserError(f"ONNX file {args.onnx} does not exist")
+    version = require_tensorrt()  # before a long ONNX export
+    if args.onnx is not None:
+        onnx_path = Path(args.onnx)
+        output = args.output
+    else:
+        output = Path(args.output or "model.engine")
+        onnx_path = _export_onnx(args, str(output.with_suffix(".onnx")))
+    plan = plan_from_args(onnx_path, output, args.fp16, args.plugin_lib, args.workspace_gb, args.max_batch,
+                          args.timing_cache, tensorrt_root=args.tensorrt_root)
+    path, notes = build_checked_engine(plan, verify=not args.no_verify, verbose=args.verbose)
     for note in notes:
-        print(f"note: {note}")
-    print(f"wrote {path}")
+        print(note if note.startswith("TensorRT batch") else f"note: {note}")
+    print(f"wrote {path} (TensorRT {version}, from {onnx_path}"
+          f"{', plugin ' + ', '.join(map(str, plan.plugin_libs)) if plan.plugin_libs else ''})")
     return 0
 
 
 def _cmd_export_aoti(args) -> int:
-    from export.aoti import export_aoti, load_aoti
+    from export.aoti import export_aoti
 
     model, desc, size = _load(args)
-    path = export_aoti(model, args.output, size, args.device, args.dynamic_batch, args.max_batch)
-    runner = load_aoti(path)
-    images = torch.randn(1, 3, *size, device=args.device)
-    with torch.no_grad():
-        ref = model.to(args.device)(images)
-    got = runner(images)
-    err = (got[0].float() - ref[0].float()).abs().max().item()
-    print(f"AOTInductor package vs eager: max |boxes| error {err:.3g} px")
+    path, checks = export_aoti(model, args.output, size, args.device, args.dynamic_batch, args.max_batch,
+                               verify=not args.no_verify)
+    _print_checks(checks, [] if checks else ["not checked against eager PyTorch (--no-verify): written unchecked"])
     print(f"wrote {path} ({desc}; {size[0]}x{size[1]} on {args.device})")
     return 0
 
@@ -133,8 +170,8 @@ def _cmd_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     hw = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'CPU'}, " \
                                                                        f"{torch.get_num_threads()} threads"
-    header = (f"dino bench: {desc}; images {size[0]}x{size[1]}; device {device} ({hw}); torch {torch.__version__}; "
-              f"{args.warmup} warm-up + {args.iters} timed calls")
+    header = (f"dino bench: {desc}; canvas {size[0]}x{size[1]} (letterboxed inputs with mask); device {device} "
+              f"({hw}); torch {torch.__version__}; {args.warmup} warm-up + {args.iters} timed calls")
     meta = {"model": desc, "image_size": list(size), "device": device, "hardware": hw, "torch": torch.__version__,
             "warmup": args.warmup, "iters": args.iters}
 
@@ -143,7 +180,9 @@ def _cmd_bench(args) -> int:
         if args.json:
             write_json(rows, meta, args.json)
         if args.table:
-            Path(args.table).write_text(format_table(rows, header) + "\n")
+            from export import files
+
+            files.write_bytes((format_table(rows, header) + "\n").encode(), args.table)
 
     rows = run_bench(model, size, args.batch, args.backends, device, args.warmup, args.iters, args.plugin_lib,
                      on_row=save)

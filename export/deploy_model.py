@@ -1,6 +1,18 @@
-"""The deployable form of a detector: images in, post-processed detections out, and how to build it from files."""
+"""The deployable form of a detector: a letterboxed batch and its padding mask in, detections out; how to build it.
+
+This is the graph contract every exporter (ONNX standard and plugin, AOTInductor, TensorRT) traces
+(``CONTRACTS.md`` item 4, ``docs/deployment.md``):
+
+- inputs ``images (B, 3, H, W)`` float32 ImageNet-normalised, each image at the top-left of the H x W canvas, zero
+  padding right/bottom; ``mask (B, H, W)`` bool, True on padding (what ``dino.data.pad_images`` makes for
+  ``dino eval``);
+- outputs ``boxes (B, K, 4)`` float32 xyxy in pixels of the network input (the valid region starts at (0, 0), so
+  these are pixels of the resized image; multiply by original / resized size for the original image),
+  ``scores (B, K)`` float32 sigmoid probabilities, descending, ``labels (B, K)`` int64; K = ``num_select``.
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -16,13 +28,42 @@ from dino.postprocess import postprocess
 # it without a single cell.
 MIN_IMAGE_SIDE = 64
 
+INPUT_NAMES = ("images", "mask")
+OUTPUT_NAMES = ("boxes", "scores", "labels")
+# The detector's raw per-query outputs, named in every exported graph (intermediate values of the shipped graph),
+# so a check can read them back and compare query by query: ``pred_logits (B, Q, C)``, ``pred_boxes (B, Q, 4)``
+# cxcywh in [0, 1] of each image's valid region.
+QUERY_OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+
+
+@dataclasses.dataclass
+class DeployOutputs:
+    """Everything one deploy forward computes: the detections and the per-query outputs they were selected from."""
+
+    boxes: Tensor  # (B, K, 4) xyxy pixels of the network input
+    scores: Tensor  # (B, K) descending
+    labels: Tensor  # (B, K) int64
+    pred_logits: Tensor  # (B, Q, C) float32
+    pred_boxes: Tensor  # (B, Q, 4) cxcywh in [0, 1] of the valid region, float32
+    valid_sizes: Tensor  # (B, 2) float32 (height, width) of each image's valid region in pixels
+
+    def detections(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.boxes, self.scores, self.labels
+
+
+def valid_sizes(mask: Tensor) -> Tensor:
+    """``mask (B, H, W)`` bool, True on padding, image at the top-left -> ``(B, 2)`` float32 (height, width) pixels."""
+    height = (~mask[:, :, 0]).sum(1)
+    width = (~mask[:, 0, :]).sum(1)
+    return torch.stack((height, width), 1).to(torch.float32)
+
 
 class DeployModel(nn.Module):
-    """Wraps a DINO model with its post-processing for export: no padding mask, fixed top-k in the graph.
+    """Wraps a DINO model with its post-processing for export (fixed top-k in the graph, no NMS, as evaluation).
 
-    ``forward(images)`` with ``images (B, 3, H, W)`` ImageNet-normalised returns ``boxes (B, K, 4)`` xyxy in pixels of
-    the input size, ``scores (B, K)`` sigmoid probabilities (descending), ``labels (B, K)`` int64, K = ``num_select``.
-    With ``half``, the detector runs in float16 (images are cast inside) and the post-processing in float32.
+    ``forward(images, mask)`` -> ``(boxes, scores, labels)`` as in the module docstring; :meth:`run` also returns the
+    per-query outputs. With ``half``, the detector runs in float16 (images are cast inside) and the post-processing
+    in float32.
     """
 
     def __init__(self, model: nn.Module, num_select: int = 300, half: bool = False):
@@ -33,17 +74,32 @@ class DeployModel(nn.Module):
         if self.half:
             self.model.half()
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        batch, _, height, width = images.shape
-        # All-False mask: exported inputs are whole images, never padded batches.
-        mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
+    def run(self, images: Tensor, mask: Tensor) -> DeployOutputs:
         if self.half:
             images = images.half()
         out = self.model(images, mask)
         logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
-        sizes = torch.tensor([[height, width]], dtype=torch.float32, device=images.device).expand(batch, 2)
+        sizes = valid_sizes(mask)
+        # Exactly dino eval's post-processing (dino.postprocess), scaled to the valid region instead of the
+        # original image size.
         scores, labels, boxes_xyxy = postprocess(logits, boxes, sizes, self.num_select)
-        return boxes_xyxy, scores, labels
+        return DeployOutputs(boxes_xyxy, scores, labels, logits, boxes, sizes)
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.run(images, mask).detections()
+
+
+class WithQueryOutputs(nn.Module):
+    """The graph exporters trace: ``(boxes, scores, labels, pred_logits, pred_boxes)``; the last two are removed
+    from the shipped graph's outputs but keep their names inside it (see ``QUERY_OUTPUT_NAMES``)."""
+
+    def __init__(self, deploy: DeployModel):
+        super().__init__()
+        self.deploy = deploy
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+        out = self.deploy.run(images, mask)
+        return out.boxes, out.scores, out.labels, out.pred_logits, out.pred_boxes
 
 
 def check_image_size(image_size: tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -93,10 +149,7 @@ def build_deploy_model(
     ``checkpoint=None`` keeps random weights (for benchmarks). Returns (model in eval mode on CPU, description).
     Raises UserError naming the file when it is missing, corrupt or does not match the model.
     """
-    import dino
-
     desc, cfg = resolve_model_config(spec, overrides)
-    cfg = dataclasses.replace(cfg)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"checkpoint {checkpoint} does not exist")
     if checkpoint is not None:
@@ -106,7 +159,8 @@ def build_deploy_model(
             raise UserError(f"checkpoint does not match {desc}: {err}") from None
         desc += f", weights {Path(checkpoint).name}"
     else:
-        model = dino.build_model(cfg)
+        # Random weights (benchmarks): nothing to download either.
+        model = dino.build_model(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=None)))
         desc += ", random weights (no checkpoint)"
     wrapped = DeployModel(model, num_select if num_select is not None else cfg.num_select, half=half)
     return wrapped.eval(), desc

@@ -5,42 +5,49 @@
   :mod:`export.plugin_node`), for TensorRT with ``csrc/tensorrt/``'s plugin library.
 
 Both use the dynamo-based ``torch.onnx.export`` (the default since PyTorch 2.9); the plugin node comes from a
-``custom_translation_table`` entry for the seam's custom op. Every export is checked with ``onnx.checker`` and run in
-ONNX Runtime against PyTorch (the plugin graph through a GridSample reference function attached to a copy).
+``custom_translation_table`` entry for the ``dino::ms_deform_attn`` custom op. The graph is traced with two extra
+outputs, the detector's raw ``pred_logits``/``pred_boxes``; the shipped file drops them from its outputs but keeps
+the named values inside, so :func:`check_onnx` can read them back from any exported file and compare every query
+with PyTorch (:mod:`export.query_check`). The file is written to a temporary name, checked, and only then moved into
+place.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from onnxscript import opset18 as op
 
-from export.deform_route import custom_op_overloads
-from export.deploy_model import DeployModel
+from dino.errors import UserError
+from export import files
+from export.deploy_model import INPUT_NAMES, OUTPUT_NAMES, QUERY_OUTPUT_NAMES, DeployModel, WithQueryOutputs
 from export.plugin_node import (
     PLUGIN_DOMAIN,
-    PLUGIN_NAME,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
     attach_reference_function,
     plugin_nodes,
     register_onnx_schema,
 )
-from export.tracing import export_program
+from export.query_check import (
+    ExportCheckError,
+    QueryCheck,
+    Tolerance,
+    compare_detections,
+    compare_queries,
+    reference_from_outputs,
+    tolerance_for,
+)
+from export.tracing import check_inputs, example_inputs, export_program
 
 OPSET = 18
-INPUT_NAMES = ["images"]
-OUTPUT_NAMES = ["boxes", "scores", "labels"]
 DEFORM_OPS = ("standard", "plugin")
 
-
 def _plugin_translation(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """ONNX for one seam call: the plugin node (int32 shape inputs), then (B, Q, M, D) -> (B, Q, M*D)."""
+    """ONNX for one custom-op call: the plugin node (int32 shape inputs), then (B, Q, M, D) -> (B, Q, M*D)."""
     from onnxscript.values import Opset
 
     trt = Opset(PLUGIN_DOMAIN, 1)
@@ -57,30 +64,13 @@ def _plugin_translation(value, spatial_shapes, level_start_index, sampling_locat
 
 
 @dataclasses.dataclass
-class OnnxCheck:
-    """ONNX Runtime vs PyTorch on the same images."""
-
-    provider: str
-    batch: int
-    max_box_error_px: float
-    max_score_error: float
-    top_label_match: bool
-
-    def line(self) -> str:
-        return (
-            f"ONNX Runtime {self.provider} batch {self.batch}: max |boxes| error {self.max_box_error_px:.3g} px, "
-            f"max |scores| error {self.max_score_error:.3g}, top labels {'match' if self.top_label_match else 'DIFFER'}"
-        )
-
-
-@dataclasses.dataclass
 class OnnxExport:
     path: Path
     deform_op: str
     image_size: tuple[int, int]
     dynamic_batch: bool
     num_plugin_nodes: int
-    checks: list[OnnxCheck]
+    checks: list[QueryCheck]
     notes: list[str]
 
 
@@ -95,58 +85,109 @@ def ort_providers() -> list[str]:
     return providers
 
 
-def compare_detections(
-    reference: tuple[torch.Tensor, ...], candidate: tuple[np.ndarray | torch.Tensor, ...], tie_eps: float = 1e-4
-) -> tuple[float, float, bool]:
-    """Max box error (px), max score error, and whether the top-1 labels agree wherever the top score is not tied.
-
-    Both tuples are (boxes (B,K,4), scores (B,K), labels (B,K)). A top score within ``tie_eps`` of the second is a
-    tie; the label order of tied scores is arbitrary, so those images are skipped for the label check.
-    """
-    ref_boxes, ref_scores, ref_labels = (torch.as_tensor(np.asarray(t.detach().cpu() if torch.is_tensor(t) else t))
-                                         for t in reference)
-    boxes, scores, labels = (torch.as_tensor(np.asarray(t.detach().cpu() if torch.is_tensor(t) else t))
-                             for t in candidate)
-    box_err = (boxes.float() - ref_boxes.float()).abs().max().item()
-    score_err = (scores.float() - ref_scores.float()).abs().max().item()
-    match = True
-    for b in range(ref_scores.shape[0]):
-        if ref_scores.shape[1] > 1 and (ref_scores[b, 0] - ref_scores[b, 1]).abs() < tie_eps:
-            continue
-        match &= bool(ref_labels[b, 0] == labels[b, 0])
-    return box_err, score_err, match
-
-
-def _write_atomically(model: onnx.ModelProto, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _trace_to_onnx(model: DeployModel, example: torch.Tensor, deform_op: str, dynamic_batch: bool,
-                   max_batch: int) -> onnx.ModelProto:
+def _trace_to_onnx(model: DeployModel, example: tuple[torch.Tensor, torch.Tensor], deform_op: str,
+                   dynamic_batch: bool, max_batch: int) -> onnx.ModelProto:
+    """The graph with all five outputs (detections + per-query outputs)."""
     table = None
     if deform_op == "plugin":
         register_onnx_schema()
-        table = {overload: _plugin_translation for overload in custom_op_overloads()}
-    program = export_program(model, example, dynamic_batch, max_batch, use_custom_op=deform_op == "plugin")
+        table = {torch.ops.dino.ms_deform_attn.default: _plugin_translation}
+    program = export_program(WithQueryOutputs(model), example, dynamic_batch, max_batch,
+                             custom_op=deform_op == "plugin")
     onnx_program = torch.onnx.export(
         program,
-        (example,),
+        example,
         dynamo=True,
         opset_version=OPSET,
-        input_names=INPUT_NAMES,
-        output_names=OUTPUT_NAMES,
+        input_names=list(INPUT_NAMES),
+        output_names=[*OUTPUT_NAMES, *QUERY_OUTPUT_NAMES],
         custom_translation_table=table,
         optimize=True,
         verbose=False,
     )
     return onnx_program.model_proto
+
+
+def shipped_graph(traced: onnx.ModelProto) -> onnx.ModelProto:
+    """The traced graph with only the contract's outputs; the per-query values stay inside under their names."""
+    produced = {o for n in traced.graph.node for o in n.output}
+    missing = [name for name in QUERY_OUTPUT_NAMES if name not in produced]
+    if missing:
+        raise RuntimeError(f"the traced graph has no value named {missing}: the per-query check could not read it")
+    keep = [o for o in traced.graph.output if o.name not in QUERY_OUTPUT_NAMES]
+    del traced.graph.output[:]
+    traced.graph.output.extend(keep)
+    return traced
+
+
+def checkable_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a shipped graph that ONNX Runtime can run with the per-query values as extra outputs (and the plugin
+    nodes computed by the GridSample reference function). For checking only: never ship it."""
+    out = attach_reference_function(model) if plugin_nodes(model) else onnx.ModelProto.FromString(
+        model.SerializeToString())
+    have = {o.name for o in out.graph.output}
+    produced = {o for n in out.graph.node for o in n.output}
+    for name in QUERY_OUTPUT_NAMES:
+        if name not in produced:
+            raise ExportCheckError(f"the graph has no value named {name!r}: not a graph exported by this version")
+        if name not in have:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
+
+
+def ort_session(model: onnx.ModelProto, provider: str):
+    """An ONNX Runtime session of :func:`checkable_graph` of ``model``; ExportCheckError if it cannot load."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(checkable_graph(model).SerializeToString(), opts, providers=[provider])
+    except ExportCheckError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a graph ONNX Runtime cannot load is a failed check
+        raise ExportCheckError(f"ONNX Runtime {provider} could not load the graph, so it could not be checked: "
+                               f"{str(err).splitlines()[0][:300]}") from err
+
+
+def run_session(session, images: torch.Tensor, mask: torch.Tensor) -> list:
+    """The five outputs ``(boxes, scores, labels, pred_logits, pred_boxes)`` as numpy arrays."""
+    feeds = {"images": images.detach().cpu().float().numpy(), "mask": mask.detach().cpu().numpy()}
+    try:
+        return session.run([*OUTPUT_NAMES, *QUERY_OUTPUT_NAMES], feeds)
+    except Exception as err:  # noqa: BLE001 - a graph that cannot run is a failed check
+        raise ExportCheckError(f"ONNX Runtime could not run the graph: {str(err).splitlines()[0][:300]}") from err
+
+
+def check_batches(dynamic_batch: bool) -> list[int]:
+    return [1, 3] if dynamic_batch else [1]
+
+
+def check_onnx(model: DeployModel, graph: onnx.ModelProto | str | os.PathLike, image_size: tuple[int, int],
+               batches: list[int], tolerance: Tolerance | None = None, seed: int = 100) -> list[QueryCheck]:
+    """Runs ``graph`` (a shipped file or proto) in ONNX Runtime and compares it with ``model`` query by query.
+
+    Raises ExportCheckError naming the largest difference when any comparison is beyond ``tolerance`` (default:
+    :func:`tolerance_for` the model's precision), or when ONNX Runtime cannot load or run the graph.
+    """
+    proto = graph if isinstance(graph, onnx.ModelProto) else onnx.load(str(graph))
+    tolerance = tolerance or tolerance_for(model.half)
+    checks = []
+    for provider in ort_providers():
+        session = ort_session(proto, provider)
+        for batch in batches:
+            images, mask = check_inputs(batch, image_size, seed + batch)
+            with torch.no_grad():
+                reference = model.run(images, mask)
+            got = run_session(session, images, mask)
+            check = QueryCheck(f"ONNX Runtime {provider.replace('ExecutionProvider', '')}", batch, tolerance)
+            check.query_score, check.query_box = compare_queries(reference, got[3], got[4])
+            # The in-graph top-k against the graph's own per-query outputs.
+            own = reference_from_outputs(got, mask)
+            check.detection_score, check.detection_box = compare_detections(own, *got[:3], tolerance=tolerance)
+            checks.append(check)
+            check.raise_on_failure("PyTorch")
+    return checks
 
 
 def export_onnx(
@@ -159,76 +200,33 @@ def export_onnx(
     verify: bool = True,
     seed: int = 0,
 ) -> OnnxExport:
-    """Exports ``model`` for ``(H, W)`` images to ``output`` (written atomically), checks it, and verifies it.
+    """Exports ``model`` for ``(H, W)`` canvases to ``output``; checks it before it is moved into place.
 
-    With ``dynamic_batch`` the batch axis is symbolic (1..``max_batch``) and verification runs batches 1 and 3;
-    otherwise the graph is fixed at batch 1. Raises ValueError for an unknown ``deform_op`` and RuntimeError when
-    ONNX Runtime disagrees with PyTorch beyond tolerance (boxes 1e-3 of the image size, 1e-3 scores; 5e-2 and 2e-2
-    for a float16 model) or the plugin graph does not hold one plugin node per attention call.
+    With ``dynamic_batch`` the batch axis is symbolic (1..``max_batch``) and the check runs batches 1 and 3;
+    otherwise the graph is fixed at batch 1. Without ``verify`` the file is written unchecked (said in the notes).
+    Raises UserError for an unknown ``deform_op`` and ExportCheckError (nothing written) when the check fails.
     """
     if deform_op not in DEFORM_OPS:
-        raise ValueError(f"--deform-op must be one of {DEFORM_OPS}, got {deform_op!r}")
+        raise UserError(f"--deform-op must be one of {DEFORM_OPS}, got {deform_op!r}")
     height, width = image_size
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
     # torch.export specialises a dimension of size 1, so a dynamic batch is traced at batch 2.
-    example = torch.randn(2 if dynamic_batch else 1, 3, height, width, generator=gen)
-    proto = _trace_to_onnx(model, example, deform_op, dynamic_batch, max_batch)
-    notes: list[str] = []
+    example = example_inputs(2 if dynamic_batch else 1, (height, width), seed=seed)
+    proto = shipped_graph(_trace_to_onnx(model, example, deform_op, dynamic_batch, max_batch))
     n_plugin = len(plugin_nodes(proto))
     if deform_op == "plugin" and n_plugin == 0:
         raise RuntimeError("plugin export produced no DinoMSDeformAttn node: the seam did not reach the custom op")
     if deform_op == "standard" and n_plugin:
         raise RuntimeError(f"standard export unexpectedly contains {n_plugin} plugin nodes")
     onnx.checker.check_model(proto, full_check=False)
-    _write_atomically(proto, path)
-
-    checks: list[OnnxCheck] = []
-    if verify:
-        runnable = attach_reference_function(proto) if deform_op == "plugin" else proto
-        if deform_op == "plugin":
-            notes.append("plugin nodes verified through a GridSample reference function (not the TensorRT plugin)")
-        checks, more = verify_onnx(model, runnable, (height, width), [1, 3] if dynamic_batch else [1], seed=seed)
-        notes += more
-    return OnnxExport(path, deform_op, (height, width), dynamic_batch, n_plugin, checks, notes)
-
-
-def verify_onnx(model: DeployModel, proto: onnx.ModelProto, image_size: tuple[int, int], batches: list[int],
-                seed: int = 0) -> tuple[list[OnnxCheck], list[str]]:
-    """Runs ``proto`` in ONNX Runtime on random images and compares with ``model``; raises RuntimeError on mismatch."""
-    import onnxruntime as ort
-
-    height, width = image_size
-    box_tol = 1e-3 * max(height, width)
-    score_tol = 1e-3
-    if model.half:
-        box_tol, score_tol = 5e-2 * max(height, width), 2e-2
-    checks: list[OnnxCheck] = []
     notes: list[str] = []
-    data = proto.SerializeToString()
-    for provider in ort_providers():
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(data, opts, providers=[provider])
-        except Exception as err:  # noqa: BLE001 - an ORT build without a kernel is a note, not a failure
-            notes.append(f"ONNX Runtime {provider} could not load the graph: {str(err).splitlines()[0][:200]}")
-            continue
-        for batch in batches:
-            gen = torch.Generator().manual_seed(seed + batch)
-            images = torch.randn(batch, 3, height, width, generator=gen)
-            with torch.no_grad():
-                reference = model(images)
-            try:
-                got = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: images.numpy()})
-            except Exception as err:  # noqa: BLE001
-                notes.append(f"ONNX Runtime {provider} could not run the graph: {str(err).splitlines()[0][:200]}")
-                break
-            box_err, score_err, match = compare_detections(reference, got)
-            check = OnnxCheck(provider.replace("ExecutionProvider", ""), batch, box_err, score_err, match)
-            checks.append(check)
-            if box_err > box_tol or score_err > score_tol or not match:
-                raise RuntimeError(f"ONNX Runtime disagrees with PyTorch: {check.line()} "
-                                   f"(tolerance {box_tol:.3g} px, {score_tol:.3g})")
-    return checks, notes
+    checks: list[QueryCheck] = []
+    with files.staged(output) as tmp:
+        onnx.save(proto, str(tmp))
+        if verify:
+            if deform_op == "plugin":
+                notes.append("plugin nodes checked through a GridSample reference function (not the TensorRT plugin)")
+            checks = check_onnx(model, tmp, (height, width), check_batches(dynamic_batch))
+        else:
+            notes.append("not checked against PyTorch (--no-verify): written unchecked")
+        path = files.commit(tmp, output)
+    return OnnxExport(path, deform_op, (height, width), dynamic_batch, n_plugin, checks, notes)

@@ -6,21 +6,23 @@ from pathlib import Path
 
 import torch
 
-from export.trt_engine import load_plugin_libraries
+from dino.errors import UserError
+from export.deploy_model import INPUT_NAMES, OUTPUT_NAMES
+from export.trt_engine import import_tensorrt, load_plugin_libraries
 
 
 class TensorRTRunner:
-    """``boxes, scores, labels = runner(images)`` for an engine built by :func:`export.trt_engine.build_engine`.
+    """``boxes, scores, labels = runner(images, mask)`` for an engine built by :func:`export.trt_engine.build_engine`.
 
-    ``images``: (B, 3, H, W) CUDA tensor; outputs are new CUDA tensors in the engine's output order and types.
+    ``images (B, 3, H, W)`` float and ``mask (B, H, W)`` bool CUDA tensors (the deploy-graph contract); outputs are
+    new CUDA tensors in the contract's order, in the engine's types.
     """
 
     def __init__(self, engine_path: str | os.PathLike, plugin_libs: list[str | os.PathLike] | None = None):
-        import tensorrt as trt
-
+        trt = import_tensorrt()
         path = Path(engine_path)
         if not path.is_file():
-            raise FileNotFoundError(f"TensorRT engine {path} does not exist")
+            raise UserError(f"TensorRT engine {path} does not exist")
         load_plugin_libraries([Path(p) for p in plugin_libs or []])
         self._trt = trt
         logger = trt.Logger(trt.Logger.WARNING)
@@ -28,11 +30,14 @@ class TensorRTRunner:
         self.runtime = trt.Runtime(logger)
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialize {path} (built by another TensorRT version or GPU?)")
+            raise UserError(f"TensorRT could not deserialize {path} (built by another TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        inputs = {n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        outputs = {n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT}
+        if inputs != set(INPUT_NAMES) or not set(OUTPUT_NAMES) <= outputs:
+            raise UserError(f"{path}: engine inputs {sorted(inputs)} / outputs {sorted(outputs)} are not the deploy "
+                            f"graph's {list(INPUT_NAMES)} / {list(OUTPUT_NAMES)}")
 
     def _torch_dtype(self, name: str) -> torch.dtype:
         trt = self._trt
@@ -42,15 +47,17 @@ class TensorRTRunner:
             table[trt.DataType.BF16] = torch.bfloat16
         return table[self.engine.get_tensor_dtype(name)]
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not images.is_cuda:
-            raise ValueError("TensorRT runs on CUDA tensors; move the images to the GPU")
-        name = self.inputs[0]
-        images = images.to(self._torch_dtype(name)).contiguous()
-        self.context.set_input_shape(name, tuple(images.shape))
-        self.context.set_tensor_address(name, images.data_ptr())
+    def __call__(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not images.is_cuda or not mask.is_cuda:
+            raise ValueError("TensorRT runs on CUDA tensors; move the images and mask to the GPU")
+        feeds = {"images": images, "mask": mask}
+        for name in INPUT_NAMES:
+            tensor = feeds[name].to(self._torch_dtype(name)).contiguous()
+            feeds[name] = tensor  # keeps the converted tensor alive until the launch is done
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
         outs = []
-        for out_name in self.outputs:
+        for out_name in OUTPUT_NAMES:
             shape = tuple(self.context.get_tensor_shape(out_name))
             tensor = torch.empty(shape, dtype=self._torch_dtype(out_name), device=images.device)
             self.context.set_tensor_address(out_name, tensor.data_ptr())
@@ -58,4 +65,5 @@ class TensorRTRunner:
         stream = torch.cuda.current_stream(images.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
+        stream.synchronize()
         return tuple(outs)

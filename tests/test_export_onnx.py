@@ -1,4 +1,5 @@
-"""ONNX export: standard and plugin graphs of a tiny DINO, checked in ONNX Runtime against PyTorch."""
+"""ONNX export: the mask-aware standard and plugin graphs of a tiny DINO, checked query by query against PyTorch;
+a letterboxed batch matches `dino eval`; a corrupted graph fails its check naming the largest difference."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,18 +7,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from accelerate import Accelerator
+from onnx import numpy_helper
 
 import dino
 from dino.config import BackboneConfig, DenoisingConfig, ModelConfig, TransformerConfig
+from dino.data import pad_images
+from dino.engine.evaluate import predict
+from dino.errors import UserError
+from dino.postprocess import PostProcess
 from export.deploy_model import DeployModel
-from export.onnx_export import compare_detections, export_onnx
-from export.plugin_node import (
-    PLUGIN_DOMAIN,
-    PLUGIN_INPUTS,
-    PLUGIN_NAME,
-    attach_reference_function,
-    plugin_nodes,
-)
+from export.onnx_export import check_onnx, export_onnx
+from export.plugin_node import PLUGIN_DOMAIN, PLUGIN_INPUTS, PLUGIN_NAME, plugin_nodes
+from export.query_check import FP32_TOLERANCE, ExportCheckError
 
 SIZE = (96, 128)
 
@@ -51,29 +53,87 @@ def plugin_export(deploy_model, tmp_path_factory):
     return export_onnx(deploy_model, path, SIZE, "plugin", dynamic_batch=True, max_batch=4)
 
 
-def _run(path_or_proto, images: torch.Tensor):
+def _session(path_or_proto):
     data = path_or_proto.SerializeToString() if isinstance(path_or_proto, onnx.ModelProto) else str(path_or_proto)
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    return session.run(["boxes", "scores", "labels"], {"images": images.numpy()})
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
 
 
-def test_standard_graph_matches_pytorch_for_batch_1_and_3(standard_export, deploy_model):
+def test_standard_graph_has_the_contract_and_passes_its_check(standard_export):
     model = onnx.load(str(standard_export.path))
     onnx.checker.check_model(model)
     assert "GridSample" in {n.op_type for n in model.graph.node}
     assert not plugin_nodes(model)
-    assert [c.batch for c in standard_export.checks] == [1, 3]
-    for batch in (1, 3):
-        images = torch.randn(batch, 3, *SIZE, generator=torch.Generator().manual_seed(10 + batch))
-        with torch.no_grad():
-            ref = deploy_model(images)
-        got = _run(standard_export.path, images)
-        assert got[0].shape == (batch, 20, 4) and got[1].shape == (batch, 20) and got[2].shape == (batch, 20)
-        assert got[2].dtype == np.int64
-        box_err, score_err, labels_match = compare_detections(ref, got)
-        assert box_err <= 1e-3 * max(SIZE)
-        assert score_err <= 1e-4
-        assert labels_match
+    assert [i.name for i in model.graph.input] == ["images", "mask"]
+    assert model.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    assert [o.name for o in model.graph.output] == ["boxes", "scores", "labels"]
+    assert [(c.backend, c.batch) for c in standard_export.checks] == [("ONNX Runtime CPU", 1), ("ONNX Runtime CPU", 3)]
+    for check in standard_export.checks:
+        assert check.query_score.value <= FP32_TOLERANCE.score and check.query_box.value <= FP32_TOLERANCE.box_px
+        assert check.detection_box.value <= FP32_TOLERANCE.box_px
+    out = _session(standard_export.path).run(None, {"images": np.zeros((2, 3, *SIZE), np.float32),
+                                                    "mask": np.zeros((2, *SIZE), bool)})
+    assert [o.shape for o in out] == [(2, 20, 4), (2, 20), (2, 20)] and out[2].dtype == np.int64
+
+
+def _match_detections(got, expected, tol):
+    """Largest score and box differences after matching each of ``got``'s detections to ``expected``'s detection of
+    the same label that agrees best (rank swaps of near-tied scores do not count); sorted scores compared too."""
+    boxes, scores, labels = got
+    e_boxes, e_scores, e_labels = expected
+    worst_score = float(np.abs(np.sort(scores)[::-1] - np.sort(e_scores)[::-1]).max())
+    worst_box = 0.0
+    for box, score, label in zip(boxes, scores, labels):
+        same = np.flatnonzero(e_labels == label)
+        assert same.size, f"label {label} is not among the expected detections"
+        d_score = np.abs(e_scores[same] - score)
+        d_box = np.abs(e_boxes[same] - box).max(1)
+        best = np.argmin(np.maximum(d_score / tol.score, d_box / tol.box_px))
+        worst_score, worst_box = max(worst_score, d_score[best]), max(worst_box, d_box[best])
+    return worst_score, worst_box
+
+
+def test_letterboxed_batch_of_two_sizes_matches_dino_eval(standard_export, deploy_model):
+    """Two differently sized (already resized, normalised) images, padded into the export canvas as `dino eval`'s
+    collate does: the graph's boxes, scaled from resized to original pixels, are eval's detections."""
+    gen = torch.Generator().manual_seed(7)
+    resized = [(96, 100), (70, 128)]
+    originals = [(192, 200), (105, 192)]
+    images, mask = pad_images([torch.randn(3, h, w, generator=gen) for h, w in resized])
+    assert images.shape[-2:] == SIZE and mask[0, :, 100:].all() and mask[1, 70:].all()
+    targets = [{"image_id": torch.tensor(i), "orig_size": torch.tensor(o)} for i, o in enumerate(originals)]
+    records = predict(Accelerator(), deploy_model.model, PostProcess(20), [(images, mask, targets)])
+
+    boxes, scores, labels = _session(standard_export.path).run(None, {"images": images.numpy(), "mask": mask.numpy()})
+    for i, ((rh, rw), (oh, ow)) in enumerate(zip(resized, originals)):
+        scale = np.array([ow / rw, oh / rh, ow / rw, oh / rh], np.float32)
+        expected = tuple(records[i][k].numpy() for k in ("boxes", "scores", "labels"))
+        score_err, box_err = _match_detections((boxes[i] * scale, scores[i], labels[i]), expected, FP32_TOLERANCE)
+        assert score_err <= FP32_TOLERANCE.score and box_err <= FP32_TOLERANCE.box_px * 2, (i, score_err, box_err)
+    # The mask matters: the same pixels without it give other detections.
+    unmasked = _session(standard_export.path).run(None, {"images": images.numpy(), "mask": np.zeros_like(mask)})
+    assert np.abs(unmasked[1][1] - scores[1]).max() > 10 * FP32_TOLERANCE.score
+
+
+def test_corrupted_graph_fails_its_check_naming_the_largest_difference(standard_export, deploy_model):
+    model = onnx.load(str(standard_export.path))
+    # One number of the first backbone convolution, as a corrupted file or a wrong export would. (Not a head weight:
+    # DINO initialises the box head's last layer to zero, so a random-weight model ignores its earlier layers.)
+    weights = next(t for t in model.graph.initializer if t.name.endswith("backbone.body.conv1.weight"))
+    array = numpy_helper.to_array(weights).copy()
+    array.flat[0] += 1.0
+    weights.CopyFrom(numpy_helper.from_array(array, weights.name))
+    with pytest.raises(ExportCheckError, match=r"ONNX Runtime CPU disagrees with PyTorch \(batch 1\): largest "
+                                               r"difference: per-query (score|box) [0-9.e+-]+( px)? at image 0, "
+                                               r"query \d+, (class|coordinate) \w+ \(tolerance"):
+        check_onnx(deploy_model, model, SIZE, [1])
+
+
+def test_graph_onnxruntime_cannot_load_is_a_failed_check(standard_export, deploy_model):
+    model = onnx.load(str(standard_export.path))
+    node = next(n for n in model.graph.node if n.op_type == "Add")
+    node.op_type = "NoSuchOperator"
+    with pytest.raises(ExportCheckError, match="could not load the graph, so it could not be checked"):
+        check_onnx(deploy_model, model, SIZE, [1])
 
 
 def test_plugin_graph_has_one_node_per_attention_with_documented_interface(plugin_export):
@@ -84,6 +144,7 @@ def test_plugin_graph_has_one_node_per_attention_with_documented_interface(plugi
     assert len(nodes) == cfg.transformer.enc_layers + cfg.transformer.dec_layers == plugin_export.num_plugin_nodes
     assert "GridSample" not in {n.op_type for n in model.graph.node}
     assert any(o.domain == PLUGIN_DOMAIN for o in model.opset_import)
+    assert [i.name for i in model.graph.input] == ["images", "mask"]
     types = {vi.name: vi.type.tensor_type for vi in list(model.graph.value_info) + list(model.graph.input)}
     inits = {i.name: i for i in model.graph.initializer}
     for node in nodes:
@@ -106,44 +167,27 @@ def test_plugin_graph_has_one_node_per_attention_with_documented_interface(plugi
         assert [c.op_type for c in consumers] == ["Reshape"]
 
 
-def test_plugin_graph_with_reference_function_matches_pytorch(plugin_export, deploy_model):
-    runnable = attach_reference_function(onnx.load(str(plugin_export.path)))
-    for batch in (1, 3):
-        images = torch.randn(batch, 3, *SIZE, generator=torch.Generator().manual_seed(20 + batch))
-        with torch.no_grad():
-            ref = deploy_model(images)
-        box_err, score_err, labels_match = compare_detections(ref, _run(runnable, images))
-        assert box_err <= 1e-3 * max(SIZE)
-        assert score_err <= 1e-4
-        assert labels_match
+def test_plugin_graph_passes_the_same_check_through_its_reference_function(plugin_export, deploy_model):
+    assert [c.batch for c in plugin_export.checks] == [1, 3]
+    assert plugin_export.notes == ["plugin nodes checked through a GridSample reference function (not the TensorRT "
+                                   "plugin)"]
+    again = check_onnx(deploy_model, plugin_export.path, SIZE, [2])
+    assert again[0].query_box.value <= FP32_TOLERANCE.box_px
 
 
 def test_plugin_graph_alone_cannot_run_in_onnxruntime(plugin_export):
     # The shipped plugin graph is for TensorRT only: ORT's CPU provider must refuse the unknown node.
     with pytest.raises(Exception, match="DinoMSDeformAttn|trt.plugins"):
-        ort.InferenceSession(str(plugin_export.path), providers=["CPUExecutionProvider"])
+        _session(plugin_export.path)
 
 
 def test_unknown_deform_op_is_rejected(deploy_model, tmp_path):
-    with pytest.raises(ValueError, match="--deform-op"):
+    with pytest.raises(UserError, match="--deform-op"):
         export_onnx(deploy_model, tmp_path / "x.onnx", SIZE, "gridsample")
 
 
-def test_compare_detections_detects_label_and_box_differences():
-    boxes = torch.zeros(1, 3, 4)
-    scores = torch.tensor([[0.9, 0.5, 0.1]])
-    labels = torch.tensor([[1, 2, 3]])
-    assert compare_detections((boxes, scores, labels), (boxes, scores, labels)) == (0.0, 0.0, True)
-    _, _, match = compare_detections((boxes, scores, labels), (boxes, scores, torch.tensor([[2, 2, 3]])))
-    assert not match
-    box_err, _, _ = compare_detections((boxes, scores, labels), (boxes + 2.5, scores, labels))
-    assert box_err == 2.5
-    # A tied top score makes the top label order arbitrary: not counted as a mismatch.
-    tied = torch.tensor([[0.9, 0.9, 0.1]])
-    assert compare_detections((boxes, tied, labels), (boxes, tied, torch.tensor([[2, 1, 3]])))[2]
-
-
-def test_fp16_export_is_a_half_graph_close_to_the_half_model(tmp_path):
+def test_fp16_export_is_a_half_graph_checked_at_the_fp16_tolerance(tmp_path):
+    from export.query_check import FP16_TOLERANCE
     from tests.export_standin import StandInDetector
 
     torch.manual_seed(0)
@@ -152,5 +196,44 @@ def test_fp16_export_is_a_half_graph_close_to_the_half_model(tmp_path):
     graph = onnx.load(str(result.path))
     assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # images stay float32
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)  # weights are half
-    assert result.checks and result.checks[0].top_label_match
     assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # boxes in float32
+    assert result.checks and result.checks[0].tolerance == FP16_TOLERANCE
+    assert result.checks[0].query_box.value <= FP16_TOLERANCE.box_px
+
+
+def test_failed_check_leaves_nothing_and_no_verify_says_so(tmp_path, monkeypatch):
+    import export.onnx_export as onnx_export
+    from tests.export_standin import StandInDetector
+
+    torch.manual_seed(0)
+    model = DeployModel(StandInDetector(), num_select=20)
+    output = tmp_path / "m.onnx"
+    output.write_bytes(b"previous")
+
+    def failing(*args, **kwargs):
+        raise ExportCheckError("ONNX Runtime CPU disagrees with PyTorch")
+
+    monkeypatch.setattr(onnx_export, "check_onnx", failing)
+    with pytest.raises(ExportCheckError):
+        export_onnx(model, output, (64, 96), "standard")
+    assert output.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    result = export_onnx(model, output, (64, 96), "standard", verify=False)
+    assert result.checks == [] and "written unchecked" in result.notes[0]
+    assert onnx.load(str(output)).graph.input[1].name == "mask"
+
+
+@pytest.mark.slow
+def test_random_weight_r50_export_passes_its_own_check(tmp_path):
+    """The export the old rank-by-rank check rejected (a 352 px "error" from near-tied rank swaps): dino_r50_4scale,
+    random weights (seed 0), 320x480, 900 queries x 91 classes, top 300. Encoder and decoder cut to two layers
+    each to keep the test's time sane. (Not yet run: the shared 2-core machine could not finish it in time.)"""
+    from dino.presets import get_preset
+
+    cfg = get_preset("dino_r50_4scale")
+    cfg.transformer.enc_layers = cfg.transformer.dec_layers = 2
+    torch.manual_seed(0)
+    model = DeployModel(dino.build_model(cfg), num_select=cfg.num_select).eval()
+    result = export_onnx(model, tmp_path / "r50.onnx", (320, 480), "standard")
+    (check,) = result.checks
+    assert check.query_score.value <= FP32_TOLERANCE.score and check.query_box.value <= FP32_TOLERANCE.box_px
+    assert check.detection_box.value <= FP32_TOLERANCE.box_px
