@@ -12,7 +12,7 @@ A backend is anything with the deploy-graph contract (docs/ARCHITECTURE.md, CONT
     # boxes (B, K, 4) xyxy pixels of each image's valid (resized) region, scores (B, K) descending, labels (B, K) int64
 
 plus ``device``, ``input_size`` ((H, W) of a fixed-size graph, or None) and ``max_batch`` (None: any batch).
-:class:`ModelBackend` runs a PyTorch model here; ``export.predict_backends`` has ONNX Runtime, AOTInductor and
+:class:`ModelBackend` runs a PyTorch model here; ``dino_export.predict_backends`` has ONNX Runtime, AOTInductor and
 TensorRT. A fixed-size graph gets the batch padded to its size; an image whose evaluation size does not fit it is
 resized to fit instead (keeping its aspect ratio), which is the only case where a graph sees other pixels than eval.
 

@@ -16,7 +16,7 @@ from dino import convert
 from dino.engine import cli as engine_cli
 from dino.errors import UserError
 from dino_cli import predict as predict_cli
-from export import cli as export_cli
+from dino_export import cli as export_cli
 
 # Modules that contribute subcommands, in help order.
 COMMAND_MODULES = (convert, engine_cli, export_cli, predict_cli)

@@ -4,7 +4,7 @@
     dino predict --recipe dino_r50_4scale_12ep --onnx model.onnx --checkpoint model.safetensors photos/
     dino predict --recipe dino_r50_4scale_12ep --engine model.engine --plugin-lib libdino_trt_plugin.so --device cuda a.jpg
 
-Chooses the backend (PyTorch from a checkpoint, or ``export.predict_backends``); the pipeline is :mod:`dino.predict`.
+Chooses the backend (PyTorch from a checkpoint, or ``dino_export.predict_backends``); the pipeline is :mod:`dino.predict`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dino.model_loading import build_model_from_checkpoint, read_categories
 from dino.predict import ModelBackend, list_inputs, predict_files
 from dino.predict_labels import LabelNames
 from dino.presets import PRESETS, get_preset
-from export.predict_backends import AotiBackend, OnnxRuntimeBackend, TensorRTBackend
+from dino_export.predict_backends import AotiBackend, OnnxRuntimeBackend, TensorRTBackend
 
 
 def load_recipe_or_preset(spec: str, overrides: list[str]) -> Recipe:

@@ -1,7 +1,7 @@
 """AOTInductor packages (.pt2): the detector compiled ahead of time, loadable without this project's code.
 
 The package is called as ``boxes, scores, labels = runner(images, mask)`` (the deploy-graph contract,
-:mod:`export.deploy_model`). On CUDA, when ``dino.ops`` has its compiled kernel, deformable attention is traced as
+:mod:`dino_export.deploy_model`). On CUDA, when ``dino.ops`` has its compiled kernel, deformable attention is traced as
 the ``dino::ms_deform_attn`` custom op and the package calls that kernel (the loading process must then import
 ``dino.ops`` too). Everywhere else it traces to the PyTorch path (GridSample), which Inductor compiles like any
 other op. Every package is compiled to a temporary file, checked against eager PyTorch query by query
@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from dino.errors import UserError
-from export import files
-from export.deploy_model import DeployModel
-from export.query_check import QueryCheck, Tolerance, compare_detections, tolerance_for
-from export.tracing import check_inputs, example_inputs, export_program
+from dino_export import files
+from dino_export.deploy_model import DeployModel
+from dino_export.query_check import QueryCheck, Tolerance, compare_detections, tolerance_for
+from dino_export.tracing import check_inputs, example_inputs, export_program
 
 
 def kernel_available(device: torch.device) -> bool:

@@ -2,7 +2,7 @@
 
 Each backend is prepared once (export / compile time is reported separately), warmed up, then timed per call with
 CUDA synchronisation; the table gives median and p90 latency, images per second, and the largest difference of its
-detections from eager float32 PyTorch, matched by query (:func:`export.query_check.compare_detections`, so rank swaps
+detections from eager float32 PyTorch, matched by query (:func:`dino_export.query_check.compare_detections`, so rank swaps
 of near-tied scores do not count). Inputs are letterboxed batches with their padding mask (the deploy-graph contract).
 Backends that cannot run here are listed with the reason.
 """
@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 
 from dino.errors import UserError
-from export import files
-from export.deploy_model import DeployModel
-from export.query_check import FP16_TOLERANCE, compare_detections
-from export.tracing import check_inputs
+from dino_export import files
+from dino_export.deploy_model import DeployModel
+from dino_export.query_check import FP16_TOLERANCE, compare_detections
+from dino_export.tracing import check_inputs
 
 ALL_BACKENDS = ("eager_fp32", "eager_bf16", "eager_fp16", "compile", "aoti", "ort_cpu", "ort_cuda", "tensorrt")
 
@@ -98,7 +98,7 @@ class _Backends:
         return compiled
 
     def _make_aoti(self):
-        from export.aoti import export_aoti, load_aoti
+        from dino_export.aoti import export_aoti, load_aoti
 
         path, _ = export_aoti(self.model, self.workdir / "model.pt2", self.image_size, device=self.device,
                               dynamic_batch=self.max_batch > 1, max_batch=max(self.max_batch, 2))
@@ -107,7 +107,7 @@ class _Backends:
     def _onnx_file(self, deform_op: str = "standard") -> Path:
         """The ONNX graph (exported once per kind; its check is the bench's own difference column)."""
         if deform_op not in self._onnx:
-            from export.onnx_export import export_onnx
+            from dino_export.onnx_export import export_onnx
 
             cpu_model = self.model.to("cpu")
             try:
@@ -149,8 +149,8 @@ class _Backends:
             raise _Unavailable("the tensorrt Python package is not installed")
         if self.device.type != "cuda":
             raise _Unavailable("TensorRT needs a CUDA device")
-        from export.trt_export import build_checked_engine, plan_from_args
-        from export.trt_runtime import TensorRTRunner
+        from dino_export.trt_export import build_checked_engine, plan_from_args
+        from dino_export.trt_runtime import TensorRTRunner
 
         # The plugin graph (TensorRT's GridSample: NVIDIA/TensorRT#4813), checked against ONNX Runtime when built.
         plan = plan_from_args(self._onnx_file("plugin"), self.workdir / "model.engine", False, self.plugin_libs,

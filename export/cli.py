@@ -73,7 +73,7 @@ def register(subparsers) -> None:
     aoti_p.add_argument("--output", default="model.pt2")
     aoti_p.set_defaults(func=_cmd_export_aoti)
 
-    from export.bench import ALL_BACKENDS
+    from dino_export.bench import ALL_BACKENDS
 
     bench = subparsers.add_parser("bench", help="latency of every available inference backend on the same inputs")
     _add_model_args(bench, checkpoint_required=False)
@@ -92,7 +92,7 @@ def register(subparsers) -> None:
 
 
 def _load(args, half: bool = False):
-    from export.deploy_model import build_deploy_model, check_image_size
+    from dino_export.deploy_model import build_deploy_model, check_image_size
 
     size = check_image_size(args.image_size)
     model, desc = build_deploy_model(args.recipe, args.checkpoint, half=half, overrides=args.overrides)
@@ -107,7 +107,7 @@ def _print_checks(checks, notes) -> None:
 
 
 def _export_onnx(args, output: str):
-    from export.onnx_export import export_onnx
+    from dino_export.onnx_export import export_onnx
 
     model, desc, size = _load(args, half=args.fp16)
     result = export_onnx(model, output, size, args.deform_op, args.dynamic_batch, args.max_batch,
@@ -127,7 +127,7 @@ def _cmd_export_onnx(args) -> int:
 
 
 def _cmd_export_trt(args) -> int:
-    from export.trt_export import build_checked_engine, plan_from_args, require_tensorrt
+    from dino_export.trt_export import build_checked_engine, plan_from_args, require_tensorrt
 
     if (args.onnx is None) == (args.recipe is None):
         raise UserError("dino export trt takes either --onnx FILE or --recipe R --checkpoint C")
@@ -153,7 +153,7 @@ def _cmd_export_trt(args) -> int:
 
 
 def _cmd_export_aoti(args) -> int:
-    from export.aoti import export_aoti
+    from dino_export.aoti import export_aoti
 
     model, desc, size = _load(args)
     path, checks = export_aoti(model, args.output, size, args.device, args.dynamic_batch, args.max_batch,
@@ -164,7 +164,7 @@ def _cmd_export_aoti(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from export.bench import format_table, run_bench, write_json
+    from dino_export.bench import format_table, run_bench, write_json
 
     model, desc, size = _load(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,7 +180,7 @@ def _cmd_bench(args) -> int:
         if args.json:
             write_json(rows, meta, args.json)
         if args.table:
-            from export import files
+            from dino_export import files
 
             files.write_bytes((format_table(rows, header) + "\n").encode(), args.table)
 

@@ -1,14 +1,14 @@
-"""ONNX export of a :class:`~export.deploy_model.DeployModel`: the standard graph and the TensorRT plugin graph.
+"""ONNX export of a :class:`~dino_export.deploy_model.DeployModel`: the standard graph and the TensorRT plugin graph.
 
 - ``standard``: deformable attention lowered to GridSample (opset 18 >= 16), runs anywhere ONNX Runtime runs.
 - ``plugin``: each deformable attention call is one ``trt.plugins::DinoMSDeformAttn`` node (see
-  :mod:`export.plugin_node`), for TensorRT with ``csrc/tensorrt/``'s plugin library.
+  :mod:`dino_export.plugin_node`), for TensorRT with ``csrc/tensorrt/``'s plugin library.
 
 Both use the dynamo-based ``torch.onnx.export`` (the default since PyTorch 2.9); the plugin node comes from a
 ``custom_translation_table`` entry for the ``dino::ms_deform_attn`` custom op. The graph is traced with two extra
 outputs, the detector's raw ``pred_logits``/``pred_boxes``; the shipped file drops them from its outputs but keeps
 the named values inside, so :func:`check_onnx` can read them back from any exported file and compare every query
-with PyTorch (:mod:`export.query_check`). The file is written to a temporary name, checked, and only then moved into
+with PyTorch (:mod:`dino_export.query_check`). The file is written to a temporary name, checked, and only then moved into
 place.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from onnxscript import opset18 as op
 
 from dino.errors import UserError
-from export import files
-from export.deploy_model import INPUT_NAMES, OUTPUT_NAMES, QUERY_OUTPUT_NAMES, DeployModel, WithQueryOutputs
-from export.plugin_node import (
+from dino_export import files
+from dino_export.deploy_model import INPUT_NAMES, OUTPUT_NAMES, QUERY_OUTPUT_NAMES, DeployModel, WithQueryOutputs
+from dino_export.plugin_node import (
     PLUGIN_DOMAIN,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
@@ -32,7 +32,7 @@ from export.plugin_node import (
     plugin_nodes,
     register_onnx_schema,
 )
-from export.query_check import (
+from dino_export.query_check import (
     ExportCheckError,
     QueryCheck,
     Tolerance,
@@ -41,7 +41,7 @@ from export.query_check import (
     reference_from_outputs,
     tolerance_for,
 )
-from export.tracing import check_inputs, example_inputs, export_program
+from dino_export.tracing import check_inputs, example_inputs, export_program
 
 OPSET = 18
 DEFORM_OPS = ("standard", "plugin")

@@ -108,7 +108,7 @@ class TensorRTBackend:
         self.device = torch.device(device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise UserError("--engine runs on a CUDA GPU: pass --device cuda on a machine with one")
-        from export.trt_runtime import TensorRTRunner
+        from dino_export.trt_runtime import TensorRTRunner
 
         self.runner = TensorRTRunner(path, list(plugin_libs))
         shape = tuple(self.runner.engine.get_tensor_shape("images"))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from dino.box_ops import box_cxcywh_to_xyxy
-from export.deploy_model import DeployOutputs, valid_sizes
+from dino_export.deploy_model import DeployOutputs, valid_sizes
 
 
 class ExportCheckError(RuntimeError):

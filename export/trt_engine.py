@@ -25,9 +25,9 @@ from typing import Callable
 import onnx
 
 from dino.errors import UserError
-from export import files
-from export.deploy_model import INPUT_NAMES
-from export.plugin_node import plugin_nodes
+from dino_export import files
+from dino_export.deploy_model import INPUT_NAMES
+from dino_export.plugin_node import plugin_nodes
 
 
 @dataclasses.dataclass

@@ -15,10 +15,10 @@ import onnx
 import torch
 
 from dino.errors import UserError
-from export.onnx_export import check_batches, ort_providers, ort_session, run_session
-from export.query_check import FP16_TOLERANCE, QueryCheck, Tolerance, compare_detections, reference_from_outputs
-from export.tracing import check_inputs
-from export.trt_engine import BuildPlan, build_engine, import_tensorrt, make_build_plan
+from dino_export.onnx_export import check_batches, ort_providers, ort_session, run_session
+from dino_export.query_check import FP16_TOLERANCE, QueryCheck, Tolerance, compare_detections, reference_from_outputs
+from dino_export.tracing import check_inputs
+from dino_export.trt_engine import BuildPlan, build_engine, import_tensorrt, make_build_plan
 
 PLUGIN_LIB_NAME = "libdino_trt_plugin.so"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def check_engine(engine: Path, plan: BuildPlan, tolerance: Tolerance = TRT_TOLER
     """Runs the engine and ONNX Runtime (the same ONNX file; plugin nodes through their GridSample reference
     function) on the same letterboxed inputs and compares the engine's detections with ONNX Runtime's per-query
     outputs, matched by query. Raises ExportCheckError naming the largest difference."""
-    from export.trt_runtime import TensorRTRunner
+    from dino_export.trt_runtime import TensorRTRunner
 
     if not torch.cuda.is_available():
         raise UserError("checking a TensorRT engine needs a CUDA GPU (or pass --no-verify)")
@@ -102,7 +102,7 @@ def build_checked_engine(plan: BuildPlan, verify: bool = True, verbose: bool = F
 def plan_from_args(onnx_path: Path, output, fp16: bool, plugin_libs: list[str], workspace_gb: float, max_batch: int,
                    timing_cache, tensorrt_root=None, plugin_build_dir=None) -> BuildPlan:
     """The build plan; for a plugin graph without ``--plugin-lib`` the library is found or built first."""
-    from export.plugin_node import plugin_nodes
+    from dino_export.plugin_node import plugin_nodes
 
     libs = list(plugin_libs)
     if not libs and Path(onnx_path).is_file() and plugin_nodes(onnx.load(str(onnx_path), load_external_data=False)):

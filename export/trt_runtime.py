@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 
 from dino.errors import UserError
-from export.deploy_model import INPUT_NAMES, OUTPUT_NAMES
-from export.trt_engine import import_tensorrt, load_plugin_libraries
+from dino_export.deploy_model import INPUT_NAMES, OUTPUT_NAMES
+from dino_export.trt_engine import import_tensorrt, load_plugin_libraries
 
 
 class TensorRTRunner:
-    """``boxes, scores, labels = runner(images, mask)`` for an engine built by :func:`export.trt_engine.build_engine`.
+    """``boxes, scores, labels = runner(images, mask)`` for an engine built by :func:`dino_export.trt_engine.build_engine`.
 
     ``images (B, 3, H, W)`` float and ``mask (B, H, W)`` bool CUDA tensors (the deploy-graph contract); outputs are
     new CUDA tensors in the contract's order, in the engine's types.

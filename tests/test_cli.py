@@ -142,7 +142,7 @@ def recipe():
 
 def test_loading_a_checkpoint_never_downloads(tmp_path, monkeypatch, capsys):
     """eval, export (and bench) and predict of a checkpoint with backbone.pretrained="torchvision" and no network."""
-    from export.deploy_model import build_deploy_model
+    from dino_export.deploy_model import build_deploy_model
 
     recipe = tmp_path / "tv_recipe.py"
     recipe.write_text(textwrap.dedent(TORCHVISION_RECIPE.format(tests=str(REPO / "tests"))))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dino.errors import UserError
-from export.aoti import check_aoti, export_aoti, load_aoti
-from export.deploy_model import DeployModel
-from export.query_check import ExportCheckError
-from export.tracing import check_inputs
+from dino_export.aoti import check_aoti, export_aoti, load_aoti
+from dino_export.deploy_model import DeployModel
+from dino_export.query_check import ExportCheckError
+from dino_export.tracing import check_inputs
 from tests.export_standin import StandInDetector
 
 SIZE = (64, 96)

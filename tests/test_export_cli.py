@@ -10,8 +10,8 @@ import torch
 import dino
 from dino.weights import save_weights
 from dino_cli import main
-from export.bench import format_table, run_bench
-from export.deploy_model import DeployModel, check_image_size
+from dino_export.bench import format_table, run_bench
+from dino_export.deploy_model import DeployModel, check_image_size
 from tests.export_standin import StandInDetector
 
 

@@ -16,10 +16,10 @@ from dino.data import pad_images
 from dino.engine.evaluate import predict
 from dino.errors import UserError
 from dino.postprocess import PostProcess
-from export.deploy_model import DeployModel
-from export.onnx_export import check_onnx, export_onnx
-from export.plugin_node import PLUGIN_DOMAIN, PLUGIN_INPUTS, PLUGIN_NAME, plugin_nodes
-from export.query_check import FP32_TOLERANCE, ExportCheckError
+from dino_export.deploy_model import DeployModel
+from dino_export.onnx_export import check_onnx, export_onnx
+from dino_export.plugin_node import PLUGIN_DOMAIN, PLUGIN_INPUTS, PLUGIN_NAME, plugin_nodes
+from dino_export.query_check import FP32_TOLERANCE, ExportCheckError
 
 SIZE = (96, 128)
 
@@ -187,7 +187,7 @@ def test_unknown_deform_op_is_rejected(deploy_model, tmp_path):
 
 
 def test_fp16_export_is_a_half_graph_checked_at_the_fp16_tolerance(tmp_path):
-    from export.query_check import FP16_TOLERANCE
+    from dino_export.query_check import FP16_TOLERANCE
     from tests.export_standin import StandInDetector
 
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def test_fp16_export_is_a_half_graph_checked_at_the_fp16_tolerance(tmp_path):
 
 
 def test_failed_check_leaves_nothing_and_no_verify_says_so(tmp_path, monkeypatch):
-    import export.onnx_export as onnx_export
+    import dino_export.onnx_export as onnx_export
     from tests.export_standin import StandInDetector
 
     torch.manual_seed(0)

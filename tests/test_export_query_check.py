@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dino.postprocess import postprocess
-from export.deploy_model import DeployOutputs
-from export.query_check import (
+from dino_export.deploy_model import DeployOutputs
+from dino_export.query_check import (
     FP32_TOLERANCE,
     ExportCheckError,
     QueryCheck,

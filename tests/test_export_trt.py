@@ -14,9 +14,9 @@ from onnx import TensorProto, helper
 
 from dino.errors import UserError
 from dino_cli import main
-from export.plugin_node import PLUGIN_DOMAIN, PLUGIN_NAME
-from export.query_check import ExportCheckError
-from export.trt_engine import build_engine, make_build_plan
+from dino_export.plugin_node import PLUGIN_DOMAIN, PLUGIN_NAME
+from dino_export.query_check import ExportCheckError
+from dino_export.trt_engine import build_engine, make_build_plan
 
 
 def _write(tmp_path: Path, batch, plugin=False, name="m.onnx", mask_elem=TensorProto.BOOL, half=False) -> Path:
@@ -256,7 +256,7 @@ def test_missing_tensorrt_is_one_clear_line(tmp_path, monkeypatch):
 # --- the plugin library and the CLI -------------------------------------------------------------------------------
 
 def test_plugin_library_found_in_the_build_folder_or_a_clear_error(tmp_path, monkeypatch):
-    from export import trt_export
+    from dino_export import trt_export
 
     lib = tmp_path / "build" / trt_export.PLUGIN_LIB_NAME
     lib.parent.mkdir()
@@ -268,7 +268,7 @@ def test_plugin_library_found_in_the_build_folder_or_a_clear_error(tmp_path, mon
 
 
 def test_plugin_library_build_failure_names_the_log(tmp_path, monkeypatch):
-    from export import trt_export
+    from dino_export import trt_export
 
     script = tmp_path / "cmake"
     script.write_text("#!/bin/sh\necho 'TensorRT not found: pass -DTensorRT_ROOT'\nexit 1\n")
@@ -307,9 +307,9 @@ def test_export_trt_cli_from_onnx_with_fake_tensorrt(tmp_path, capsys, fake_trt)
 @pytest.mark.cuda
 def test_plugin_graph_engine_passes_its_check_against_onnxruntime(tmp_path):
     import dino
-    from export.deploy_model import DeployModel
-    from export.onnx_export import export_onnx
-    from export.trt_export import build_checked_engine, plan_from_args
+    from dino_export.deploy_model import DeployModel
+    from dino_export.onnx_export import export_onnx
+    from dino_export.trt_export import build_checked_engine, plan_from_args
     from tests.test_export_onnx import SIZE, tiny_config
 
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from dino.predict_draw import MIN_DRAW_SIDE, draw_detections
 from dino.predict_labels import COCO_CATEGORY_NAMES, LabelNames
 from dino.weights import save_weights
 from dino_cli import main
-from export.predict_backends import OnnxRuntimeBackend
+from dino_export.predict_backends import OnnxRuntimeBackend
 
 TINY = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
 CATEGORIES = [{"id": 7, "name": "rectangle"}, {"id": 3, "name": "ellipse"}, {"id": 9, "name": "triangle"}]
