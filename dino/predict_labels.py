@@ -1,8 +1,7 @@
 """Names of a detector's labels, for ``dino predict``: the checkpoint's own categories, or COCO's for 91-slot models.
 
-A model label is a class index of the classification head. How it maps to a dataset category id follows the recipe's
-``data.label_mapping`` (``dino.data.coco``): ``"official"`` uses the category id itself as the label, ``"contiguous"``
-numbers the categories sorted by id 0..K-1. Training stores the dataset's categories in the checkpoint metadata
+A model label is a class index of the classification head, which is the dataset's category id itself (as official;
+``dino.data.coco``). Training stores the dataset's categories in the checkpoint metadata
 (``"categories"``); checkpoints without them (older files, converted official models) get COCO's 80 names at their
 official ids when the model has 91 class slots, and ``"class <label>"`` otherwise.
 """
@@ -43,14 +42,10 @@ class LabelNames:
         return self._table.get(int(label), LabelInfo(int(label), f"class {int(label)}"))
 
     @classmethod
-    def build(cls, num_classes: int, label_mapping: str, categories: list[dict] | None) -> "LabelNames":
+    def build(cls, num_classes: int, categories: list[dict] | None) -> "LabelNames":
         """From the checkpoint's ``categories`` (``[{"id", "name"}]``, any order) or, without them, COCO / numbers."""
         if categories:
-            ordered = sorted(categories, key=lambda c: c["id"])
-            if label_mapping == "official":
-                table = {c["id"]: LabelInfo(c["id"], c["name"]) for c in ordered}
-            else:
-                table = {i: LabelInfo(c["id"], c["name"]) for i, c in enumerate(ordered)}
+            table = {c["id"]: LabelInfo(c["id"], c["name"]) for c in sorted(categories, key=lambda c: c["id"])}
             return cls(table, f"{len(table)} category names from the checkpoint")
         if num_classes == COCO_NUM_CLASS_SLOTS:
             table = {cid: LabelInfo(cid, name) for cid, name in COCO_CATEGORY_NAMES.items()}

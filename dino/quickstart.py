@@ -65,14 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _predict_examples(cfg, weights_path: Path) -> None:
-    """Draws the detections of ``weights_path`` on a few validation images and says where the pictures are.
+def _predict_examples(cfg, weights_path: Path, count: int = 4) -> None:
+    """Runs ``dino predict``'s pipeline on the first ``count`` validation images and says where the pictures are."""
+    from dino.model_loading import build_model_from_checkpoint, read_categories
+    from dino.predict import ModelBackend, predict_files
+    from dino.predict_labels import LabelNames
 
-    TODO(merge): the single call site for ``dino predict`` (written on the deploy branch); the lead wires it here.
-    """
-    logging.getLogger("dino.quickstart").info(
-        "TODO: dino predict --recipe quickstart --checkpoint %s on a few images of %s/val", weights_path, cfg.data.root
-    )
+    files = sorted((Path(cfg.data.root) / cfg.data.val_images).glob("*"))[:count]
+    output_dir = Path(cfg.train.output_dir) / "predict"
+    backend = ModelBackend(build_model_from_checkpoint(cfg.model, weights_path), cfg.model.num_select)
+    names = LabelNames.build(cfg.model.num_classes, read_categories(weights_path))
+    summary = predict_files(backend, files, cfg.data, names, output_dir, batch_size=count)
+    print(f"detections drawn on {len(summary.images)} validation images: {output_dir} (predictions.json and pictures); "
+          f"the same with `dino predict --recipe quickstart --checkpoint {weights_path} IMAGES...`")
 
 
 if __name__ == "__main__":

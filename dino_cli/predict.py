@@ -59,7 +59,7 @@ def run_predict(args: argparse.Namespace) -> int:
     files, folder = list_inputs(args.inputs)  # bad paths fail before the model is built
     backend, description = _backend(args, cfg)
     categories = read_categories(args.checkpoint) if args.checkpoint else None
-    names = LabelNames.build(cfg.model.num_classes, cfg.data.label_mapping, categories)
+    names = LabelNames.build(cfg.model.num_classes, categories)
     print(f"dino predict: {len(files)} file(s), {description} on {backend.device}; labels: {names.source}")
     summary = predict_files(backend, files, cfg.data, names, args.output, args.batch_size, args.score_threshold,
                             args.max_detections, progress=folder, description=description)

@@ -87,7 +87,7 @@ def test_folder_with_bad_files_matches_eval_and_names_the_bad_ones(tiny_setup, t
                                            rtol=0)
                 assert [d["label"] for d in dets] == ref["labels"][:5].tolist()
     names = {d["label"]: d["name"] for r in result["images"] for d in r["detections"]}
-    expected = {0: "ellipse", 1: "rectangle", 2: "triangle"}  # contiguous labels follow the sorted category ids
+    expected = {0: "class 0", 1: "rectangle", 2: "ellipse", 3: "triangle"}  # labels are the category ids
     assert names and all(expected[label] == name for label, name in names.items())
 
 
@@ -171,7 +171,7 @@ def test_onnx_backend_gives_the_pytorch_predictions(tmp_path):
     for i, (h, w) in enumerate([(64, 64), (48, 64), (64, 40)]):
         PIL.Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     data = DataConfig(val_scale=64, val_max_size=64)
-    names = LabelNames.build(4, "contiguous", None)
+    names = LabelNames.build(4, None)
     files = sorted(folder.iterdir())
     onnx_backend = OnnxRuntimeBackend(graph, "cpu")
     assert onnx_backend.input_size == (64, 64) and onnx_backend.max_batch == 1
@@ -226,13 +226,11 @@ def test_fixed_size_graph_letterboxes_and_fits_images():
 def test_label_names():
     assert len(COCO_CATEGORY_NAMES) == 80 and COCO_CATEGORY_NAMES[1] == "person" and 12 not in COCO_CATEGORY_NAMES
     assert COCO_CATEGORY_NAMES[90] == "toothbrush" and COCO_CATEGORY_NAMES[13] == "stop sign"
-    coco = LabelNames.build(91, "official", None)
+    coco = LabelNames.build(91, None)
     assert coco[18].name == "dog" and coco[12].name == "class 12"
-    official = LabelNames.build(91, "official", [{"id": 5, "name": "cat"}, {"id": 2, "name": "dog"}])
+    official = LabelNames.build(91, [{"id": 5, "name": "cat"}, {"id": 2, "name": "dog"}])
     assert official[5] == (5, "cat") and official[2] == (2, "dog") and official[18].name == "class 18"
-    contiguous = LabelNames.build(2, "contiguous", [{"id": 5, "name": "cat"}, {"id": 2, "name": "dog"}])
-    assert contiguous[0] == (2, "dog") and contiguous[1] == (5, "cat")
-    assert LabelNames.build(3, "contiguous", None)[2].name == "class 2"
+    assert LabelNames.build(3, None)[2].name == "class 2"
 
 
 def test_pictures_are_enlarged_and_boxes_have_a_dark_outline():
@@ -267,7 +265,7 @@ def test_a_failing_batch_keeps_its_traceback_and_what_was_done(tmp_path):
     files = sorted(tmp_path.glob("*.png"))
     with pytest.raises(RuntimeError, match="out of memory"):
         predict_files(_FailsOnSecondBatch(), files, DataConfig(val_scale=64, val_max_size=64),
-                      LabelNames.build(3, "contiguous", None), tmp_path / "out")
+                      LabelNames.build(3, None), tmp_path / "out")
     result = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert result["complete"] is False and [Path(r["file"]).name for r in result["images"]] == ["0.png"]
     assert result["images"][0]["detections"] == [{"box": [1.0, 2.0, 30.0, 40.0], "score": 0.9, "label": 0,
