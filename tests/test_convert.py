@@ -12,8 +12,7 @@ import torch
 import dino
 from dino.convert import convert_official_state_dict, register
 from dino.errors import UserError
-from dino.postprocess import postprocess
-from tests.official_weights import official_state_dict as filled_state_dict, read_keys
+from tests.official_weights import assert_matches_golden, official_state_dict as filled_state_dict, read_keys
 
 PARITY = Path(__file__).parent / "fixtures" / "parity"
 
@@ -28,27 +27,11 @@ def meta_state_dict(scale: str = "4scale") -> dict[str, torch.Tensor]:
     return {k: torch.empty(s, device="meta") for k, s in read_keys(PARITY / f"official_keys_r50_{scale}.txt")}
 
 
-def golden_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """The golden run's two images zero-padded into one (2, 3, 320, 480) float64 batch and its padding mask."""
-    stored = safetensors.torch.load_file(PARITY / "images.safetensors")
-    images = torch.zeros(2, 3, 320, 480, dtype=torch.float64)
-    mask = torch.ones(2, 320, 480, dtype=torch.bool)
-    for b in range(2):
-        img = stored[f"image{b}"]
-        images[b, :, : img.shape[1], : img.shape[2]] = img
-        mask[b, : img.shape[1], : img.shape[2]] = False
-    return images, mask
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dino")
     register(p.add_subparsers(dest="command", required=True))
     return p
 
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize("scale", ["4scale", "5scale"])
@@ -70,34 +53,7 @@ def test_converted_official_weights_reproduce_golden_outputs(scale, tmp_path):
     del official
     model = dino.build_model(preset)
     model.load_state_dict(converted, strict=True)
-    model = model.double().eval()
-    images, mask = golden_batch()
-    with torch.inference_mode():
-        out = model(images, mask)
-    golden = safetensors.torch.load_file(PARITY / f"golden_r50_{scale}.safetensors")
-    nq = golden["aux0_logits"].shape[1]  # aux/interm goldens keep the first nq queries (fixture size)
-
-    errors = {"pred_logits": max_abs(out["pred_logits"], golden["pred_logits"]),
-              "pred_boxes": max_abs(out["pred_boxes"], golden["pred_boxes"])}
-    assert len(out["aux_outputs"]) == 5
-    for i, aux in enumerate(out["aux_outputs"]):
-        errors[f"aux{i}_logits"] = max_abs(aux["pred_logits"][:, :nq], golden[f"aux{i}_logits"])
-        errors[f"aux{i}_boxes"] = max_abs(aux["pred_boxes"][:, :nq], golden[f"aux{i}_boxes"])
-    errors["interm_logits"] = max_abs(out["interm_outputs"]["pred_logits"][:, :nq], golden["interm_logits"])
-    errors["interm_boxes"] = max_abs(out["interm_outputs"]["pred_boxes"][:, :nq], golden["interm_boxes"])
-    print(f"{scale} parity max abs errors: {max(errors.values()):.3g}", errors)
-    # float64 on the CPU, measured max 1.5e-14 (4-scale) and 2.1e-14 (5-scale): the tolerance leaves room for other
-    # BLAS summation orders only, so a conversion slip (a wrong norm, a swapped head copy) cannot hide under it.
-    assert max(errors.values()) <= 1e-10, errors
-
-    sizes = torch.tensor([[320, 480], [288, 384]])
-    scores, labels, boxes = postprocess(out["pred_logits"], out["pred_boxes"], sizes, 300)
-    for b in range(2):
-        assert torch.equal(labels[b], golden[f"post{b}_labels"])
-        # Post-processing of the golden outputs themselves is exact; ours differ only by the errors above
-        # (scores: sigmoid, slope <= 1/4; boxes: x <= 480 px, so ~2e-12 px).
-        assert max_abs(scores[b], golden[f"post{b}_scores"]) <= 1e-10
-        assert max_abs(boxes[b], golden[f"post{b}_boxes"]) <= 1e-8  # pixels
+    assert_matches_golden(model, PARITY, f"golden_r50_{scale}.safetensors")  # measured 1.5e-14 / 2.1e-14
 
 
 def test_missing_key_is_named():
