@@ -33,7 +33,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-
 @pytest.mark.parametrize("scale", ["4scale", "5scale"])
 def test_converted_official_weights_reproduce_golden_outputs(scale, tmp_path):
     preset = f"dino_r50_{scale}"
