@@ -132,7 +132,7 @@ def test_weights_roundtrip_with_shared_heads_and_ignore_keys(tmp_path):
 
 
 def test_official_pth_is_detected_and_converted(tmp_path, monkeypatch):
-    import dino.model_loading
+    import dino.convert
 
     seen = {}
 
@@ -140,7 +140,7 @@ def test_official_pth_is_detected_and_converted(tmp_path, monkeypatch):
         seen["keys"], seen["num_classes"] = sorted(state_dict), model_cfg.num_classes
         return {"converted": torch.ones(1)}
 
-    monkeypatch.setattr(dino.model_loading, "convert_official_state_dict", fake_convert)
+    monkeypatch.setattr(dino.convert, "convert_official_state_dict", fake_convert)
     from dino.config import ModelConfig
 
     official = {"backbone.0.body.conv1.weight": torch.zeros(1), "class_embed.0.weight": torch.zeros(7, 4)}
