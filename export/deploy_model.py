@@ -12,13 +12,13 @@ This is the graph contract every exporter (ONNX standard and plugin, AOTInductor
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+import dino
 from dino.config import ModelConfig
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint

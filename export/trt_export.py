@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from dino.errors import UserError
-from dino_export.onnx_export import check_batches, ort_providers, ort_session, run_session
+from dino_export.onnx_export import ort_providers, ort_session, run_session
 from dino_export.query_check import FP16_TOLERANCE, QueryCheck, Tolerance, compare_detections, reference_from_outputs
 from dino_export.tracing import check_inputs
 from dino_export.trt_engine import BuildPlan, build_engine, import_tensorrt, make_build_plan
