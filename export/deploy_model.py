@@ -21,7 +21,7 @@ from torch import Tensor, nn
 import dino
 from dino.config import ModelConfig
 from dino.errors import UserError
-from dino.model_loading import build_model_from_checkpoint
+from dino.model_loading import build_model_from_checkpoint, without_pretrained_backbone
 from dino.postprocess import postprocess
 
 # The feature pyramid's coarsest level has stride 64 (the extra stride-2 convolution after C5): a smaller image leaves
@@ -160,7 +160,7 @@ def build_deploy_model(
         desc += f", weights {Path(checkpoint).name}"
     else:
         # Random weights (benchmarks): nothing to download either.
-        model = dino.build_model(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=None)))
+        model = dino.build_model(without_pretrained_backbone(cfg))
         desc += ", random weights (no checkpoint)"
     wrapped = DeployModel(model, num_select if num_select is not None else cfg.num_select, half=half)
     return wrapped.eval(), desc

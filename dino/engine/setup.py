@@ -4,7 +4,6 @@ Shared by :mod:`dino.engine.train` and :mod:`dino.engine.evaluate`, which do not
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from dino.data import fit_num_classes
 from dino.engine.checkpoint import check_keep
 from dino.engine.recipe import iter_fields
 from dino.errors import UserError
+from dino.model_loading import without_pretrained_backbone
 
 logger = logging.getLogger("dino.engine")
 
@@ -97,11 +97,7 @@ def model_config_for(model_cfg: ModelConfig, weights_follow: bool) -> ModelConfi
     A checkpoint replaces every backbone weight, so fetching ImageNet weights first would only download (and fail
     offline) for nothing.
     """
-    if not weights_follow or model_cfg.backbone.pretrained is None:
-        return model_cfg
-    cfg = copy.deepcopy(model_cfg)
-    cfg.backbone.pretrained = None
-    return cfg
+    return without_pretrained_backbone(model_cfg) if weights_follow else model_cfg
 
 
 def build_model(model_cfg: ModelConfig, weights_follow: bool) -> torch.nn.Module:
