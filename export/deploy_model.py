@@ -32,8 +32,10 @@ INPUT_NAMES = ("images", "mask")
 OUTPUT_NAMES = ("boxes", "scores", "labels")
 # The detector's raw per-query outputs, named in every exported graph (intermediate values of the shipped graph),
 # so a check can read them back and compare query by query: ``pred_logits (B, Q, C)``, ``pred_boxes (B, Q, 4)``
-# cxcywh in [0, 1] of each image's valid region.
-QUERY_OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+# cxcywh in [0, 1] of each image's valid region, and ``query_indices (B, Q)`` int64, the encoder tokens the queries
+# were selected from (two-stage top-Q), so the reference can be run on the same selection when near-tied proposal
+# scores were ranked differently.
+QUERY_OUTPUT_NAMES = ("pred_logits", "pred_boxes", "query_indices")
 
 
 @dataclasses.dataclass
@@ -46,6 +48,9 @@ class DeployOutputs:
     pred_logits: Tensor  # (B, Q, C) float32
     pred_boxes: Tensor  # (B, Q, 4) cxcywh in [0, 1] of the valid region, float32
     valid_sizes: Tensor  # (B, 2) float32 (height, width) of each image's valid region in pixels
+    query_indices: Tensor | None = None  # (B, Q) int64 encoder tokens the queries were selected from, query order
+    # (B, Q) float32 logits: each selected token's proposal score (its best class logit), the value top-Q ranked by
+    proposal_scores: Tensor | None = None
 
     def detections(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.boxes, self.scores, self.labels
@@ -74,24 +79,27 @@ class DeployModel(nn.Module):
         if self.half:
             self.model.half()
 
-    def run(self, images: Tensor, mask: Tensor) -> DeployOutputs:
+    def run(self, images: Tensor, mask: Tensor, query_indices: Tensor | None = None) -> DeployOutputs:
+        """The detections and per-query outputs; ``query_indices (B, Q)``: run on this query selection instead of
+        the model's own top-Q (to check a graph that ranked near-tied proposals differently)."""
         if self.half:
             images = images.half()
-        out = self.model(images, mask)
+        out = self.model(images, mask, query_indices=query_indices)
         logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
         sizes = valid_sizes(mask)
         # Exactly dino eval's post-processing (dino.postprocess), scaled to the valid region instead of the
         # original image size.
         scores, labels, boxes_xyxy = postprocess(logits, boxes, sizes, self.num_select)
-        return DeployOutputs(boxes_xyxy, scores, labels, logits, boxes, sizes)
+        proposal_scores = out["interm_outputs"]["pred_logits"].float().max(-1)[0]
+        return DeployOutputs(boxes_xyxy, scores, labels, logits, boxes, sizes, out["query_indices"], proposal_scores)
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.run(images, mask).detections()
 
 
 class WithQueryOutputs(nn.Module):
-    """The graph exporters trace: ``(boxes, scores, labels, pred_logits, pred_boxes)``; the last two are removed
-    from the shipped graph's outputs but keep their names inside it (see ``QUERY_OUTPUT_NAMES``)."""
+    """The graph exporters trace: ``(boxes, scores, labels, pred_logits, pred_boxes, query_indices)``; the last three
+    are removed from the shipped graph's outputs but keep their names inside it (see ``QUERY_OUTPUT_NAMES``)."""
 
     def __init__(self, deploy: DeployModel):
         super().__init__()
@@ -99,7 +107,7 @@ class WithQueryOutputs(nn.Module):
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
         out = self.deploy.run(images, mask)
-        return out.boxes, out.scores, out.labels, out.pred_logits, out.pred_boxes
+        return out.boxes, out.scores, out.labels, out.pred_logits, out.pred_boxes, out.query_indices
 
 
 def check_image_size(image_size: tuple[int, int] | list[int]) -> tuple[int, int]:

@@ -5,11 +5,11 @@
   :mod:`dino_export.plugin_node`), for TensorRT with ``csrc/tensorrt/``'s plugin library.
 
 Both use the dynamo-based ``torch.onnx.export`` (the default since PyTorch 2.9); the plugin node comes from a
-``custom_translation_table`` entry for the ``dino::ms_deform_attn`` custom op. The graph is traced with two extra
-outputs, the detector's raw ``pred_logits``/``pred_boxes``; the shipped file drops them from its outputs but keeps
-the named values inside, so :func:`check_onnx` can read them back from any exported file and compare every query
-with PyTorch (:mod:`dino_export.query_check`). The file is written to a temporary name, checked, and only then moved into
-place.
+``custom_translation_table`` entry for the ``dino::ms_deform_attn`` custom op. The graph is traced with three extra
+outputs, the detector's raw ``pred_logits``/``pred_boxes`` and its ``query_indices``; the shipped file drops them
+from its outputs but keeps the named values inside, so :func:`check_onnx` can read them back from any exported file
+and compare every query with PyTorch run on the same query selection (:mod:`dino_export.query_check`).
+The file is written to a temporary name, checked, and only then moved into place.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from dino_export.query_check import (
     Tolerance,
     compare_detections,
     compare_queries,
+    compare_selection,
     reference_from_outputs,
     tolerance_for,
 )
@@ -87,7 +88,7 @@ def ort_providers() -> list[str]:
 
 def _trace_to_onnx(model: DeployModel, example: tuple[torch.Tensor, torch.Tensor], deform_op: str,
                    dynamic_batch: bool, max_batch: int) -> onnx.ModelProto:
-    """The graph with all five outputs (detections + per-query outputs)."""
+    """The graph with all six outputs (detections + per-query outputs)."""
     table = None
     if deform_op == "plugin":
         register_onnx_schema()
@@ -127,11 +128,13 @@ def checkable_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         model.SerializeToString())
     have = {o.name for o in out.graph.output}
     produced = {o for n in out.graph.node for o in n.output}
+    types = {"query_indices": onnx.TensorProto.INT64}
     for name in QUERY_OUTPUT_NAMES:
         if name not in produced:
             raise ExportCheckError(f"the graph has no value named {name!r}: not a graph exported by this version")
         if name not in have:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT),
+                                                                       None))
     return out
 
 
@@ -151,7 +154,7 @@ def ort_session(model: onnx.ModelProto, provider: str):
 
 
 def run_session(session, images: torch.Tensor, mask: torch.Tensor) -> list:
-    """The five outputs ``(boxes, scores, labels, pred_logits, pred_boxes)`` as numpy arrays."""
+    """The six outputs ``(boxes, scores, labels, pred_logits, pred_boxes, query_indices)`` as numpy arrays."""
     feeds = {"images": images.detach().cpu().float().numpy(), "mask": mask.detach().cpu().numpy()}
     try:
         return session.run([*OUTPUT_NAMES, *QUERY_OUTPUT_NAMES], feeds)
@@ -178,9 +181,15 @@ def check_onnx(model: DeployModel, graph: onnx.ModelProto | str | os.PathLike, i
         for batch in batches:
             images, mask = check_inputs(batch, image_size, seed + batch)
             with torch.no_grad():
-                reference = model.run(images, mask)
+                reference = reference_run = model.run(images, mask)
             got = run_session(session, images, mask)
             check = QueryCheck(f"ONNX Runtime {provider.replace('ExecutionProvider', '')}", batch, tolerance)
+            selection = torch.as_tensor(got[5])
+            if not torch.equal(selection, reference.query_indices.cpu()):
+                # Near-tied proposals ranked differently: compare with PyTorch on the graph's selection.
+                with torch.no_grad():
+                    reference = model.run(images, mask, query_indices=selection)
+            check.selection_score, check.reselected = compare_selection(reference_run, reference)
             check.query_score, check.query_box = compare_queries(reference, got[3], got[4])
             # The in-graph top-k against the graph's own per-query outputs.
             own = reference_from_outputs(got, mask)

@@ -1,11 +1,16 @@
 """Comparing a deployed detector with its reference query by query, so rank swaps of near-tied scores cannot
 break the comparison.
 
-Two comparisons, both reporting the largest difference and where it is:
+Three comparisons, each reporting the largest difference and where it is:
 
+- :func:`compare_selection`: DINO picks its decoder queries as the top-Q encoder tokens by score (two-stage), and
+  each query slot has its own learned content embedding, so two near-tied tokens ranked the other way change those
+  queries' outputs entirely. Where the graph exposes ``query_indices`` (ONNX) and they differ from PyTorch's, the
+  reference is run again on the graph's selection, and the selection itself is checked: the PyTorch scores of the
+  tokens the graph picked, in the graph's order, must equal PyTorch's own top-Q scores rank by rank.
 - :func:`compare_queries`: the raw per-query outputs (every query's class probabilities ``sigmoid(pred_logits)``
-  and its box in pixels), available wherever the graph exposes ``pred_logits``/``pred_boxes`` (ONNX). Top-k plays
-  no part, so this is the sharp test of the detector itself.
+  and its box in pixels) against the reference run on the same selection, available wherever the graph exposes
+  ``pred_logits``/``pred_boxes`` (ONNX). The final top-k plays no part, so this is the sharp test of the detector.
 - :func:`compare_detections`: the final ``(boxes, scores, labels)`` of a backend against the reference's per-query
   outputs. Each detection is matched to the reference query of its label that agrees best with it (score and box),
   and the sorted score lists are compared. Used where only final outputs exist (AOTInductor, TensorRT) and, for
@@ -67,12 +72,15 @@ class QueryCheck:
     tolerance: Tolerance
     query_score: Difference | None = None
     query_box: Difference | None = None
+    selection_score: Difference | None = None  # rank-wise proposal-score difference of the graph's query selection
+    reselected: int = 0  # queries whose encoder token differs from PyTorch's selection (near-tied ranks)
     detection_score: Difference = dataclasses.field(default_factory=Difference)
     detection_box: Difference = dataclasses.field(default_factory=Difference)
 
     def failures(self) -> list[tuple[str, Difference, float, str]]:
         """(kind, difference, tolerance, unit) of every comparison beyond tolerance, largest relative first."""
-        items = [("per-query score", self.query_score, self.tolerance.score, ""),
+        items = [("query selection score", self.selection_score, self.tolerance.score, ""),
+                 ("per-query score", self.query_score, self.tolerance.score, ""),
                  ("per-query box", self.query_box, self.tolerance.box_px, " px"),
                  ("detection score", self.detection_score, self.tolerance.score, ""),
                  ("detection box", self.detection_box, self.tolerance.box_px, " px")]
@@ -81,6 +89,10 @@ class QueryCheck:
 
     def line(self) -> str:
         parts = []
+        if self.selection_score is not None:
+            parts.append(f"{self.reselected} queries selected differently (near-tied proposals; max rank-wise score "
+                         f"diff {self.selection_score.value:.3g}, PyTorch rerun on the graph's selection)"
+                         if self.reselected else "same query selection")
         if self.query_score is not None:
             parts.append(f"per query: max |score| diff {self.query_score.value:.3g}, "
                          f"max |box| diff {self.query_box.value:.3g} px")
@@ -137,6 +149,20 @@ def compare_queries(reference: DeployOutputs, pred_logits, pred_boxes) -> tuple[
     return score, box
 
 
+def compare_selection(reference: DeployOutputs, on_selection: DeployOutputs) -> tuple[Difference, int]:
+    """Whether a graph's query selection is a valid top-Q of the reference's proposal scores.
+
+    ``reference``: PyTorch's own run; ``on_selection``: PyTorch run on the graph's ``query_indices``. Returns the
+    largest rank-wise difference of the selected proposals' probabilities (the graph's order against PyTorch's
+    descending top-Q) and the number of queries whose token differs.
+    """
+    ref = _sigmoid(_np(reference.proposal_scores))  # (B, Q), descending: the top-Q scores
+    got = _sigmoid(_np(on_selection.proposal_scores))  # (B, Q): the same model's scores of the graph's picks
+    diff = _max_at(np.abs(got - ref), lambda i: f"image {i[0]}, query {i[1]} (selection rank)")
+    differ = int((_np(reference.query_indices) != _np(on_selection.query_indices)).sum())
+    return diff, differ
+
+
 def compare_detections(reference: DeployOutputs, boxes, scores, labels, tolerance: Tolerance
                        ) -> tuple[Difference, Difference]:
     """Largest score and box (px) differences of a candidate's detections from ``reference``, matched by query.
@@ -180,8 +206,10 @@ def compare_detections(reference: DeployOutputs, boxes, scores, labels, toleranc
 
 
 def reference_from_outputs(outputs: list | tuple, mask) -> DeployOutputs:
-    """A :class:`DeployOutputs` from a graph's five outputs ``(boxes, scores, labels, pred_logits, pred_boxes)``."""
-    boxes, scores, labels, logits, pred_boxes = (torch.as_tensor(np.asarray(o)) if not torch.is_tensor(o) else
-                                                 o.detach().cpu() for o in outputs)
+    """A :class:`DeployOutputs` from a graph's outputs ``(boxes, scores, labels, pred_logits, pred_boxes,
+    query_indices)``."""
+    boxes, scores, labels, logits, pred_boxes, indices = (torch.as_tensor(np.asarray(o)) if not torch.is_tensor(o)
+                                                          else o.detach().cpu() for o in outputs)
     return DeployOutputs(boxes.float(), scores.float(), labels, logits.float(), pred_boxes.float(),
-                         valid_sizes(torch.as_tensor(np.asarray(mask.cpu() if torch.is_tensor(mask) else mask))))
+                         valid_sizes(torch.as_tensor(np.asarray(mask.cpu() if torch.is_tensor(mask) else mask))),
+                         indices)

@@ -14,12 +14,15 @@ import dino
 from dino.config import BackboneConfig, DenoisingConfig, ModelConfig, TransformerConfig
 from dino.data import pad_images
 from dino.engine.evaluate import predict
+from dino.models.dino import _downsample_mask
 from dino.errors import UserError
 from dino.postprocess import PostProcess
 from dino_export.deploy_model import DeployModel
+from dino_export import onnx_export
 from dino_export.onnx_export import check_onnx, export_onnx
 from dino_export.plugin_node import PLUGIN_DOMAIN, PLUGIN_INPUTS, PLUGIN_NAME, plugin_nodes
-from dino_export.query_check import FP32_TOLERANCE, ExportCheckError
+from dino_export.query_check import FP32_TOLERANCE, ExportCheckError, Tolerance
+from dino_export.tracing import check_inputs
 
 SIZE = (96, 128)
 
@@ -123,9 +126,84 @@ def test_corrupted_graph_fails_its_check_naming_the_largest_difference(standard_
     array.flat[0] += 1.0
     weights.CopyFrom(numpy_helper.from_array(array, weights.name))
     with pytest.raises(ExportCheckError, match=r"ONNX Runtime CPU disagrees with PyTorch \(batch 1\): largest "
-                                               r"difference: per-query (score|box) [0-9.e+-]+( px)? at image 0, "
-                                               r"query \d+, (class|coordinate) \w+ \(tolerance"):
+                                               r"difference: (query selection score|per-query score|per-query box) "
+                                               r"[0-9.e+-]+( px)? at image 0, query \d+"):
         check_onnx(deploy_model, model, SIZE, [1])
+
+
+def _graph_ranking_tokens_differently(monkeypatch, deploy_model, reorder):
+    """ONNX Runtime's outputs replaced by PyTorch's on the selection ``reorder(own selection)``: what a correct graph
+    that ranked some proposals differently returns (or, for a bad reorder, a graph that selected wrongly)."""
+    real = onnx_export.run_session
+
+    def run_session(session, images, mask):
+        real(session, images, mask)  # the graph still runs
+        with torch.no_grad():
+            own = deploy_model.run(images, mask).query_indices
+            out = deploy_model.run(images, mask, query_indices=reorder(own.clone()))
+        return [*(t.numpy() for t in out.detections()), out.pred_logits.numpy(), out.pred_boxes.numpy(),
+                out.query_indices.numpy()]
+
+    monkeypatch.setattr(onnx_export, "run_session", run_session)
+
+
+def test_a_graph_ranking_near_tied_proposals_differently_passes_and_a_wrong_selection_fails(
+        standard_export, deploy_model, monkeypatch):
+    images, mask = check_inputs(1, SIZE, 101)
+    with torch.no_grad():
+        own = deploy_model.run(images, mask)
+    probs = own.proposal_scores[0].sigmoid()
+    # Two neighbouring ranks with different scores (padding tokens all score alike and give identical queries).
+    rank = next(k for k in range(probs.numel() - 1) if probs[k] != probs[k + 1])
+
+    def near_tie(indices):  # ranks `rank` and `rank + 1` exchanged, within the tolerance chosen below
+        indices[0, [rank, rank + 1]] = indices[0, [rank + 1, rank]]
+        return indices
+
+    with torch.no_grad():
+        # Why the selection matters: query slots have their own content embedding, so a swap changes those queries.
+        moved = deploy_model.run(images, mask, query_indices=near_tie(own.query_indices.clone()))
+        assert torch.equal(deploy_model.run(images, mask, query_indices=own.query_indices).pred_boxes, own.pred_boxes)
+    assert (moved.pred_logits[0, rank:rank + 2] - own.pred_logits[0, rank:rank + 2]).abs().max() > 1e-3
+
+    _graph_ranking_tokens_differently(monkeypatch, deploy_model, near_tie)
+    tolerance = Tolerance(score=max(FP32_TOLERANCE.score, 2 * float(probs[rank] - probs[rank + 1])),
+                          box_px=FP32_TOLERANCE.box_px)
+    (check,) = check_onnx(deploy_model, standard_export.path, SIZE, [1], tolerance=tolerance)
+    assert check.reselected == 2 and check.query_score.value <= tolerance.score and "2 queries selected" in check.line()
+
+    def wrong(indices):  # the best proposal replaced by a token PyTorch did not select
+        unselected = next(i for i in range(1000) if i not in set(indices[0].tolist()))
+        indices[0, 0] = unselected
+        return indices
+
+    _graph_ranking_tokens_differently(monkeypatch, deploy_model, wrong)
+    with pytest.raises(ExportCheckError, match=r"largest difference: query selection score [0-9.e-]+ at image 0, "
+                                               r"query 0 \(selection rank\)"):
+        check_onnx(deploy_model, standard_export.path, SIZE, [1])
+
+
+class _MaskLevels(torch.nn.Module):
+    """The model's padding-mask pyramid alone: (B, H, W) -> the stride-8/16/32/64 masks of a 320 x 480 canvas."""
+
+    def forward(self, mask):
+        return tuple(_downsample_mask(mask, size) for size in ((40, 60), (20, 30), (10, 15), (5, 8)))
+
+
+def test_padding_masks_of_every_level_are_the_same_in_onnx_runtime(tmp_path):
+    # A 240 x 360 image on a 320 x 480 canvas: at stride 64 (5 x 8) PyTorch's nearest rule makes column 6 padding;
+    # an ONNX Resize made it image (scale recomputed as 8 / 480 in floating point), which moved the R50 export's
+    # coarse-level proposals by up to 0.008 in score.
+    mask = torch.ones(2, 320, 480, dtype=torch.bool)
+    mask[0, :240, :360] = False
+    mask[1, :317, :475] = False
+    expected = [torch.nn.functional.interpolate(mask[None].float(), size=m.shape[-2:]).bool()[0]
+                for m in _MaskLevels()(mask)]
+    assert [bool(e[0, 0, 6]) for e in expected][-1]  # the column that differed
+    torch.onnx.export(_MaskLevels(), (mask,), str(tmp_path / "masks.onnx"), dynamo=True, opset_version=18)
+    got = _session(tmp_path / "masks.onnx").run(None, {"mask": mask.numpy()})
+    for level, (g, e) in enumerate(zip(got, expected)):
+        assert np.array_equal(g, e.numpy()), f"level {level}"
 
 
 def test_graph_onnxruntime_cannot_load_is_a_failed_check(standard_export, deploy_model):

@@ -12,6 +12,7 @@ from dino_export.query_check import (
     QueryCheck,
     compare_detections,
     compare_queries,
+    compare_selection,
 )
 
 
@@ -69,4 +70,27 @@ def test_per_query_comparison_and_the_failure_message():
     with pytest.raises(ExportCheckError, match=r"ONNX Runtime CPU disagrees with PyTorch \(batch 2\): largest "
                                                r"difference: per-query score 0\.\d+ at image 1, query 12, class 3 "
                                                r"\(tolerance 0\.0001\)"):
+        check.raise_on_failure("PyTorch")
+
+
+def _selection(indices: list[int], scores: list[float]) -> DeployOutputs:
+    empty = torch.zeros(1, len(indices), 4)
+    return DeployOutputs(empty, torch.zeros(1, len(indices)), torch.zeros(1, len(indices), dtype=torch.long),
+                         torch.zeros(1, len(indices), 2), empty, torch.tensor([[64.0, 64.0]]),
+                         torch.tensor([indices]), torch.logit(torch.tensor([scores])))
+
+
+def test_a_selection_differing_only_by_near_ties_passes_and_a_wrong_pick_is_found():
+    # PyTorch's own top-4 (tokens 7, 3, 9, 1) and its scores.
+    reference = _selection([7, 3, 9, 1], [0.9, 0.5, 0.30000001, 0.3])
+    # A graph that ranked the near-tied tokens 9 and 1 the other way: PyTorch's scores of its picks, in its order.
+    swapped = _selection([7, 3, 1, 9], [0.9, 0.5, 0.3, 0.30000001])
+    diff, differ = compare_selection(reference, swapped)
+    assert differ == 2 and diff.value < 1e-7
+    # A graph that picked token 5 (PyTorch score 0.2) instead of token 1: a real difference, located by rank.
+    wrong = _selection([7, 3, 9, 5], [0.9, 0.5, 0.30000001, 0.2])
+    diff, differ = compare_selection(reference, wrong)
+    assert differ == 1 and diff.value == pytest.approx(0.1, abs=1e-6) and diff.where == "image 0, query 3 (selection rank)"
+    check = QueryCheck("graph", 1, FP32_TOLERANCE, selection_score=diff)
+    with pytest.raises(ExportCheckError, match=r"largest difference: query selection score 0.1 at image 0, query 3"):
         check.raise_on_failure("PyTorch")

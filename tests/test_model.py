@@ -9,7 +9,7 @@ import dino
 from dino.config import BackboneConfig, DenoisingConfig, ModelConfig, TransformerConfig
 from dino.errors import UserError
 from dino.models.backbone import Backbone
-from dino.models.dino import DINO
+from dino.models.dino import DINO, _downsample_mask
 from dino.presets import PRESETS, get_preset
 
 
@@ -246,3 +246,13 @@ def test_resnet_gradient_checkpointing_gives_same_features_and_grads():
         grads.append(bb.body.layer2[0].conv1.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
     torch.testing.assert_close(plain(x)[-1], ckpt(x)[-1])
+
+
+def test_padding_mask_downsampling_is_exactly_nearest_interpolation():
+    """``_downsample_mask`` (a gather, for export) picks the rows/columns of DETR's F.interpolate nearest rule."""
+    gen = torch.Generator().manual_seed(0)
+    for size in [*range(1, 130), 240, 320, 333, 480, 512, 640, 800, 1024, 1333, 1344]:
+        for out in sorted({max(1, -(-size // s)) for s in (2, 4, 8, 16, 32, 64)} | {max(1, size // 3), size * 2}):
+            mask = torch.rand(2, size, 3, generator=gen) > 0.5
+            expected = torch.nn.functional.interpolate(mask[None].float(), size=(out, 3)).bool()[0]
+            assert torch.equal(_downsample_mask(mask, (out, 3)), expected), (size, out)

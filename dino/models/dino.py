@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dino.config import ModelConfig
@@ -17,9 +16,28 @@ from dino.models.position_encoding import PositionEmbeddingSine
 from dino.models.transformer import DeformableTransformer, init_heads
 
 
+def _nearest_indices(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """(out_size,) int64 source rows of PyTorch's ``nearest`` interpolation, with its float32 arithmetic:
+    ``min(floor(i * float32(in_size / out_size)), in_size - 1)``."""
+    i = torch.arange(out_size, dtype=torch.float32, device=device)
+    if out_size == in_size:
+        return i.long()
+    if out_size == 2 * in_size:
+        return i.long() // 2
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    return torch.floor(i * scale.to(device)).long().clamp(max=in_size - 1)
+
+
 def _downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W) bool -> (B, h, w) bool by nearest interpolation (as DETR does)."""
-    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+    """(B, H, W) bool -> (B, h, w) bool: DETR's ``F.interpolate(mask[None].float(), size)`` (nearest), as a gather.
+
+    The same rows and columns as F.interpolate, but exported as constant indices: ONNX Resize recomputes the scale as
+    h / H and its inverse in floating point, and picks column 359 instead of 360 for 480 -> 8 (a padded image's last
+    valid column at stride 64), so the exported graph saw padding as image.
+    """
+    rows = _nearest_indices(mask.shape[-2], int(size[0]), mask.device)
+    cols = _nearest_indices(mask.shape[-1], int(size[1]), mask.device)
+    return mask[:, rows][:, :, cols]
 
 
 class DINO(nn.Module):
@@ -91,16 +109,20 @@ class DINO(nn.Module):
             poss.append(self.position_encoding(m).to(src.dtype))
         return srcs, masks, poss
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor, targets: list[dict] | None = None) -> dict:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, targets: list[dict] | None = None,
+                query_indices: torch.Tensor | None = None) -> dict:
         """
         Args:
             images: (B, 3, H, W) ImageNet-normalised, zero-padded.
             mask: (B, H, W) bool, True on padding.
             targets: optional B dicts ``labels (N,) int64``, ``boxes (N, 4)`` cxcywh in [0, 1]; denoising queries
                 are built only in training mode, with targets, when ``denoising.enabled``.
+            query_indices: optional (B, Q) int64 encoder tokens to use as queries instead of the top-Q (export
+                checks; see ``DeformableTransformer.forward``).
         Returns:
             ``pred_logits (B, Q, num_classes)``, ``pred_boxes (B, Q, 4)`` cxcywh in [0, 1], ``aux_outputs``
-            (dec_layers - 1 dicts), ``interm_outputs``; ``dn_meta`` when denoising ran.
+            (dec_layers - 1 dicts), ``interm_outputs``, ``query_indices (B, Q)`` int64 (the encoder tokens the
+            queries were selected from, in query order); ``dn_meta`` when denoising ran.
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"DINO: images must be (B, 3, H, W), got {tuple(images.shape)}")
@@ -115,8 +137,8 @@ class DINO(nn.Module):
                                    self.num_classes, self.label_enc, self.num_queries)
         dn_label, dn_bbox, attn_mask, dn_meta = dn if dn is not None else (None, None, None, None)
 
-        hs, references, interm_hidden, interm_boxes = self.transformer(
-            srcs, masks, poss, self.bbox_embed, dn_label, dn_bbox, attn_mask)
+        hs, references, interm_hidden, interm_boxes, selected = self.transformer(
+            srcs, masks, poss, self.bbox_embed, dn_label, dn_bbox, attn_mask, query_indices)
         # Keeps label_enc in the graph when no denoising ran (unused parameters break DDP).
         hs[0] = hs[0] + self.label_enc.weight[0, 0] * 0.0
 
@@ -129,6 +151,7 @@ class DINO(nn.Module):
             "pred_logits": self.transformer.enc_out_class_embed(interm_hidden),
             "pred_boxes": interm_boxes,
         }
+        out["query_indices"] = selected
         if dn_meta is not None:
             dn_meta["output_known_lbs_bboxes"] = _layer_outputs([x[:, :pad] for x in logits],
                                                                 [x[:, :pad] for x in boxes])

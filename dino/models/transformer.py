@@ -65,7 +65,7 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def forward(self, srcs, masks, pos_embeds, bbox_embed: nn.Module, dn_query_label=None, dn_query_bbox=None,
-                self_attn_mask=None):
+                self_attn_mask=None, query_indices=None):
         """
         Args:
             srcs: L tensors (B, C, H_l, W_l) projected features; masks: L (B, H_l, W_l) bool (True on padding);
@@ -75,7 +75,8 @@ class DeformableTransformer(nn.Module):
                 boxes or None; self_attn_mask: (pad + Q, pad + Q) bool or None.
         Returns:
             hs: list of L_dec (B, pad + Q, C); references: list of L_dec + 1 (B, pad + Q, 4) cxcywh in [0, 1];
-            interm_hidden: (B, Q, C) selected encoder tokens; interm_boxes: (B, Q, 4) their boxes in [0, 1].
+            interm_hidden: (B, Q, C) selected encoder tokens; interm_boxes: (B, Q, 4) their boxes in [0, 1];
+            query_indices: (B, Q) int64 the selected tokens' indices into the flattened levels, in query order.
         """
         spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
@@ -100,7 +101,13 @@ class DeformableTransformer(nn.Module):
                 f"DINO: the image gives {enc_logits.shape[1]} encoder tokens {spatial_shapes}, fewer than "
                 f"transformer.num_queries={self.num_queries}; use larger images or fewer queries"
             )
-        topk = torch.topk(enc_logits.max(-1)[0], self.num_queries, dim=1)[1]
+        if query_indices is None:
+            topk = torch.topk(enc_logits.max(-1)[0], self.num_queries, dim=1)[1]
+        elif query_indices.shape != (enc_logits.shape[0], self.num_queries):
+            raise ValueError(f"DINO: query_indices must be (B, Q) = {(enc_logits.shape[0], self.num_queries)}, "
+                             f"got {tuple(query_indices.shape)}")
+        else:
+            topk = query_indices.to(device=enc_logits.device, dtype=torch.long)
         refpoints_undetached = torch.gather(enc_coords, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
         interm_hidden = torch.gather(out_memory, 1, topk.unsqueeze(-1).expand(-1, -1, self.d_model))
         refpoints = refpoints_undetached.detach()
@@ -112,7 +119,7 @@ class DeformableTransformer(nn.Module):
 
         hs, references = self.decoder(tgt, memory, mask_flat, refpoints, shapes_tensor, level_start_index, ratios,
                                       bbox_embed, self_attn_mask)
-        return hs, references, interm_hidden, refpoints_undetached.sigmoid()
+        return hs, references, interm_hidden, refpoints_undetached.sigmoid(), topk
 
 
 def init_heads(class_embed: nn.Linear, bbox_embed: MLP, prior_prob: float = 0.01) -> None:
