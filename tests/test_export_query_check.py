@@ -90,7 +90,8 @@ def test_a_selection_differing_only_by_near_ties_passes_and_a_wrong_pick_is_foun
     # A graph that picked token 5 (PyTorch score 0.2) instead of token 1: a real difference, located by rank.
     wrong = _selection([7, 3, 9, 5], [0.9, 0.5, 0.30000001, 0.2])
     diff, differ = compare_selection(reference, wrong)
-    assert differ == 1 and diff.value == pytest.approx(0.1, abs=1e-6) and diff.where == "image 0, query 3 (selection rank)"
+    assert differ == 1 and diff.value == pytest.approx(0.1, abs=1e-6)
+    assert diff.where == "image 0, query 3 (selection rank)"
     check = QueryCheck("graph", 1, FP32_TOLERANCE, selection_score=diff)
     with pytest.raises(ExportCheckError, match=r"largest difference: query selection score 0.1 at image 0, query 3"):
         check.raise_on_failure("PyTorch")
