@@ -58,12 +58,12 @@ def dino_quickstart() -> ModelConfig:
     fine enough for objects of 10-30 px. Hidden 128, 2 encoder / 3 decoder layers, 100 queries.
     """
     return ModelConfig(
-        backbone=BackboneConfig(name="timm:resnet18", return_levels=(1, 2, 3), freeze_stem_and_layer1=False),
+        backbone=BackboneConfig(name="timm:resnet18", return_levels=(2, 3), freeze_stem_and_layer1=False),
         transformer=TransformerConfig(hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=512,
-                                      num_feature_levels=4, num_queries=100),
+                                      num_feature_levels=3, num_queries=50),
         denoising=DenoisingConfig(dn_number=20),
         num_classes=4,
-        num_select=100,
+        num_select=50,
     )
 
 
