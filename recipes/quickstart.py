@@ -30,9 +30,9 @@ def recipe() -> Recipe:
     )
     cfg.optim.lr = 4e-4  # higher than official (1e-4): small model, small data, few epochs
     cfg.optim.lr_backbone = 4e-4  # the backbone starts from random weights too (no download)
-    cfg.optim.epochs = 20  # ~5.5 min on an idle 2-core CPU; AP50 rises further with more epochs (0.9 at 30)
+    cfg.optim.epochs = 20  # 12 min at 14.6 images/s on the slowest 2-core VM seen, AP50 0.86 (docs/training.md)
     cfg.optim.lr_drop_epochs = (17,)
-    cfg.optim.total_batch_size = 8
+    cfg.optim.total_batch_size = 8  # more steps per epoch: AP50 0.60 vs 0.43 after 12 epochs at 16
     cfg.train.output_dir = "outputs/quickstart"
     cfg.train.checkpoint_every_steps = 0  # epoch-end checkpoints only
     cfg.train.eval_every_epochs = cfg.optim.epochs  # evaluate once, at the end
