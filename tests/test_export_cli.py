@@ -113,7 +113,9 @@ def test_export_onnx_cli_reports_the_check_then_success(tmp_path, capsys, tiny_r
     rc, out, _ = _run(["export", "onnx", "--recipe", str(tiny_recipe), "--checkpoint", str(checkpoint),
                        "--deform-op", "plugin", "--image-size", "96", "96", "--output", str(output)], capsys)
     assert rc == 0 and output.is_file()
-    assert out.index("ONNX Runtime CPU batch 1: per query: max |score| diff") < out.index("wrote")
+    check_line = next(line for line in out.splitlines() if line.startswith("ONNX Runtime CPU batch 1: "))
+    assert "query selection" in check_line and "per query: max |score| diff" in check_line
+    assert out.index(check_line) < out.index("wrote")
     assert "2 DinoMSDeformAttn plugin nodes" in out and "onnx.checker passed; checked against PyTorch" in out
     assert [p.name for p in output.parent.iterdir()] == ["plugin.onnx"]  # no temporary file left
 
