@@ -1,7 +1,8 @@
 """AOTInductor packages (.pt2): the detector compiled ahead of time, loadable without this project's code.
 
-The package is called as ``boxes, scores, labels = runner(images, mask)`` (the deploy-graph contract,
-:mod:`dino_export.deploy_model`). On CUDA, when ``dino.ops`` has its compiled kernel, deformable attention is traced as
+The package is called as ``boxes, scores, labels, pred_logits, pred_boxes, query_indices = runner(images, mask)``:
+the deploy-graph contract (:mod:`dino_export.deploy_model`) followed by the per-query outputs the detections were
+selected from (``QUERY_OUTPUT_NAMES``), which the check compares query by query. On CUDA, when ``dino.ops`` has its compiled kernel, deformable attention is traced as
 the ``dino::ms_deform_attn`` custom op and the package calls that kernel (the loading process must then import
 ``dino.ops`` too). Everywhere else it traces to the PyTorch path (GridSample), which Inductor compiles like any
 other op. Every package is compiled to a temporary file, checked against eager PyTorch query by query
@@ -16,8 +17,8 @@ import torch
 
 from dino.errors import UserError
 from dino_export import files
-from dino_export.deploy_model import DeployModel
-from dino_export.query_check import QueryCheck, Tolerance, compare_detections, tolerance_for
+from dino_export.deploy_model import DeployModel, WithQueryOutputs
+from dino_export.query_check import QueryCheck, Tolerance, check_outputs, tolerance_for
 from dino_export.tracing import check_inputs, example_inputs, export_program
 
 
@@ -35,7 +36,8 @@ def kernel_available(device: torch.device) -> bool:
 
 def check_aoti(model: DeployModel, runner, image_size: tuple[int, int], batches: list[int], device: torch.device,
                tolerance: Tolerance | None = None, seed: int = 100) -> list[QueryCheck]:
-    """Runs ``runner`` on letterboxed batches and compares its detections, matched by query, with eager ``model``.
+    """Runs ``runner`` on letterboxed batches and compares its per-query outputs and detections with eager ``model``
+    (on the package's query selection where near-tied proposals were ranked differently).
 
     Raises ExportCheckError naming the largest difference beyond ``tolerance``.
     """
@@ -44,12 +46,9 @@ def check_aoti(model: DeployModel, runner, image_size: tuple[int, int], batches:
     for batch in batches:
         images, mask = (t.to(device) for t in check_inputs(batch, image_size, seed + batch))
         with torch.no_grad():
-            reference = model.run(images, mask)
             got = runner(images, mask)
-        check = QueryCheck(f"AOTInductor ({device.type})", batch, tolerance)
-        check.detection_score, check.detection_box = compare_detections(reference, *got[:3], tolerance=tolerance)
-        checks.append(check)
-        check.raise_on_failure("eager PyTorch")
+        checks.append(check_outputs(model, images, mask, got, f"AOTInductor ({device.type})", tolerance))
+        checks[-1].raise_on_failure("eager PyTorch")
     return checks
 
 
@@ -78,7 +77,7 @@ def export_aoti(
     # Always traced with a symbolic batch: Inductor fails on the static batch-1 program (a data-dependent guard on
     # the level shapes read with tolist); without --dynamic-batch the package is still only promised for batch 1.
     example = example_inputs(2, image_size, device=device)
-    program = export_program(model, example, True, max(max_batch, 2), custom_op)
+    program = export_program(WithQueryOutputs(model), example, True, max(max_batch, 2), custom_op)
     checks: list[QueryCheck] = []
     with files.staged(path) as tmp:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
@@ -90,7 +89,7 @@ def export_aoti(
 
 
 def load_aoti(path: str | os.PathLike):
-    """Loads a package; the result is called as ``boxes, scores, labels = runner(images, mask)``."""
+    """Loads a package; the result is called as ``boxes, scores, labels, *per_query = runner(images, mask)``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"AOTInductor package {path} does not exist")

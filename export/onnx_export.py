@@ -36,10 +36,7 @@ from dino_export.query_check import (
     ExportCheckError,
     QueryCheck,
     Tolerance,
-    compare_detections,
-    compare_queries,
-    compare_selection,
-    reference_from_outputs,
+    check_outputs,
     tolerance_for,
 )
 from dino_export.tracing import check_inputs, example_inputs, export_program
@@ -180,22 +177,10 @@ def check_onnx(model: DeployModel, graph: onnx.ModelProto | str | os.PathLike, i
         session = ort_session(proto, provider)
         for batch in batches:
             images, mask = check_inputs(batch, image_size, seed + batch)
-            with torch.no_grad():
-                reference = reference_run = model.run(images, mask)
             got = run_session(session, images, mask)
-            check = QueryCheck(f"ONNX Runtime {provider.replace('ExecutionProvider', '')}", batch, tolerance)
-            selection = torch.as_tensor(got[5])
-            if not torch.equal(selection, reference.query_indices.cpu()):
-                # Near-tied proposals ranked differently: compare with PyTorch on the graph's selection.
-                with torch.no_grad():
-                    reference = model.run(images, mask, query_indices=selection)
-            check.selection_score, check.reselected = compare_selection(reference_run, reference)
-            check.query_score, check.query_box = compare_queries(reference, got[3], got[4])
-            # The in-graph top-k against the graph's own per-query outputs.
-            own = reference_from_outputs(got, mask)
-            check.detection_score, check.detection_box = compare_detections(own, *got[:3], tolerance=tolerance)
-            checks.append(check)
-            check.raise_on_failure("PyTorch")
+            backend = f"ONNX Runtime {provider.replace('ExecutionProvider', '')}"
+            checks.append(check_outputs(model, images, mask, got, backend, tolerance))
+            checks[-1].raise_on_failure("PyTorch")
     return checks
 
 

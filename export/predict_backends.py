@@ -89,7 +89,7 @@ class AotiBackend:
 
     @torch.no_grad()
     def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        boxes, scores, labels = self.runner(images.float(), mask)
+        boxes, scores, labels, *_per_query = self.runner(images.float(), mask)
         return boxes, scores, labels
 
 
@@ -119,5 +119,5 @@ class TensorRTBackend:
 
     @torch.no_grad()
     def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        boxes, scores, labels = self.runner(images.float(), mask)
+        boxes, scores, labels, *_per_query = self.runner(images.float(), mask)
         return boxes, scores, labels.long()

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from dino.box_ops import box_cxcywh_to_xyxy
-from dino_export.deploy_model import DeployOutputs, valid_sizes
+from dino_export.deploy_model import DeployModel, DeployOutputs, valid_sizes
 
 
 class ExportCheckError(RuntimeError):
@@ -213,3 +213,27 @@ def reference_from_outputs(outputs: list | tuple, mask) -> DeployOutputs:
     return DeployOutputs(boxes.float(), scores.float(), labels, logits.float(), pred_boxes.float(),
                          valid_sizes(torch.as_tensor(np.asarray(mask.cpu() if torch.is_tensor(mask) else mask))),
                          indices)
+
+
+def check_outputs(model: DeployModel, images: Tensor, mask: Tensor, outputs: list | tuple, backend: str,
+                  tolerance: Tolerance) -> QueryCheck:
+    """Compares a graph's six outputs on ``(images, mask)``, ``(boxes, scores, labels, pred_logits, pred_boxes,
+    query_indices)`` (numpy arrays or tensors), with eager ``model``, query by query; the check is returned, not
+    raised.
+
+    Where the graph selected other encoder tokens (near-tied proposals), ``model`` runs again on the graph's
+    selection, and the selection itself must be a valid top-Q of PyTorch's scores (:func:`compare_selection`).
+    The graph's top-k detections are compared with its own per-query outputs.
+    """
+    with torch.no_grad():
+        reference = own = model.run(images, mask)
+    check = QueryCheck(backend, images.shape[0], tolerance)
+    selection = torch.as_tensor(np.asarray(outputs[5].cpu() if torch.is_tensor(outputs[5]) else outputs[5]))
+    if not torch.equal(selection, own.query_indices.cpu()):
+        with torch.no_grad():
+            reference = model.run(images, mask, query_indices=selection.to(images.device))
+    check.selection_score, check.reselected = compare_selection(own, reference)
+    check.query_score, check.query_box = compare_queries(reference, outputs[3], outputs[4])
+    graph_own = reference_from_outputs(outputs, mask)
+    check.detection_score, check.detection_box = compare_detections(graph_own, *outputs[:3], tolerance=tolerance)
+    return check

@@ -6,7 +6,7 @@ import contextlib
 import torch
 from torch import nn
 
-from dino.ops import use_custom_op
+from dino.ops import use_custom_op, use_pytorch_path
 
 
 def example_inputs(batch: int, image_size: tuple[int, int], device: torch.device | str = "cpu",
@@ -38,7 +38,8 @@ def export_program(model: nn.Module, example: tuple[torch.Tensor, torch.Tensor],
                    max_batch: int, custom_op: bool) -> torch.export.ExportedProgram:
     """``torch.export`` of ``model(images, mask)``; the batch axis of both inputs symbolic (1..max_batch) when
     ``dynamic_batch``. With ``custom_op`` deformable attention is traced as one ``dino::ms_deform_attn`` op per call
-    (inside :func:`dino.ops.use_custom_op`), otherwise as the PyTorch (GridSample) path.
+    (inside :func:`dino.ops.use_custom_op`), otherwise as the PyTorch (GridSample) path, also on CUDA with the
+    kernel built (inside :func:`dino.ops.use_pytorch_path`).
 
     The PyTorch seam reads the level shapes as Python ints (``tolist``), which only strict (Dynamo) tracing keeps
     static, so that route starts with strict mode; the custom-op route (a fake kernel, no ``tolist``) starts with
@@ -48,7 +49,7 @@ def export_program(model: nn.Module, example: tuple[torch.Tensor, torch.Tensor],
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=max_batch)
         dynamic_shapes = {"images": {0: batch}, "mask": {0: batch}}
-    route = use_custom_op() if custom_op else contextlib.nullcontext()
+    route = use_custom_op() if custom_op else use_pytorch_path()
     errors = []
     with route, torch.no_grad():
         for strict in ((False, True) if custom_op else (True, False)):

@@ -7,13 +7,20 @@
 #      images/s and peak memory, fp32 and bf16 autocast, CUDA kernel and PyTorch path;
 #   3. deployed inference of dino_r50_4scale at 800x1333, batch 1 and 8: eager fp32/bf16, AOTInductor bf16 with the
 #      kernel, torch.compile (default and reduce-overhead): FPS, p90, setup time, by-query difference from eager fp32;
-#   4. the kernel table (python -m dino.ops.bench), encoder and decoder shapes.
+#   4. the kernel table (python -m dino.ops.bench), encoder and decoder shapes;
+#   5. precision: float16 (the --fp16 deploy model) and bf16 autocast against float32 at 800x1333, query by query on
+#      float32's query selection (scripts/precision_check.py), CUDA kernel and PyTorch path.
 # Uses the machine's python3 (torch + torchvision + scipy; no project install, no onnx) with the repo on PYTHONPATH.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh [--dry-run] [--budget SECONDS]
 #
-# Everything lands in $OUT (default ./gpu_out), 8 files: summary.md (device, one line per section as it ends),
-# gpu_check.log (all output), tests.log, train.md/json, deploy.md/json, kernel.md. Tables are rewritten after every
+# GPU_CHECK_SECTIONS picks sections (default all: "build tests train deploy kernel precision"; "build" is the kernel
+# build, which the other sections use when it is there); DEPLOY_ARGS adds arguments to scripts/bench_deploy.py (e.g.
+# "--backends eager_fp32 aoti_bf16 --batches 1").
+#
+# Everything lands in $OUT (default ./gpu_out), at most 8 files (what a GPU session hands back): summary.md (device,
+# one line per section as it ends), gpu_check.log (all output), tests.log, train.md, deploy.md, kernel.md,
+# precision.md, and json.tar (the tables' JSON, written to $OUT/json/ during the run). Tables are rewritten after every
 # row, so cutting the script at any point keeps every finished row. Each section has its own time cap, further cut
 # to what is left of the whole budget (default 360 s; --budget 450 when the session can afford 8 minutes); a section
 # without time left is skipped with a note.
@@ -36,10 +43,17 @@ while [ $# -gt 0 ]; do
 done
 [ -z "$BUDGET" ] && BUDGET=$([ "$DRY" -eq 1 ] && echo 1500 || echo 360)
 OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+mkdir -p "$OUT/json"
 OUT=$(cd "$OUT" && pwd)
+JSON=$OUT/json
 PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# The repository's export/ folder is installed as dino_export: a link under that name makes it importable without an
+# install.
+LINKS=$(mktemp -d)
+ln -s "$PWD/export" "$LINKS/dino_export"
+export PYTHONPATH=$PWD:$LINKS${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+SECTIONS=" ${GPU_CHECK_SECTIONS:-build tests train deploy kernel precision} "
+want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 export DINO_EXT_CACHE=${DINO_EXT_CACHE:-/tmp/dino_ext} MAX_JOBS=${MAX_JOBS:-16}
 if [ -z "${DINO_TRT_HEADERS:-}" ]; then
   for d in ../shared/third_party/tensorrt-headers .trt-headers; do
@@ -102,7 +116,7 @@ print('kernel module:', load_kernel(), f'({time.perf_counter() - t:.0f} s)')"
 # benchmark-only baseline extension of the kernel table. A section that finds its build unfinished builds it itself.
 export DINO_PLUGIN_BUILD_DIR=${DINO_PLUGIN_BUILD_DIR:-/tmp/dino_plugin}
 BG_LOG=/tmp/gpu_check_background.$$.log
-if [ "$DRY" -eq 0 ]; then
+if [ "$DRY" -eq 0 ] && { want tests || want kernel; }; then
   ( [ -n "${DINO_TRT_HEADERS:-}" ] && $PY -c "
 import torch
 from pathlib import Path
@@ -115,37 +129,56 @@ print('prebuilt', build_driver_enqueue(inc, lib, root / 'gpu' / 'libplugin_enque
 fi
 PYTEST=($PY -m pytest -q -rfEs --tb=short -p no:cacheprovider)
 [ "$DRY" -eq 1 ] || export DINO_REQUIRE_KERNEL=1
-section "kernel build" 240 $PY -c "$BUILD_PY"
-section "CUDA tests" 150 "${PYTEST[@]}" -m cuda tests/test_ms_deform_attn_cuda.py -k "not bad_input" \
-  2>&1 | tee -a "$OUT/tests.log"
-# The bad-input checks in their own process: a crash there must not hide the numeric results.
-section "CUDA bad-input test" 60 "${PYTEST[@]}" -m cuda tests/test_ms_deform_attn_cuda.py -k bad_input \
-  2>&1 | tee -a "$OUT/tests.log"
-section "plugin enqueue test" 150 "${PYTEST[@]}" -m cuda tests/test_plugin.py 2>&1 | tee -a "$OUT/tests.log"
+want build && section "kernel build" 240 $PY -c "$BUILD_PY"
+if want tests; then
+  section "CUDA tests" 150 "${PYTEST[@]}" -m cuda tests/test_ms_deform_attn_cuda.py -k "not bad_input" \
+    2>&1 | tee -a "$OUT/tests.log"
+  # The bad-input checks in their own process: a crash there must not hide the numeric results.
+  section "CUDA bad-input test" 60 "${PYTEST[@]}" -m cuda tests/test_ms_deform_attn_cuda.py -k bad_input \
+    2>&1 | tee -a "$OUT/tests.log"
+  section "plugin enqueue test" 150 "${PYTEST[@]}" -m cuda tests/test_plugin.py 2>&1 | tee -a "$OUT/tests.log"
+fi
 unset DINO_REQUIRE_KERNEL
 
+# 5 first when asked for: short, and the figure the export's float16 tolerance rests on.
+if want precision; then
+  section "precision, kernel" 90 $PY scripts/precision_check.py "${DRYFLAG[@]}" \
+    --json "$JSON/precision.json" --table "$OUT/precision.md"
+  section "precision, PyTorch path" 90 env DINO_DISABLE_KERNEL=1 $PY scripts/precision_check.py "${DRYFLAG[@]}" \
+    --append --json "$JSON/precision.json" --table "$OUT/precision.md"
+fi
+
 # 2. Training step: CUDA kernel, then the PyTorch path (DINO_DISABLE_KERNEL) appended to the same table.
-section "training step, kernel" 75 $PY scripts/bench_train_step.py "${DRYFLAG[@]}" \
-  --json "$OUT/train.json" --table "$OUT/train.md"
-PT_PREC=(fp32 bf16)
-[ "$DRY" -eq 1 ] && PT_PREC=(fp32)
-section "training step, PyTorch path" 75 env DINO_DISABLE_KERNEL=1 $PY scripts/bench_train_step.py "${DRYFLAG[@]}" \
-  --precisions "${PT_PREC[@]}" --append --json "$OUT/train.json" --table "$OUT/train.md"
+if want train; then
+  section "training step, kernel" 75 $PY scripts/bench_train_step.py "${DRYFLAG[@]}" \
+    --json "$JSON/train.json" --table "$OUT/train.md"
+  PT_PREC=(fp32 bf16)
+  [ "$DRY" -eq 1 ] && PT_PREC=(fp32)
+  section "training step, PyTorch path" 75 env DINO_DISABLE_KERNEL=1 $PY scripts/bench_train_step.py \
+    "${DRYFLAG[@]}" --precisions "${PT_PREC[@]}" --append --json "$JSON/train.json" --table "$OUT/train.md"
+fi
 
 # 3. Deployed inference; the script stops starting new backends 45 s before its cap.
-DEPLOY_CAP=240
-DEPLOY_LEFT=$(( BUDGET - ($(date +%s) - T0) ))
-DEPLOY_BUDGET=$(( (DRY ? 3 * DEPLOY_CAP : DEPLOY_CAP) < DEPLOY_LEFT ? (DRY ? 3 * DEPLOY_CAP : DEPLOY_CAP) : DEPLOY_LEFT ))
-DEPLOY_BUDGET=$(( DEPLOY_BUDGET - 45 ))
-section "deployed inference" $DEPLOY_CAP $PY scripts/bench_deploy.py "${DRYFLAG[@]}" --budget-s $DEPLOY_BUDGET \
-  --json "$OUT/deploy.json" --table "$OUT/deploy.md"
+if want deploy; then
+  DEPLOY_CAP=240
+  DEPLOY_LEFT=$(( BUDGET - ($(date +%s) - T0) ))
+  DEPLOY_BUDGET=$(( (DRY ? 3 * DEPLOY_CAP : DEPLOY_CAP) < DEPLOY_LEFT ? (DRY ? 3 * DEPLOY_CAP : DEPLOY_CAP) \
+    : DEPLOY_LEFT ))
+  DEPLOY_BUDGET=$(( DEPLOY_BUDGET - 45 ))
+  # shellcheck disable=SC2086 # DEPLOY_ARGS is a list of words
+  section "deployed inference" $DEPLOY_CAP $PY scripts/bench_deploy.py "${DRYFLAG[@]}" --budget-s $DEPLOY_BUDGET \
+    --json "$JSON/deploy.json" --table "$OUT/deploy.md" ${DEPLOY_ARGS:-}
+fi
 
 # 4. Kernel table.
-section "kernel table" 60 $PY -m dino.ops.bench "${DRYFLAG[@]}" --warmup 3 --reps 10 --out "$OUT/kernel.md"
+want kernel && section "kernel table" 60 $PY -m dino.ops.bench "${DRYFLAG[@]}" --warmup 3 --reps 10 \
+  --out "$OUT/kernel.md"
 
 [ -f "$BG_LOG" ] && { echo "== background builds"; cat "$BG_LOG"; rm -f "$BG_LOG"; }
 echo >> "$SUMMARY"
 echo "total $(( $(date +%s) - T0 )) s" >> "$SUMMARY"
 cat "$SUMMARY"
-for f in train deploy kernel; do [ -f "$OUT/$f.md" ] && { echo; cat "$OUT/$f.md"; }; done
+for f in train deploy kernel precision; do [ -f "$OUT/$f.md" ] && { echo; cat "$OUT/$f.md"; }; done
+tar -cf "$OUT/json.tar" -C "$OUT" json && rm -r "$OUT/json"
+rm -rf "$LINKS"
 ! grep -q "^| [^|]* | [1-9]" "$SUMMARY"

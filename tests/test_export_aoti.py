@@ -11,7 +11,7 @@ import torch
 from dino.errors import UserError
 from dino_export.aoti import check_aoti, export_aoti, load_aoti
 from dino_export.deploy_model import DeployModel
-from dino_export.query_check import ExportCheckError
+from dino_export.query_check import FP32_TOLERANCE, ExportCheckError, Tolerance
 from dino_export.tracing import check_inputs
 from tests.export_standin import StandInDetector
 
@@ -36,7 +36,8 @@ def test_package_passes_its_check_for_batch_1_and_3(package):
     runner = load_aoti(path)
     images, mask = check_inputs(3, SIZE, seed=5)
     got = runner(images, mask)
-    assert [tuple(t.shape) for t in got] == [(3, 20, 4), (3, 20), (3, 20)]
+    # The detections, then the per-query outputs they were selected from (the stand-in: 10 queries, 5 classes).
+    assert [tuple(t.shape) for t in got] == [(3, 20, 4), (3, 20), (3, 20), (3, 10, 5), (3, 10, 4), (3, 10)]
 
 
 def test_package_that_disagrees_with_eager_fails_the_check(package):
@@ -44,12 +45,40 @@ def test_package_that_disagrees_with_eager_fails_the_check(package):
     runner = load_aoti(path)
 
     def shifted(images, mask):
-        boxes, scores, labels = runner(images, mask)
-        return boxes + 3.0, scores, labels
+        boxes, scores, labels, logits, query_boxes, indices = runner(images, mask)
+        return boxes, scores, labels, logits, query_boxes + 0.01, indices
 
+    # cxcywh + 0.01 moves x2 by 0.015 of the 72 px valid width: 1.08 px, against eager (per query) and against the
+    # package's own detections, which were not moved.
     with pytest.raises(ExportCheckError, match=r"AOTInductor \(cpu\) disagrees with eager PyTorch \(batch 1\): "
-                                               r"largest difference: detection box 3 px at image 0, detection \d+"):
+                                               r"largest difference: (per-query|detection) box 1.08 px at image 0"):
         check_aoti(model, shifted, SIZE, [1], torch.device("cpu"))
+
+
+def test_package_that_reselects_near_tied_queries_passes_on_its_own_selection(package):
+    """A package that ranked two near-tied proposals the other way is compared with eager PyTorch rerun on its
+    selection (matching detections by query alone would count the swapped queries as wrong)."""
+    model, path, _ = package
+    runner = load_aoti(path)
+    images, mask = check_inputs(1, SIZE, seed=101)
+    with torch.no_grad():
+        reference = model.run(images, mask)
+    probs = reference.proposal_scores[0].sigmoid()
+    gaps = (probs[:-1] - probs[1:]).abs()
+    q = int(gaps.argmin())  # the closest pair of neighbouring ranks: a plausible swap
+    # The stand-in has no exact near-ties: a score tolerance just above this pair's gap stands for one.
+    tolerance = Tolerance(score=2 * float(gaps[q]) + 1e-6, box_px=FP32_TOLERANCE.box_px)
+    swapped = reference.query_indices.clone()
+    swapped[0, [q, q + 1]] = swapped[0, [q + 1, q]]
+
+    def reselecting(images, mask):
+        with torch.no_grad():
+            out = model.run(images, mask, query_indices=swapped)
+        return out.boxes, out.scores, out.labels, out.pred_logits, out.pred_boxes, out.query_indices
+
+    check = check_aoti(model, reselecting, SIZE, [1], torch.device("cpu"), tolerance, seed=100)[0]
+    assert check.reselected == 2
+    assert check.query_box.value == 0.0 and check.selection_score.value <= check.tolerance.score
 
 
 def test_package_runs_in_a_process_without_the_project_code(package, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import importlib
-from dino.ops import kernel, ms_deform_attn, ms_deform_attn_pytorch, use_custom_op
+from dino.ops import kernel, ms_deform_attn, ms_deform_attn_pytorch, use_custom_op, use_pytorch_path
 from dino.ops.custom_op import ms_deform_attn_backward_pytorch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +169,21 @@ def test_use_custom_op_puts_one_op_node_in_exported_graph():
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.dino.ms_deform_attn.default) == 1
     assert torch.ops.aten.grid_sampler_2d.default not in targets
+
+
+def test_use_pytorch_path_inside_use_custom_op_traces_grid_sample():
+    """The innermost block decides: an export that must not depend on the op (e.g. AOTInductor with custom_op=False
+    on a GPU whose kernel is built, where the op is otherwise the default) gets the grid_sample decomposition."""
+    value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 3)], dtype=torch.float32)
+    block = _Block(shapes.tolist())
+    with use_custom_op(), use_pytorch_path():  # strict: the PyTorch path reads the level shapes with tolist
+        exported = torch.export.export(block, (value, loc, attn), strict=True)
+    with use_custom_op():
+        eager_out = block(value, loc, attn)
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert torch.ops.dino.ms_deform_attn.default not in targets
+    assert sum("grid_sampler" in str(t) for t in targets) == 2  # one per level
+    torch.testing.assert_close(exported.module()(value, loc, attn), eager_out)
 
 
 def test_compile_fullgraph_with_custom_op_forward_and_backward():

@@ -88,7 +88,11 @@ class DeformableDecoder(nn.Module):
         ratios4 = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
         for layer in self.layers:
             ref_input = reference[:, :, None] * ratios4
-            query_pos = self.ref_point_head(sine_embed_boxes(ref_input[:, :, 0, :], self.d_model // 2))
+            # The anchors stay float32 (box precision); their sine embedding enters the head in its parameters' dtype
+            # (float16 in a model cast to float16; a no-op otherwise, autocast included).
+            head_dtype = self.ref_point_head.layers[0].weight.dtype
+            sine = sine_embed_boxes(ref_input[:, :, 0, :], self.d_model // 2).to(head_dtype)
+            query_pos = self.ref_point_head(sine)
             output = layer(output, query_pos, ref_input, memory, memory_padding_mask, spatial_shapes,
                            level_start_index, self_attn_mask)
             new_reference = (bbox_embed(output) + inverse_sigmoid(reference)).sigmoid()

@@ -91,5 +91,8 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"MSDeformAttn: reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}"
             )
+        # Coordinates are float32 (float64 in a float64 model); a model cast to float16 samples at float16 locations.
+        # The parameters' dtype, not the activations': under autocast the weights stay float32 and so do locations.
+        locations = locations.to(self.value_proj.weight.dtype)
         out = dino.ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(out)

@@ -69,9 +69,11 @@ def ms_deform_attn(
     """Multi-scale deformable attention; same arguments and result as :func:`ms_deform_attn_pytorch`.
 
     Dispatches to the custom op ``dino::ms_deform_attn`` (the CUDA kernel) for CUDA tensors when the kernel is built,
-    to the PyTorch path otherwise; inside :func:`use_custom_op` always to the custom op, on any device.
+    to the PyTorch path otherwise; inside :func:`use_custom_op` always to the custom op, inside
+    :func:`use_pytorch_path` always to the PyTorch path, on any device (the innermost block decides).
     """
-    if _custom_op_depth > 0 or (value.is_cuda and _cuda_kernel_usable()):
+    forced = _forced_paths[-1] if _forced_paths else None
+    if forced == "custom_op" or (forced is None and value.is_cuda and _cuda_kernel_usable()):
         if not torch.compiler.is_compiling():
             _log_path_once("custom op dino::ms_deform_attn" + (" (CUDA kernel)" if value.is_cuda else ""))
         return torch.ops.dino.ms_deform_attn(
@@ -82,23 +84,33 @@ def ms_deform_attn(
     return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-_custom_op_depth = 0
+_forced_paths: list[str] = []  # "custom_op" / "pytorch" of the open use_custom_op / use_pytorch_path blocks
 _logged_paths: set[str] = set()
 
 
 @contextlib.contextmanager
-def use_custom_op() -> Iterator[None]:
+def _force(path: str) -> Iterator[None]:
+    _forced_paths.append(path)
+    try:
+        yield
+    finally:
+        _forced_paths.pop()
+
+
+def use_custom_op() -> contextlib.AbstractContextManager[None]:
     """Inside the block, :func:`ms_deform_attn` always calls ``torch.ops.dino.ms_deform_attn`` on any device.
 
     For export: the traced graph then holds one opaque ``dino::ms_deform_attn`` node per attention (which the ONNX
     exporter maps to a TensorRT plugin node) instead of the grid_sample decomposition.
     """
-    global _custom_op_depth
-    _custom_op_depth += 1
-    try:
-        yield
-    finally:
-        _custom_op_depth -= 1
+    return _force("custom_op")
+
+
+def use_pytorch_path() -> contextlib.AbstractContextManager[None]:
+    """Inside the block, :func:`ms_deform_attn` always runs the PyTorch path (grid_sample), even on CUDA tensors
+    with the kernel built: for an exported graph that must not depend on this project's op (ONNX standard graph,
+    an AOTInductor package that loads without ``dino.ops``)."""
+    return _force("pytorch")
 
 
 def _cuda_kernel_usable() -> bool:
