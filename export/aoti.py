@@ -18,7 +18,7 @@ import torch
 from dino.errors import UserError
 from dino_export import files
 from dino_export.deploy_model import DeployModel, WithQueryOutputs
-from dino_export.query_check import QueryCheck, Tolerance, check_outputs, tolerance_for
+from dino_export.query_check import QueryCheck, Tolerance, check_outputs, reference_model, tolerance_for
 from dino_export.tracing import check_inputs, example_inputs, export_program
 
 
@@ -42,12 +42,13 @@ def check_aoti(model: DeployModel, runner, image_size: tuple[int, int], batches:
     Raises ExportCheckError naming the largest difference beyond ``tolerance``.
     """
     tolerance = tolerance or tolerance_for(model.half)
+    reference = reference_model(model)
     checks = []
     for batch in batches:
         images, mask = (t.to(device) for t in check_inputs(batch, image_size, seed + batch))
         with torch.no_grad():
             got = runner(images, mask)
-        checks.append(check_outputs(model, images, mask, got, f"AOTInductor ({device.type})", tolerance))
+        checks.append(check_outputs(reference, images, mask, got, f"AOTInductor ({device.type})", tolerance))
         checks[-1].raise_on_failure("eager PyTorch")
     return checks
 

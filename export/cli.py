@@ -115,7 +115,8 @@ def _export_onnx(args, output: str):
     _print_checks(result.checks, result.notes)
     plugin = f", {result.num_plugin_nodes} DinoMSDeformAttn plugin nodes" if result.num_plugin_nodes else ""
     batch = f"dynamic batch 1..{args.max_batch}" if result.dynamic_batch else "batch 1"
-    checked = "checked against PyTorch" if result.checks else "NOT checked (--no-verify)"
+    checked = ("checked against PyTorch" + (" float32" if args.fp16 else "")) if result.checks else \
+        "NOT checked (--no-verify)"
     print(f"wrote {result.path} ({desc}; {args.deform_op}{plugin}; {size[0]}x{size[1]}, {batch}"
           f"{', float16' if args.fp16 else ''}); onnx.checker passed; {checked}")
     return result.path

@@ -12,6 +12,7 @@ This is the graph contract every exporter (ONNX standard and plugin, AOTInductor
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -95,6 +96,10 @@ class DeployModel(nn.Module):
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.run(images, mask).detections()
+
+    def float32_twin(self) -> DeployModel:
+        """A float32 copy: the same weights (float16-rounded when ``half``) computing in float32."""
+        return DeployModel(copy.deepcopy(self.model).float(), self.num_select)
 
 
 class WithQueryOutputs(nn.Module):

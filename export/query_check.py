@@ -40,10 +40,13 @@ class Tolerance:
     box_px: float  # |delta box coordinate| in pixels of the network input
 
 
-# Measured (docs/deployment.md "Export checks"): random-weight dino_r50_4scale at 320x480, ONNX Runtime CPU vs
-# PyTorch CPU, per query. The tolerances leave a margin of about 10x over the largest difference seen.
+# Measured (docs/deployment.md "Export checks"). float32: random-weight dino_r50_4scale at 320x480, ONNX Runtime CPU
+# vs PyTorch CPU, per query: 1.4e-7 and 3.4e-5 px, so these leave more than 1000x. float16 graphs are checked against
+# float32 PyTorch (reference_model): the largest float16 error of dino_r50_4scale measured is 4.2e-4 in probability
+# and 0.44 px at 800x1333 (PyTorch float16 on an H200, docs/benchmarks.md; ONNX Runtime's float16 graph at 320x480:
+# 1.0e-4 and 0.03 px); these leave about 12x and 4.5x.
 FP32_TOLERANCE = Tolerance(score=1e-4, box_px=0.05)
-FP16_TOLERANCE = Tolerance(score=2e-2, box_px=2.0)
+FP16_TOLERANCE = Tolerance(score=5e-3, box_px=2.0)
 
 
 def tolerance_for(half: bool) -> Tolerance:
@@ -215,11 +218,19 @@ def reference_from_outputs(outputs: list | tuple, mask) -> DeployOutputs:
                          indices)
 
 
+def reference_model(model: DeployModel) -> DeployModel:
+    """The eager model a graph exported from ``model`` is checked against: ``model`` itself, or for a float16 model
+    its float32 twin, so the float16 graph is held to float16's distance from float32 arithmetic
+    (:data:`FP16_TOLERANCE`). PyTorch's own float16 is no reference on a CPU: its CPU kernels returned NaN for every
+    query of dino_r50_4scale (random weights, 320x480) where ONNX Runtime's float16 graph and CUDA did not."""
+    return model.float32_twin() if model.half else model
+
+
 def check_outputs(model: DeployModel, images: Tensor, mask: Tensor, outputs: list | tuple, backend: str,
                   tolerance: Tolerance) -> QueryCheck:
     """Compares a graph's six outputs on ``(images, mask)``, ``(boxes, scores, labels, pred_logits, pred_boxes,
-    query_indices)`` (numpy arrays or tensors), with eager ``model``, query by query; the check is returned, not
-    raised.
+    query_indices)`` (numpy arrays or tensors), with eager ``model`` (see :func:`reference_model`), query by query;
+    the check is returned, not raised.
 
     Where the graph selected other encoder tokens (near-tied proposals), ``model`` runs again on the graph's
     selection, and the selection itself must be a valid top-Q of PyTorch's scores (:func:`compare_selection`).
