@@ -13,8 +13,11 @@ The file is written to a temporary name, checked, and only then moved into place
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -93,18 +96,32 @@ def _trace_to_onnx(model: DeployModel, example: tuple[torch.Tensor, torch.Tensor
         table = {torch.ops.dino.ms_deform_attn.default: _plugin_translation}
     program = export_program(WithQueryOutputs(model), example, dynamic_batch, max_batch,
                              custom_op=deform_op == "plugin")
-    onnx_program = torch.onnx.export(
-        program,
-        example,
-        dynamo=True,
-        opset_version=OPSET,
-        input_names=list(INPUT_NAMES),
-        output_names=[*OUTPUT_NAMES, *QUERY_OUTPUT_NAMES],
-        custom_translation_table=table,
-        optimize=True,
-        verbose=False,
-    )
+    with _quiet_constant_folding():
+        onnx_program = torch.onnx.export(
+            program,
+            example,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=list(INPUT_NAMES),
+            output_names=[*OUTPUT_NAMES, *QUERY_OUTPUT_NAMES],
+            custom_translation_table=table,
+            optimize=True,
+            verbose=False,
+        )
     return onnx_program.model_proto
+
+
+@contextlib.contextmanager
+def _quiet_constant_folding() -> Iterator[None]:
+    """onnxscript's optimizer warns once per multi-output node it leaves unfolded ("Skipping constant folding for
+    op Split with multiple outputs", dozens of lines for DINO); nothing is wrong with those nodes."""
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding.level
+    folding.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        folding.setLevel(level)
 
 
 def shipped_graph(traced: onnx.ModelProto) -> onnx.ModelProto:
