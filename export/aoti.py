@@ -4,8 +4,8 @@ The package is called as ``boxes, scores, labels, pred_logits, pred_boxes, query
 the deploy-graph contract (:mod:`dino_export.deploy_model`) followed by the per-query outputs the detections were
 selected from (``QUERY_OUTPUT_NAMES``), which the check compares query by query. On CUDA, when ``dino.ops`` has its
 compiled kernel, deformable attention is traced as the ``dino::ms_deform_attn`` custom op and the package calls that
-kernel (the loading process must then import ``dino.ops`` too). Everywhere else it traces to the PyTorch path (GridSample), which Inductor compiles like any
-other op. Every package is compiled to a temporary file, checked against eager PyTorch query by query
+kernel (the loading process must then import ``dino.ops`` too). Everywhere else it traces to the PyTorch path
+(GridSample), which Inductor compiles like any other op. Every package is compiled to a temporary file, checked against eager PyTorch query by query
 (:func:`check_aoti`), and only then moved into place.
 """
 from __future__ import annotations
