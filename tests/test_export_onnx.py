@@ -202,7 +202,7 @@ def test_padding_masks_of_every_level_are_the_same_in_onnx_runtime(tmp_path):
     expected = [torch.nn.functional.interpolate(mask[None].float(), size=m.shape[-2:]).bool()[0]
                 for m in _MaskLevels()(mask)]
     assert [bool(e[0, 0, 6]) for e in expected][-1]  # the column that differed
-    torch.onnx.export(_MaskLevels(), (mask,), str(tmp_path / "masks.onnx"), dynamo=True, opset_version=18)
+    torch.onnx.export(_MaskLevels().eval(), (mask,), str(tmp_path / "masks.onnx"), dynamo=True, opset_version=18)
     got = _session(tmp_path / "masks.onnx").run(None, {"mask": mask.numpy()})
     for level, (g, e) in enumerate(zip(got, expected)):
         assert np.array_equal(g, e.numpy()), f"level {level}"
