@@ -26,7 +26,7 @@ import torch
 
 from dino.errors import UserError
 from dino_export import files
-from dino_export.deploy_model import DeployModel
+from dino_export.deploy_model import DeployModel, WithQueryOutputs
 from dino_export.query_check import FP16_TOLERANCE, check_outputs, compare_detections
 from dino_export.tracing import check_inputs
 
@@ -74,12 +74,12 @@ class _Backends:
         return getattr(self, f"_make_{name}")()
 
     def _make_eager_fp32(self):
-        return _with_query_outputs(self.model)
+        return WithQueryOutputs(self.model)
 
     def _autocast(self, dtype: torch.dtype):
         if self.device.type != "cuda":
             raise _Unavailable("reduced-precision eager is benchmarked on CUDA only")
-        run = _with_query_outputs(self.model)
+        run = WithQueryOutputs(self.model)
 
         def run_autocast(images, mask):
             with torch.autocast("cuda", dtype=dtype):
@@ -161,17 +161,6 @@ class _Backends:
                               4.0, max(self.max_batch, 1), None)
         engine, _ = build_checked_engine(plan)
         return TensorRTRunner(engine, plan.plugin_libs)
-
-
-def _with_query_outputs(model: DeployModel) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
-    """``(images, mask) -> (boxes, scores, labels, pred_logits, pred_boxes, query_indices)``, as an AOTInductor
-    package returns them."""
-
-    def run(images, mask):
-        out = model.run(images, mask)
-        return out.boxes, out.scores, out.labels, out.pred_logits, out.pred_boxes, out.query_indices
-
-    return run
 
 
 def _diff(model: DeployModel, reference, inputs: tuple, got: tuple) -> tuple[float, float]:

@@ -1,8 +1,6 @@
 """``torch.export`` of a deploy model, shared by the ONNX and AOTInductor exporters."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 

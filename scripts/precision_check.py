@@ -102,7 +102,6 @@ def measure(name: str, candidate, fp32: DeployModel, reference: DeployOutputs, i
                       "selection": selection.where}}
 
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="dino_r50_4scale")
