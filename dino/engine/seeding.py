@@ -33,7 +33,9 @@ class EpochSeededDataset(Dataset):
         sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            # The CPU generator only: torch.manual_seed would also reseed the CUDA generator, which fork_rng(devices=[])
+            # does not restore (the model's denoising noise on a GPU), and costs a captured stack trace per call.
+            torch.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
             np.random.seed(sample_seed)
             try:
