@@ -152,6 +152,7 @@ def test_param_groups_and_step_schedule():
     assert {id(p) for p in groups["backbone"]["params"]} == backbone_ids
     assert groups["backbone"]["lr"] == 1e-5 and groups["default"]["lr"] == cfg.optim.lr
     assert all(g["weight_decay"] == cfg.optim.weight_decay for g in opt.param_groups)
+    assert opt.defaults["fused"]  # CPU float parameters: the fused implementation
     sched = build_scheduler(opt, cfg.optim)
     lrs = []
     for _ in range(3):
