@@ -35,7 +35,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``param_groups``; the fused (one kernel per step) implementation where the parameters allow it.
 
     Fused made a whole quickstart training step (batch 8) 1.1-1.3x faster on a 2-core CPU than the default for-each
-    implementation (three alternating pairs of 12-step timings); both compute the same update up to float rounding.
+    implementation (three alternating pairs of 12-step means); both compute the same update up to float rounding.
     """
     groups = param_groups(model, cfg)
     fused = all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for g in groups for p in g["params"])
