@@ -38,7 +38,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     implementation (three alternating pairs of 12-step means); both compute the same update up to float rounding.
     """
     groups = param_groups(model, cfg)
-    fused = all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for g in groups for p in g["params"])
+    # Trainable parameters are floating point by construction; only the device can rule fused out.
+    fused = all(p.device.type in _FUSED_DEVICES for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
