@@ -130,6 +130,8 @@ class OptimConfig:
     epochs: int = 12
     lr_drop_epochs: tuple[int, ...] = (11,)
     lr_drop_factor: float = 0.1
+    # Linear LR warm-up over the first N optimizer steps, under the step schedule (official DINO: none).
+    warmup_steps: int = 0
     # The official effective batch; per-device batch x processes x accumulation is made to equal it.
     total_batch_size: int = 16
     batch_size_per_device: int | None = None  # None: chosen from total_batch_size and the number of processes

@@ -163,6 +163,9 @@ def test_param_groups_and_step_schedule():
     with pytest.raises(ValueError, match="lr_drop_epochs"):
         cfg.optim.lr_drop_epochs = (5,)
         build_scheduler(torch.optim.AdamW(model.parameters()), cfg.optim)
+    cfg.optim.lr_drop_epochs, cfg.optim.warmup_steps = (2,), -1
+    with pytest.raises(ValueError, match=r"optim.warmup_steps -1: must be >= 0"):
+        build_scheduler(torch.optim.AdamW(model.parameters()), cfg.optim)
 
 
 DINO = ["-c", "import sys; from dino_cli import main; sys.exit(main(sys.argv[1:]))"]

@@ -1,4 +1,5 @@
-"""train_one_epoch on a toy model: accumulation-group normalisation, non-finite steps (raise / skip), matcher errors."""
+"""train_one_epoch on a toy model: accumulation-group normalisation, LR warm-up, non-finite steps (raise / skip),
+matcher errors."""
 import math
 
 import pytest
@@ -66,6 +67,19 @@ def test_accumulation_groups_and_the_partial_last_group():
     grads, progress, result = _run([1, 2, 3, 4, 5], 2, ToyCriterion())
     assert grads == [1.5, 3.5, 5.0]
     assert (progress.global_step, progress.batches_in_epoch, result.batches) == (3, 5, 5)
+
+
+@pytest.mark.parametrize("start_step", [0, 2])
+def test_warmup_scales_the_first_steps_and_keeps_the_scheduled_lr(start_step):
+    cfg = load_recipe("quickstart", ["train.tracker=none", "optim.clip_max_norm=0", "optim.warmup_steps=4"])
+    model = Toy()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    # Six steps of gradient 1: w moves by lr x (1/4, 2/4, 3/4, 1, 1, 1); a run resumed at step 2 goes on at 3/4.
+    train_one_epoch(build_accelerator(cfg), model, ToyCriterion(), _batches([1] * 6), optimizer,
+                    Progress(global_step=start_step), cfg, per_epoch=6, accumulation=1)
+    factors = [min(1.0, (step + 1) / 4) for step in range(start_step, start_step + 6)]
+    assert float(model.w) == pytest.approx(-sum(factors))
+    assert optimizer.param_groups[0]["lr"] == 1.0  # what the epoch-stepped schedule reads next
 
 
 def test_a_nonfinite_loss_stops_with_the_step_terms_and_image_ids():

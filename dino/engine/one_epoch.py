@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from dino.config import Recipe
 from dino.engine.checkpointer import Checkpointer, Progress
 from dino.engine.nonfinite import NonFiniteStepError, any_process, describe, nonfinite_terms
+from dino.engine.optim import scaled_lr, warmup_factor
 from dino.matcher import NonFinitePredictionError
 
 logger = logging.getLogger("dino.engine")
@@ -160,7 +161,9 @@ def train_one_epoch(
             if ema is not None:
                 ema.update_parameters(accelerator.unwrap_model(model))
             if progress.global_step % max(cfg.train.log_every_steps, 1) == 0:
-                loss, lr = weighted["loss"].item(), optimizer.param_groups[0]["lr"]
+                # The lr this step used: the scheduled one, scaled during the warm-up.
+                lr = optimizer.param_groups[0]["lr"] * warmup_factor(progress.global_step - 1, cfg.optim.warmup_steps)
+                loss = weighted["loss"].item()
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
                 accelerator.log({"train/loss": loss, "train/lr": lr}, step=progress.global_step)
         group_failure, group_ids = None, []
@@ -190,6 +193,7 @@ def _optimizer_step(accelerator, model, optimizer, progress: Progress, cfg: Reci
             if not cfg.train.skip_nonfinite_steps:
                 raise NonFiniteStepError(failure + "; stopping (train.skip_nonfinite_steps=true skips such steps)")
         else:
-            optimizer.step()
+            with scaled_lr(optimizer, warmup_factor(progress.global_step, cfg.optim.warmup_steps)):
+                optimizer.step()
     optimizer.zero_grad()
     return failure

@@ -1,5 +1,8 @@
-"""AdamW with the official parameter groups and the step learning-rate schedule."""
+"""AdamW with the official parameter groups, the step learning-rate schedule and an optional linear warm-up."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -45,7 +48,34 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.MultiStepLR:
     """MultiStepLR stepped once per epoch: lr x ``lr_drop_factor`` after each epoch in ``lr_drop_epochs``."""
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps {cfg.warmup_steps}: must be >= 0")
     bad = [e for e in cfg.lr_drop_epochs if not 0 < e <= cfg.epochs]
     if bad:
         raise ValueError(f"optim.lr_drop_epochs {cfg.lr_drop_epochs}: {bad} outside 1..optim.epochs={cfg.epochs}")
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_drop_epochs), gamma=cfg.lr_drop_factor)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based): (step + 1) / warmup_steps during the warm-up, then 1."""
+    return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
+@contextmanager
+def scaled_lr(optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
+    """Multiplies every group's lr by ``factor`` for the steps taken inside the block, then restores it.
+
+    The warm-up is a function of the global step, not scheduler state: MultiStepLR derives each epoch's lr from the
+    stored one, so the stored lr stays the scheduled value, and a resumed run needs nothing but its step count.
+    """
+    if factor == 1.0:
+        yield
+        return
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, scheduled):
+            group["lr"] = lr
