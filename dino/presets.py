@@ -54,14 +54,15 @@ def dino_quickstart() -> ModelConfig:
 
     timm ResNet-18 with ordinary (trainable) BatchNorm: from random weights it learns much faster than the official
     FrozenBatchNorm ResNet, whose frozen statistics are meaningless without pretraining (CPU sweep: AP50 0.91 vs 0.56
-    after 30 epochs of 64 px images). timm's feature indices 2-3 are strides 8/16, plus the extra stride-32 level:
-    dropping the stride-4 level (256 of the 340 encoder tokens at 64 px) made training 2x cheaper per image. It
-    classifies small shapes worse early in training (docs/training.md), yet the quickstart's 20 epochs reach AP50
-    0.92. Hidden 128, 2 encoder / 3 decoder layers, 50 queries (at most 4 objects per image).
+    after 30 epochs of 64 px images). timm's feature indices 1-2 are strides 4/8, plus the extra stride-16 level:
+    the stride-4 level is what gets small shapes' classes right early, and leaving out ResNet layer 3 and all but one
+    encoder layer pays for its 256 tokens at 64 px. Six decoder layers (the official depth) of feed-forward width 256:
+    depth is what teaches the queries not to report an object twice sooner (docs/training.md). Hidden 128,
+    50 queries (at most 4 objects per image).
     """
     return ModelConfig(
-        backbone=BackboneConfig(name="timm:resnet18", return_levels=(2, 3), freeze_stem_and_layer1=False),
-        transformer=TransformerConfig(hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=512,
+        backbone=BackboneConfig(name="timm:resnet18", return_levels=(1, 2), freeze_stem_and_layer1=False),
+        transformer=TransformerConfig(hidden_dim=128, nheads=8, enc_layers=1, dec_layers=6, dim_feedforward=256,
                                       num_feature_levels=3, num_queries=50),
         denoising=DenoisingConfig(dn_number=20),
         num_classes=4,

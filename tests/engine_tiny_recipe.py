@@ -9,6 +9,7 @@ from dino.presets import get_preset
 def recipe() -> Recipe:
     cfg = Recipe(name="engine_tiny")
     cfg.model = get_preset("dino_quickstart")
+    cfg.model.backbone.return_levels = (2, 3)  # strides 8/16/32: a quarter of the tokens of the preset's stride 4
     t = cfg.model.transformer
     t.hidden_dim, t.nheads, t.enc_layers, t.dec_layers, t.dim_feedforward, t.num_queries = 64, 2, 1, 2, 64, 20
     t.enc_n_points = t.dec_n_points = 2

@@ -45,7 +45,7 @@ def _batches(values):
 
 
 def _run(values, accumulation, criterion, *overrides):
-    cfg = load_recipe("quickstart", ["train.tracker=none", "optim.clip_max_norm=0", *overrides])
+    cfg = load_recipe("quickstart", ["train.tracker=none", "optim.clip_max_norm=0", "optim.warmup_steps=0", *overrides])
     accelerator = build_accelerator(cfg)
     model = Toy()
     # Plain SGD with lr 1: each step moves w by exactly minus the step's gradient.
