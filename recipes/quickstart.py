@@ -29,13 +29,14 @@ def recipe() -> Recipe:
         num_workers=0,  # the images are tiny: worker start-up would cost more than it saves
     )
     # Higher than official (1e-4): small model, small data, few epochs. Warmed up over the first epoch's 64 steps:
-    # 8 epochs (seed 42) gave AP50 0.87-0.90 at 1.2e-3 to 2.4e-3 with it, 0.82 at 8e-4 without (docs/training.md).
+    # 8 epochs of an earlier preset gave AP50 0.87-0.90 at 1.2e-3 to 2.4e-3 with it, 0.82 at 8e-4 without; 2.4e-3
+    # did worse than 1.6e-3 with this preset (docs/training.md).
     cfg.optim.lr = 1.6e-3
     cfg.optim.lr_backbone = 1.6e-3  # the backbone starts from random weights too (no download)
     cfg.optim.warmup_steps = 64
-    cfg.optim.epochs = 10  # 9.0 min of training at 9.5 images/s on the slowest 2-core VM seen; AP50 0.91-0.945 (3 runs)
-    # Three x0.4 steps instead of one x0.1 (previous preset: AP50 0.89 / 0.92 in two runs vs 0.86 with one x0.1 drop).
-    cfg.optim.lr_drop_epochs = (5, 8, 9)
+    cfg.optim.epochs = 9  # 4.96 min of training at 15.5 images/s on the slowest 2-core VM seen (docs/training.md)
+    # x0.4 steps instead of one x0.1 (an earlier preset: AP50 0.89 / 0.92 in two runs vs 0.86 with one x0.1 drop).
+    cfg.optim.lr_drop_epochs = (5, 7, 8)
     cfg.optim.lr_drop_factor = 0.4
     cfg.optim.total_batch_size = 8  # more steps per epoch: AP50 0.60 vs 0.43 after 12 epochs at 16
     cfg.train.output_dir = "outputs/quickstart"
