@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,34 +174,107 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _parse_value(text: str, current: Any) -> Any:
-    """Parses an override's text with the type of the field's current value in mind."""
-    if isinstance(current, bool):
-        low = text.lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if text.lower() in ("none", "null"):
-        return None
-    if isinstance(current, str):
-        return text
+_NONE = ("none", "null")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def describe_type(tp: Any) -> str:
+    """The declared type of a field in words, for error messages: ``int | None`` -> "an integer or none"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        words = " or ".join(describe_type(a) for a in rest)
+        return f"{words} or none" if len(rest) < len(args) else words
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of {_plural(args[0])} (e.g. 1,2,3)"
+        return f"a tuple of {len(args)} {_plural(args[0])} (e.g. {','.join(str(i + 1) for i in range(len(args)))})"
+    if origin is dict:
+        return "a dict (e.g. {'img_size': 384})"
+    return {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}.get(tp, str(tp))
+
+
+def _plural(tp: Any) -> str:
+    return {int: "integers", float: "numbers"}.get(tp, describe_type(tp))
+
+
+def _literal(text: str) -> Any:
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-    if isinstance(current, tuple) and isinstance(value, (list, tuple, int, float)):
-        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    if isinstance(current, float) and isinstance(value, int):
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return _INVALID
+
+
+_INVALID = object()
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    """``value`` (already parsed) as ``tp`` when it is one (an int also is a float), else _INVALID."""
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    return _INVALID
+
+
+def parse_typed(text: str, tp: Any) -> Any:
+    """Parses an override's text as the declared type ``tp`` of its field; ValueError saying what was expected.
+
+    Accepted: ``true/false/yes/no/on/off/1/0`` for booleans; ``none``/``null`` for an optional field; ``1,2,3``,
+    ``(1,2,3)`` or ``[1,2,3]`` (a single ``3`` too) for tuples; an integer for a float field.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    value = _INVALID
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.lower() in _NONE:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return parse_typed(text, arg)
+            except ValueError:
+                pass
+    elif tp is bool:
+        value = True if text.lower() in _TRUE else False if text.lower() in _FALSE else _INVALID
+    elif tp is str:
+        value = text
+    elif tp in (int, float):
+        value = _scalar(_literal(text), tp)
+        if value is _INVALID and tp is float and text.lower().lstrip("+-") in ("inf", "nan"):
+            value = float(text)
+    elif origin is tuple:
+        value = _tuple(_literal(text), args)
+    elif origin is dict:
+        parsed = _literal(text)
+        value = parsed if isinstance(parsed, dict) else _INVALID
+    elif tp is Any:
+        parsed = _literal(text)
+        value = text if parsed is _INVALID else parsed
+    if value is _INVALID:
+        raise ValueError(f"must be {describe_type(tp)}, got {text!r}")
     return value
+
+
+def _tuple(parsed: Any, args: tuple) -> Any:
+    if parsed is _INVALID:
+        return _INVALID
+    items = tuple(parsed) if isinstance(parsed, (list, tuple)) else (parsed,)
+    variadic = len(args) == 2 and args[1] is Ellipsis
+    types_ = [args[0]] * len(items) if variadic else list(args)
+    if len(types_) != len(items):
+        return _INVALID
+    out = tuple(_scalar(item, t) for item, t in zip(items, types_))
+    return _INVALID if any(v is _INVALID for v in out) else out
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Applies ``section.field=value`` overrides in place and returns ``cfg``.
 
-    Raises UserError naming the override when the path does not exist or the value cannot be parsed.
+    Values are checked against the field's declared type (:func:`parse_typed`) before anything runs. Raises UserError
+    naming the override, the field and the expected type when the path does not exist or the value does not fit.
     """
     for item in overrides:
         if "=" not in item:
@@ -214,10 +289,12 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         leaf = parts[-1]
         if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
             raise UserError(f"override {item!r}: no field {leaf!r} in {type(obj).__name__}")
+        declared = typing.get_type_hints(type(obj))[leaf]
         try:
-            setattr(obj, leaf, _parse_value(text.strip(), getattr(obj, leaf)))
+            value = parse_typed(text.strip(), declared)
         except ValueError as err:
-            raise UserError(f"override {item!r}: {err}") from None
+            raise UserError(f"override {item!r}: {path.strip()} {err}") from None
+        setattr(obj, leaf, value)
     return cfg
 
 

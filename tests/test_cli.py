@@ -50,6 +50,13 @@ def test_set_is_the_same_flag_with_the_same_error_in_every_command(argv, capsys)
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("value,expected", [("1.5", "an integer"), ("ten", "an integer")])
+def test_set_value_of_the_wrong_type_is_one_line_before_anything_runs(value, expected, capsys):
+    rc, out, err = _run(["train", TINY, "--set", f"optim.epochs={value}"], capsys)
+    assert rc == 2 and out == ""
+    assert err == f"dino train: error: override 'optim.epochs={value}': optim.epochs must be {expected}, got '{value}'\n"
+
+
 def test_user_error_is_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
     from dino.engine import cli as engine_cli
 

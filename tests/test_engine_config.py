@@ -88,12 +88,61 @@ def test_overrides_apply_with_types():
         ("optim.lrr=1", "no field 'lrr' in OptimConfig"),
         ("optimizer.lr=1", "no config section 'optimizer'"),
         ("optim.lr", "must look like section.field=value"),
-        ("train.ema=maybe", "expected a boolean"),
+        ("train.ema=maybe", "train.ema must be a boolean"),
     ],
 )
 def test_bad_override_names_the_problem(override, message):
     with pytest.raises(ValueError, match=message):
         load_recipe("quickstart", [override])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.epochs=1.5", "optim.epochs must be an integer, got '1.5'"),
+        ("optim.epochs=ten", "optim.epochs must be an integer, got 'ten'"),
+        ("optim.epochs=true", "optim.epochs must be an integer, got 'true'"),
+        ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+        ("optim.batch_size_per_device=2.5", "optim.batch_size_per_device must be an integer or none, got '2.5'"),
+        ("data.crop_size=1,2,3", "data.crop_size must be a tuple of 2 integers (e.g. 1,2), got '1,2,3'"),
+        ("optim.lr_drop_epochs=3,x", "optim.lr_drop_epochs must be a tuple of integers (e.g. 1,2,3), got '3,x'"),
+        ("optim.lr_drop_epochs=3.5", "optim.lr_drop_epochs must be a tuple of integers (e.g. 1,2,3), got '3.5'"),
+        ("model.backbone.timm_kwargs=384", "model.backbone.timm_kwargs must be a dict"),
+    ],
+)
+def test_override_values_are_checked_against_the_declared_type(override, message):
+    with pytest.raises(UserError) as err:
+        load_recipe("quickstart", [override])
+    assert str(err.value).startswith(f"override {override!r}: {message}")
+
+
+@pytest.mark.parametrize(
+    "override,field,expected",
+    [
+        ("optim.epochs=3", "epochs", 3),
+        ("optim.lr=1", "lr", 1.0),  # an integer is a float
+        ("optim.lr=inf", "lr", float("inf")),
+        ("optim.lr_drop_epochs=4", "lr_drop_epochs", (4,)),
+        ("optim.lr_drop_epochs=(2,4)", "lr_drop_epochs", (2, 4)),
+        ("optim.lr_drop_epochs=[2,4]", "lr_drop_epochs", (2, 4)),
+        ("optim.lr_drop_epochs=()", "lr_drop_epochs", ()),
+        ("optim.batch_size_per_device=null", "batch_size_per_device", None),
+        ("optim.batch_size_per_device=4", "batch_size_per_device", 4),
+    ],
+)
+def test_override_accepted_forms(override, field, expected):
+    value = getattr(load_recipe("quickstart", [override]).optim, field)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_override_types_come_from_the_annotations_not_the_current_value():
+    # The current value is None (an optional int); the old parser took any text for it.
+    cfg = load_recipe("quickstart", ["train.max_steps=7", "model.backbone.pretrained=/w.pth",
+                                     "model.backbone.timm_kwargs={'img_size': 384}", "data.crop_size=(384,600)"])
+    assert cfg.train.max_steps == 7 and cfg.model.backbone.pretrained == "/w.pth"
+    assert cfg.model.backbone.timm_kwargs == {"img_size": 384} and cfg.data.crop_size == (384, 600)
+    with pytest.raises(UserError, match="train.max_steps must be an integer or none, got 'many'"):
+        load_recipe("quickstart", ["train.max_steps=many"])
 
 
 def test_unknown_recipe_lists_available():
