@@ -121,6 +121,9 @@ class DataConfig:
     shapes_seed: int = 0
     # Batches are padded to a multiple of this (1: the batch maximum, as the official code).
     size_divisibility: int = 1
+    # An image that cannot be read or decoded: False stops training with one line naming it; True trains on the next
+    # readable image instead, logs it and counts it in log.jsonl ("skipped_images"). `dino data check` lists them all.
+    skip_unreadable: bool = False
 
 
 @dataclass
