@@ -11,6 +11,7 @@ from torchvision.ops import box_convert
 
 from dino.config import DataConfig
 from dino.data import CocoDetection, build_dataset, collate_fn, read_categories
+from dino.data.coco import ImageError
 from dino.errors import UserError
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -133,7 +134,7 @@ def test_read_categories_names_the_file(tmp_path):
     _, path = make_dataset(tmp_path, categories=[{"id": -1, "name": "neg"}])
     with pytest.raises(UserError, match=r"instances.json: categories\[0\] has id -1; expected an int >= 0"):
         read_categories(path)
-    with pytest.raises(FileNotFoundError, match=r"nope.json does not exist"):
+    with pytest.raises(UserError, match=r"nope.json does not exist"):
         read_categories(tmp_path / "nope.json")
 
 
@@ -157,12 +158,14 @@ def test_cleaning_crowd_degenerate_clipped_and_empty_images(tmp_path):
     np.testing.assert_array_equal(boxes, [[10, 10, 30, 30], [50, 40, 64, 48], [0, 0, 5, 5]])
     assert labels.tolist() == [2, 2, 2]
     assert ds.dropped_boxes == 2  # the two zero-size boxes; the crowd one is not a training target either
+    assert ds.dropped == {"zero width": [2], "negative height": [3]}
     _, empty = ds[1]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,) and empty["image_id"] == 2
     _, target = ds[0]
     torch.testing.assert_close(target["boxes"][1], torch.tensor([57 / 64, 44 / 48, 14 / 64, 8 / 48]))
-    # crowd and degenerate annotations stay in the evaluation ground truth, with defaults filled in
-    assert len(ds.coco.getAnnIds()) == 6 and ds.coco.anns[1]["iscrowd"] == 0 and ds.coco.anns[1]["area"] == 400
+    # crowd annotations stay in the evaluation ground truth (with defaults filled in); dropped ones leave it too
+    assert sorted(ds.coco.getAnnIds()) == [1, 4, 5, 6]
+    assert ds.coco.anns[1]["iscrowd"] == 0 and ds.coco.anns[1]["area"] == 400
 
 
 def test_empty_annotation_list_is_fine(tmp_path):
@@ -187,29 +190,30 @@ def test_box_entirely_outside_its_image_is_dropped_and_counted(tmp_path, caplog)
         ds = CocoDetection(images_dir, path)
     assert ds.dropped_boxes == 3
     assert [r.getMessage() for r in caplog.records] == [
-        f"{path}: dropped 3 box(es) of zero size or entirely outside their image (as the official code does)"
+        f"{path}: dropped 3 box(es) from training and from the evaluation ground truth (3 entirely outside the "
+        "image; annotation ids 1, 2, 3)"
     ]
     assert ds.raw_target(0)[0].shape == (0, 4)
     boxes, labels = ds.raw_target(1)
     np.testing.assert_array_equal(boxes, [[10, 10, 30, 30]])
     assert labels.tolist() == [5] and ds[1][1]["labels"].tolist() == [5]
-    assert len(ds.coco.getAnnIds()) == 4  # evaluation still sees every annotation, as pycocotools would
+    assert ds.coco.getAnnIds() == [4]  # evaluation leaves them out too (no detection could ever match them)
 
 
 @pytest.mark.parametrize(
     "kwargs,error,pattern",
     [
-        ({"images": []}, ValueError, r"instances.json: 'images' is empty"),
-        ({"drop": ("annotations",)}, ValueError, r"instances.json: missing required top-level field 'annotations'"),
-        ({"annotations": [{"id": 7, "image_id": 1, "category_id": 2}]}, ValueError, r"annotations\[0\] \(id 7\) is missing required field 'bbox'"),
-        ({"images": [{"id": 1, "file_name": "a.png", "width": 64}]}, ValueError, r"images\[0\] \(id 1\) is missing required field 'height'"),
-        ({"annotations": [ann(7, [0, 0, 5, 5], category_id=4)]}, ValueError, r"annotation id 7 has category_id 4, which is not in 'categories'"),
-        ({"annotations": [ann(8, [0, 0, 5, 5], image_id=3)]}, ValueError, r"annotation id 8 references image_id 3, which is not in 'images'"),
-        ({"annotations": [ann(9, [0, 0, 5])]}, ValueError, r"annotation id 9 has bbox \[0, 0, 5\]; expected 4 finite numbers"),
-        ({"annotations": [ann(1, [0, 0, 5, 5]), ann(1, [0, 0, 6, 6])]}, ValueError, r"duplicate id 1 in 'annotations'"),
-        ({"categories": []}, ValueError, r"'categories' is empty"),
-        ({"images": [{"id": "a", "file_name": "a.png", "width": 64, "height": 48}], "write_images": False}, ValueError, r"images\[0\] has id 'a'; expected an int >= 0"),
-        ({"images": [{"id": 1, "file_name": "a.png", "width": 0, "height": 48}], "write_images": False}, ValueError, r"images\[0\] has width 0; expected an int >= 1"),
+        ({"images": []}, UserError, r"instances.json: 'images' is empty"),
+        ({"drop": ("annotations",)}, UserError, r"instances.json: missing required top-level field 'annotations'"),
+        ({"annotations": [{"id": 7, "image_id": 1, "category_id": 2}]}, UserError, r"annotations\[0\] \(id 7\) is missing required field 'bbox'"),
+        ({"images": [{"id": 1, "file_name": "a.png", "width": 64}]}, UserError, r"images\[0\] \(id 1\) is missing required field 'height'"),
+        ({"annotations": [ann(7, [0, 0, 5, 5], category_id=4)]}, UserError, r"annotation id 7 has category_id 4, which is not in 'categories'"),
+        ({"annotations": [ann(8, [0, 0, 5, 5], image_id=3)]}, UserError, r"annotation id 8 references image_id 3, which is not in 'images'"),
+        ({"annotations": [ann(9, [0, 0, 5])]}, UserError, r"annotation id 9 has bbox \[0, 0, 5\]; expected 4 finite numbers"),
+        ({"annotations": [ann(1, [0, 0, 5, 5]), ann(1, [0, 0, 6, 6])]}, UserError, r"duplicate id 1 in 'annotations'"),
+        ({"categories": []}, UserError, r"'categories' is empty"),
+        ({"images": [{"id": "a", "file_name": "a.png", "width": 64, "height": 48}], "write_images": False}, UserError, r"images\[0\] has id 'a'; expected an int >= 0"),
+        ({"images": [{"id": 1, "file_name": "a.png", "width": 0, "height": 48}], "write_images": False}, UserError, r"images\[0\] has width 0; expected an int >= 1"),
     ],
 )
 def test_bad_json_content_names_file_and_entry(tmp_path, kwargs, error, pattern):
@@ -220,11 +224,11 @@ def test_bad_json_content_names_file_and_entry(tmp_path, kwargs, error, pattern)
 
 
 def test_missing_and_unparseable_json(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"annotations file .*nope.json does not exist"):
+    with pytest.raises(UserError, match=r"annotations file .*nope.json does not exist"):
         CocoDetection(tmp_path, tmp_path / "nope.json")
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [')
-    with pytest.raises(ValueError, match=r"bad.json is not valid JSON"):
+    with pytest.raises(UserError, match=r"bad.json is not valid JSON"):
         CocoDetection(tmp_path, bad)
 
 
@@ -233,9 +237,9 @@ def test_missing_image_files_listed_up_front(tmp_path):
     images_dir, path = make_dataset(tmp_path, images=images)
     for i in (1, 2, 3, 4, 5, 6):
         (images_dir / f"{i}.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"6 of 8 images listed in .*instances.json are missing from .*img: 1.png, 2.png, 3.png, 4.png, 5.png, \.\.\."):
+    with pytest.raises(UserError, match=r"6 of 8 images listed in .*instances.json are missing from .*img: 1.png, 2.png, 3.png, 4.png, 5.png, \.\.\."):
         CocoDetection(images_dir, path)
-    with pytest.raises(FileNotFoundError, match=r"images folder .*elsewhere .*does not exist"):
+    with pytest.raises(UserError, match=r"images folder .*elsewhere .*does not exist"):
         CocoDetection(tmp_path / "elsewhere", path)
 
 
@@ -243,12 +247,12 @@ def test_image_size_mismatch_names_the_file(tmp_path):
     images_dir, path = make_dataset(tmp_path)
     Image.new("RGB", (32, 32)).save(images_dir / "a.png")
     ds = CocoDetection(images_dir, path)
-    with pytest.raises(ValueError, match=r"a.png \(image id 1\) is 32x32 but .*instances.json says 64x48"):
+    with pytest.raises(ImageError, match=r"a.png \(image id 1\) is 32x32 but .*instances.json says 64x48"):
         ds[0]
 
 
 def test_build_dataset_rejects_unknown_dataset_and_split(shapes_cfg):
-    with pytest.raises(ValueError, match="data.dataset"):
+    with pytest.raises(UserError, match="data.dataset"):
         build_dataset(DataConfig(dataset="voc"), "train")
     with pytest.raises(ValueError, match="split"):
         build_dataset(shapes_cfg, "test")

@@ -1,13 +1,23 @@
 """COCO AP helpers: perfect/wrong/empty predictions, labels without a category, the 12-line table."""
 import contextlib
 import io
+import logging
 
 import pytest
 import torch
+from pycocotools.coco import COCO
 from torchvision.ops import box_convert
 
 from dino.config import DataConfig
-from dino.data import STAT_NAMES, build_dataset, coco_gt, evaluate_coco, format_ap_table, predictions_to_coco
+from dino.data import (
+    STAT_NAMES,
+    build_dataset,
+    coco_gt,
+    evaluate_coco,
+    format_ap_table,
+    format_per_category,
+    predictions_to_coco,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +43,8 @@ def _perfect_results(ds, shift=0.0):
 def test_perfect_predictions_give_ap_one(val_set):
     results, ids = _perfect_results(val_set)
     stats = evaluate_coco(coco_gt(val_set), predictions_to_coco(results, ids, val_set.label_to_category_id))
-    assert list(stats) == list(STAT_NAMES)
+    assert list(stats) == [*STAT_NAMES, "per_category"]
+    assert stats["per_category"] == pytest.approx({"rectangle": 1.0, "ellipse": 1.0, "triangle": 1.0})
     assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0) and stats["AR100"] == pytest.approx(1.0)
 
 
@@ -60,7 +71,8 @@ def test_labels_without_a_category_are_not_evaluated(val_set):
 
 def test_empty_predictions_are_all_zero(val_set):
     stats = evaluate_coco(coco_gt(val_set), [])
-    assert stats == {name: 0.0 for name in STAT_NAMES}
+    assert stats == {**{name: 0.0 for name in STAT_NAMES},
+                     "per_category": {"rectangle": 0.0, "ellipse": 0.0, "triangle": 0.0}}
     assert predictions_to_coco([], [], val_set.label_to_category_id) == []
 
 
@@ -113,3 +125,53 @@ def test_coco_gt_through_subset(val_set):
     assert coco_gt(subset) is coco_gt(val_set)
     with pytest.raises(TypeError, match="no COCO ground truth"):
         coco_gt([1, 2, 3])
+
+
+def _hand_gt(annotations):
+    """pycocotools ground truth: two 100x100 images, categories 1 "cat", 2 "dog", 3 "owl", 4 "ant"."""
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
+        "annotations": [{"id": i + 1, "iscrowd": 0, "area": b[2] * b[3], "image_id": img, "category_id": c, "bbox": b}
+                        for i, (img, c, b) in enumerate(annotations)],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "owl"},
+                       {"id": 4, "name": "ant"}],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def test_per_category_ap_by_hand():
+    """cat: 1 box found exactly -> AP 1. dog: 2 boxes, 1 found exactly (the top score) -> precision 1 up to recall
+    0.5, none beyond: 51 of pycocotools' 101 recall points -> AP 51/101. ant: 1 box, no detection -> 0. owl: no
+    ground truth -> None (pycocotools' -1). The table's AP is the mean over the three with ground truth."""
+    gt = _hand_gt([(1, 1, [10, 10, 20, 20]), (1, 2, [50, 50, 30, 30]), (2, 2, [0, 0, 40, 40]),
+                   (2, 4, [60, 60, 10, 10])])
+    predictions = [
+        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},
+        {"image_id": 1, "category_id": 2, "bbox": [50, 50, 30, 30], "score": 0.8},
+        {"image_id": 2, "category_id": 3, "bbox": [0, 0, 40, 40], "score": 0.7},  # an owl where there is none
+    ]
+    stats = evaluate_coco(gt, predictions)
+    assert stats["per_category"] == pytest.approx({"cat": 1.0, "dog": 51 / 101, "owl": None, "ant": 0.0}, abs=1e-12)
+    assert stats["AP"] == pytest.approx((1.0 + 51 / 101 + 0.0) / 3, abs=1e-12)
+    assert format_per_category(stats["per_category"]).splitlines() == [
+        " Per-category Average Precision (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]:",
+        "  cat = 1.000",
+        "  dog = 0.505",
+        "  owl = n/a (no ground truth)",
+        "  ant = 0.000",
+    ]
+
+
+def test_no_ground_truth_warns(caplog):
+    predictions = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9}]
+    with caplog.at_level(logging.WARNING, logger="dino.data"):
+        stats = evaluate_coco(_hand_gt([]), predictions)
+    assert [stats[name] for name in STAT_NAMES] == [-1.0] * 12
+    assert stats["per_category"] == {"cat": None, "dog": None, "owl": None, "ant": None}
+    assert [r.getMessage() for r in caplog.records] == [
+        "the evaluated images have no ground-truth boxes (no annotations, or only crowd ones): every AP and AR is "
+        "undefined (-1, or 0 without detections)"
+    ]

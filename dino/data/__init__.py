@@ -10,15 +10,26 @@ Typical use::
     ...
     preds = predictions_to_coco(postprocessed, [t["image_id"] for t in targets], val_set.label_to_category_id)
     stats = evaluate_coco(coco_gt(val_set), preds); print(format_ap_table(stats))
+    print(format_per_category(stats["per_category"]))  # {name: AP, or None without ground truth}
 """
-from dino.data.build import build_dataset, split_paths
+from dino.data.build import build_dataset, prepare_dataset, split_paths
 from dino.data.classes import fit_num_classes
-from dino.data.coco import CocoDetection, load_instances_json, read_categories
+from dino.data.coco import (
+    CocoDetection,
+    ImageError,
+    UnreadableImageError,
+    box_problem,
+    load_instances_json,
+    read_categories,
+    skipped_images,
+)
 from dino.data.coco_eval import (
     STAT_NAMES,
     coco_gt,
     evaluate_coco,
     format_ap_table,
+    format_per_category,
+    ground_truth_counts,
     label_to_category,
     predictions_to_coco,
 )
@@ -31,7 +42,10 @@ __all__ = [
     "CocoDetection",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ImageError",
     "STAT_NAMES",
+    "UnreadableImageError",
+    "box_problem",
     "build_dataset",
     "build_transforms",
     "coco_gt",
@@ -39,11 +53,15 @@ __all__ = [
     "evaluate_coco",
     "fit_num_classes",
     "format_ap_table",
+    "format_per_category",
     "generate_shapes_dataset",
+    "ground_truth_counts",
     "label_to_category",
     "load_instances_json",
     "pad_images",
     "predictions_to_coco",
+    "prepare_dataset",
     "read_categories",
+    "skipped_images",
     "split_paths",
 ]

@@ -7,8 +7,9 @@ from dino.config import DataConfig
 from dino.data.coco import CocoDetection
 from dino.data.shapes import generate_shapes_dataset
 from dino.data.transforms import build_transforms
+from dino.errors import UserError
 
-__all__ = ["DATASETS", "build_dataset", "split_paths"]
+__all__ = ["DATASETS", "build_dataset", "prepare_dataset", "split_paths"]
 
 DATASETS = ("shapes", "coco")
 
@@ -32,8 +33,21 @@ def build_dataset(data_cfg: DataConfig, split: str) -> CocoDetection:
     ``dataset="coco"`` reads any COCO-format dataset. Labels are category ids: ``dataset.num_classes`` is the max
     category id + 1 (``dino.data.fit_num_classes`` applies it to the model config).
     """
+    prepare_dataset(data_cfg)
+    images, annotations = split_paths(data_cfg, split)
+    return CocoDetection(
+        images,
+        annotations,
+        transforms=build_transforms(data_cfg, split),
+        skip_unreadable=data_cfg.skip_unreadable,
+    )
+
+
+def prepare_dataset(data_cfg: DataConfig) -> None:
+    """Checks ``data.dataset``; for ``"shapes"`` generates the synthetic dataset into ``data_cfg.root`` (a no-op when
+    it is there)."""
     if data_cfg.dataset not in DATASETS:
-        raise ValueError(f"data.dataset must be one of {DATASETS}, got {data_cfg.dataset!r}")
+        raise UserError(f"data.dataset must be one of {DATASETS}, got {data_cfg.dataset!r}")
     if data_cfg.dataset == "shapes":
         generate_shapes_dataset(
             data_cfg.root,
@@ -42,9 +56,3 @@ def build_dataset(data_cfg: DataConfig, split: str) -> CocoDetection:
             data_cfg.shapes_image_size,
             seed=data_cfg.shapes_seed,
         )
-    images, annotations = split_paths(data_cfg, split)
-    return CocoDetection(
-        images,
-        annotations,
-        transforms=build_transforms(data_cfg, split),
-    )

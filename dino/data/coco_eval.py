@@ -1,15 +1,29 @@
-"""COCO box AP with pycocotools: predictions -> COCO results, the 12 summary stats and their standard table."""
+"""COCO box AP with pycocotools: predictions -> COCO results, the 12 summary stats and their standard table, and
+the AP of each category."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import io
+import logging
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["STAT_NAMES", "coco_gt", "evaluate_coco", "format_ap_table", "predictions_to_coco"]
+__all__ = [
+    "STAT_NAMES",
+    "coco_gt",
+    "evaluate_coco",
+    "format_ap_table",
+    "format_per_category",
+    "ground_truth_counts",
+    "predictions_to_coco",
+]
+
+logger = logging.getLogger("dino.data")
+_AREA_ALL = (0.0, 1e5**2)  # pycocotools' "all" area range
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 # (kind, IoU, area, maxDets) of each stat, in pycocotools' summarize() order.
@@ -87,22 +101,65 @@ def predictions_to_coco(
     return out
 
 
+def ground_truth_counts(coco_gt: Any, image_ids: Sequence[int] | None = None) -> dict[int, int]:
+    """``{category id: ground-truth boxes pycocotools scores}`` over ``image_ids`` (default all): not crowd, area in
+    the "all" range. A category with 0 has no AP (pycocotools' -1)."""
+    images = None if image_ids is None else set(int(i) for i in image_ids)
+    counts = {int(c): 0 for c in coco_gt.getCatIds()}
+    for ann in coco_gt.dataset["annotations"]:
+        if images is not None and ann["image_id"] not in images:
+            continue
+        if not ann.get("iscrowd", 0) and _AREA_ALL[0] <= ann["area"] <= _AREA_ALL[1]:
+            counts[ann["category_id"]] = counts.get(ann["category_id"], 0) + 1
+    return counts
+
+
+def _category_names(coco_gt: Any) -> dict[int, str]:
+    """``{id: name}``; a name used by several categories gets its id appended, so every key is unique."""
+    cats = {int(c["id"]): str(c.get("name", f"class {c['id']}")) for c in coco_gt.loadCats(coco_gt.getCatIds())}
+    names = list(cats.values())
+    return {cid: name if names.count(name) == 1 else f"{name} (id {cid})" for cid, name in cats.items()}
+
+
+def _per_category_ap(evaluator: Any, names: dict[int, str]) -> dict[str, float | None]:
+    """AP at IoU .50:.95, area "all", 100 detections per category, from the accumulated precision array
+    ``(T iou, R recall, K categories, A areas, M max dets)``; None (pycocotools' -1) for a category without ground
+    truth. The mean over categories that have one is the table's first line."""
+    precision = evaluator.eval["precision"]
+    params = evaluator.params
+    area, dets = params.areaRngLbl.index("all"), params.maxDets.index(100)
+    out = {}
+    for k, cid in enumerate(params.catIds):
+        values = precision[:, :, k, area, dets]
+        values = values[values > -1]
+        out[names[int(cid)]] = float(values.mean()) if values.size else None
+    return out
+
+
 def evaluate_coco(
     coco_gt: Any,
     predictions: Sequence[dict],
     image_ids: Sequence[int] | None = None,
     verbose: bool = False,
-) -> dict[str, float]:
-    """Box AP of COCO result dicts against ``coco_gt``; returns the 12 stats named in :data:`STAT_NAMES`.
+) -> dict[str, Any]:
+    """Box AP of COCO result dicts against ``coco_gt``: the 12 stats named in :data:`STAT_NAMES` and
+    ``"per_category"``, ``{category name: AP at IoU .50:.95, area all, 100 detections, or None without ground truth}``.
 
     ``image_ids`` restricts evaluation to those images (e.g. when only part of the val set was run); default all.
-    Empty predictions give all zeros. pycocotools' prints are silenced unless ``verbose``. A stat with no ground truth
-    in its area range is -1, as pycocotools reports it.
+    Empty predictions give all zeros (and 0.0 for each category with ground truth). pycocotools' prints are silenced
+    unless ``verbose``. A stat with no ground truth in its area range is -1, as pycocotools reports it; when the
+    evaluated images have no ground truth at all, a warning says so.
     """
     from pycocotools.cocoeval import COCOeval
 
+    counts = ground_truth_counts(coco_gt, image_ids)
+    if not any(counts.values()):
+        logger.warning("the evaluated images have no ground-truth boxes (no annotations, or only crowd ones): "
+                       "every AP and AR is undefined (-1, or 0 without detections)")
+    names = _category_names(coco_gt)
     if not predictions:
-        return {name: 0.0 for name in STAT_NAMES}
+        per_category = {names[cid]: (0.0 if n else None) for cid, n in sorted(counts.items())}
+        return {**{name: 0.0 for name in STAT_NAMES}, "per_category": per_category}
     known = set(coco_gt.getImgIds())
     unknown = {p["image_id"] for p in predictions} - known
     if unknown:
@@ -117,7 +174,8 @@ def evaluate_coco(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(v) for name, v in zip(STAT_NAMES, np.asarray(evaluator.stats, dtype=float))}
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, np.asarray(evaluator.stats, dtype=float))}
+    return {**stats, "per_category": _per_category_ap(evaluator, names)}
 
 
 def format_ap_table(stats: Mapping[str, float]) -> str:
@@ -131,4 +189,14 @@ def format_ap_table(stats: Mapping[str, float]) -> str:
         lines.append(
             f" {title:<18} ({kind}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = {stats[name]:0.3f}"
         )
+    return "\n".join(lines)
+
+
+def format_per_category(per_category: Mapping[str, float | None]) -> str:
+    """``per_category`` AP as lines ``" AP <name>  = 0.512"`` (``n/a``: no ground truth), names aligned."""
+    width = max((len(name) for name in per_category), default=0)
+    lines = [" Per-category Average Precision (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]:"]
+    for name, ap in per_category.items():
+        shown = "n/a (no ground truth)" if ap is None or not math.isfinite(ap) else f"{ap:0.3f}"
+        lines.append(f"  {name:<{width}} = {shown}")
     return "\n".join(lines)
