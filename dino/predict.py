@@ -1,9 +1,15 @@
 """``dino predict``: detections on image files, as ``predictions.json`` and one picture per image.
 
+Images are read as a viewer shows them (:mod:`dino.predict_images`): EXIF orientation applied, 16-bit and float
+grayscale scaled to 8 bits, transparency composited on white. Training and evaluation do NOT apply EXIF orientation:
+a COCO dataset keeps its stored (annotated) orientation, since its boxes were drawn on the stored pixels.
+
 Pre- and post-processing are those of ``dino eval`` and the same for every backend: each image is resized by the
 recipe's validation transform (``dino.data.build_transforms(data, "val")``: shorter side ``data.val_scale``, longer
-side at most ``data.val_max_size``, ImageNet normalisation), a batch is padded at the bottom/right with the padding
-mask True on padding (``dino.data.pad_images``), and detections are scaled back to the original image's pixels.
+side at most ``data.val_max_size``, ImageNet normalisation), padded at the bottom/right with the padding mask True
+on padding (``dino.data.pad_images``), and detections are scaled back to the original image's pixels. Only images of
+the same resized size share a forward pass: padding an image to a larger neighbour's size changes DINO's outputs for
+it (up to 2.5 px and 0.124 in score, issue 19), so an image's detections do not depend on the rest of the batch.
 
 A backend is anything with the deploy-graph contract (docs/ARCHITECTURE.md, CONTRACTS item 4)::
 
@@ -24,7 +30,12 @@ resized to fit instead (keeping its aspect ratio), which is the only case where 
                                  "name": "cat"}, ...]}, ...],
      "failed": [{"file": "in/broken.jpg", "error": "..."}]}
 
-``complete`` is false only when the run stopped on an error (the images done so far are listed).
+``complete`` is false only when the run stopped on an error (the images done so far are listed). ``failed`` lists
+the files skipped: not readable images, or images the model cannot take (so elongated that a side resizes to under
+1 px, or too small for the model's queries). A picture that could not be saved has ``"picture": null`` and a
+``"picture_error"``; its detections are still listed. Pictures are never written over an input: an output folder
+holding an input, or inside a scanned input folder, is refused (:func:`check_output_dir`); an image given twice
+gets two records and two pictures (``cat.jpg``, ``cat_1.jpg``).
 ``box`` is xyxy in the original image's pixels (not clipped, as ``dino eval``), detections sorted by descending score;
 ``label`` is the model's class index, ``category_id`` the dataset's id for it (equal for COCO's 91-slot models).
 """
@@ -50,6 +61,7 @@ from dino.data.transforms import resized_size
 from dino.errors import UserError
 from dino.postprocess import postprocess
 from dino.predict_draw import draw_detections
+from dino.predict_images import open_image
 from dino.predict_labels import LabelNames
 
 PICTURE_SUFFIX = ".jpg"
@@ -103,27 +115,35 @@ class Preprocessor:
     def __init__(self, data_cfg: DataConfig, input_size: tuple[int, int] | None = None):
         self.data_cfg = data_cfg
         self.input_size = input_size
-        self.transform = build_transforms(data_cfg, "val")
-        self._fitted: dict[bool, object] = {}
+        self._transforms: dict[tuple[int, int], object] = {}
 
-    def _transform_for(self, height: int, width: int):
-        if self.input_size is None:
-            return self.transform
+    def _limits(self, height: int, width: int) -> tuple[int, int]:
+        """(shorter side, longer-side cap) in pixels of the resize of a ``height`` x ``width`` image."""
         cfg = self.data_cfg
+        if self.input_size is None:
+            return cfg.val_scale, cfg.val_max_size
         out_h, out_w = resized_size(height, width, cfg.val_scale, cfg.val_max_size)
         max_h, max_w = self.input_size
         if out_h <= max_h and out_w <= max_w:
-            return self.transform
-        landscape = height <= width
-        if landscape not in self._fitted:
-            short_limit, long_limit = (max_h, max_w) if landscape else (max_w, max_h)
-            fitted = dataclasses.replace(cfg, val_scale=min(cfg.val_scale, short_limit),
-                                         val_max_size=min(cfg.val_max_size, long_limit))
-            self._fitted[landscape] = build_transforms(fitted, "val")
-        return self._fitted[landscape]
+            return cfg.val_scale, cfg.val_max_size
+        short_limit, long_limit = (max_h, max_w) if height <= width else (max_w, max_h)
+        return min(cfg.val_scale, short_limit), min(cfg.val_max_size, long_limit)
 
-    def __call__(self, pictures: list[PIL.Image.Image]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-        tensors = [self._transform_for(p.height, p.width)(p).as_subclass(torch.Tensor) for p in pictures]
+    def transform(self, picture: PIL.Image.Image) -> torch.Tensor:
+        """One image resized and normalised, ``(3, h, w)`` float32; UserError when a side would be under 1 pixel."""
+        limits = self._limits(picture.height, picture.width)
+        out_h, out_w = resized_size(picture.height, picture.width, *limits)
+        if min(out_h, out_w) < 1:
+            raise UserError(f"{picture.width}x{picture.height} px is too elongated for the model: resizing its longer "
+                            f"side to at most {limits[1]} px leaves the shorter one under 1 px")
+        if limits not in self._transforms:
+            scale, max_size = limits
+            self._transforms[limits] = build_transforms(
+                dataclasses.replace(self.data_cfg, val_scale=scale, val_max_size=max_size), "val")
+        return self._transforms[limits](picture).as_subclass(torch.Tensor)
+
+    def batch(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resized images -> ``images (B,3,H,W)``, ``mask (B,H,W)`` True on padding (to the graph's size if fixed)."""
         images, mask = pad_images(tensors, self.data_cfg.size_divisibility)
         if self.input_size is not None:
             height, width = self.input_size
@@ -133,28 +153,33 @@ class Preprocessor:
                                 "set data.size_divisibility=1")
             images = nn.functional.pad(images, pad)
             mask = nn.functional.pad(mask, pad, value=True)
+        return images, mask
+
+    def __call__(self, pictures: list[PIL.Image.Image]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        tensors = [self.transform(p) for p in pictures]
+        images, mask = self.batch(tensors)
         return images, mask, [tuple(t.shape[-2:]) for t in tensors]
 
 
 def read_image(path: Path) -> PIL.Image.Image:
-    """The RGB image at ``path``; UserError naming the file when it is not a readable image (also when truncated)."""
+    """The image at ``path`` as a viewer shows it (:mod:`dino.predict_images`: upright, RGB, transparency on white);
+    UserError naming the file when it is not a readable image (also when truncated)."""
     try:
-        with PIL.Image.open(path) as im:
-            return im.convert("RGB")  # decodes fully: a truncated file fails here, not later
+        return open_image(path)
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
         raise UserError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
-def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], bool]:
+def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
     """Files to predict on: the given files, and every non-hidden file of the given folders (sorted, not recursive).
 
-    Returns (files, whether a folder was given). UserError for a path that does not exist or an empty folder.
+    Returns (files, the folders given). UserError for a path that does not exist or an empty folder.
     """
-    files, folder = [], False
+    files, folders = [], []
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
-            folder = True
+            folders.append(path)
             found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
             if not found:
                 raise UserError(f"input folder {path} holds no files")
@@ -163,24 +188,47 @@ def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], bool]:
             files.append(path)
         else:
             raise UserError(f"input {path} does not exist")
-    return files, folder
+    return files, folders
+
+
+def check_output_dir(output_dir: str | os.PathLike, files: list[Path], folders: list[Path] = ()) -> Path:
+    """``output_dir``, refused (UserError) when writing there could replace an input or feed a later run's inputs:
+    when it holds one of ``files``, or is (inside) one of the scanned ``folders``, or is an existing file."""
+    output_dir = Path(output_dir)
+    out = output_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {output_dir} is a file, not a folder; give a folder for predictions.json and pictures")
+    for path in files:
+        if path.resolve().parent == out:
+            raise UserError(f"--output {output_dir} holds the input {path}: the pictures could replace the inputs; "
+                            "give a folder that holds none of them")
+    for folder in folders:
+        if out.is_relative_to(folder.resolve()):
+            raise UserError(f"--output {output_dir} is inside the input folder {folder}: a later run would read "
+                            "predictions.json and the pictures as inputs; give a folder outside it")
+    return output_dir
 
 
 @dataclasses.dataclass
 class PredictSummary:
-    images: list[dict]
-    failed: list[dict]
+    images: list[dict]  # records written, in input order
+    failed: list[dict]  # {"file", "error"}: files skipped (unreadable, or an image the model cannot take)
     json_path: Path
+
+    @property
+    def pictures_not_saved(self) -> list[dict]:
+        return [r for r in self.images if r["picture"] is None]
 
 
 def _picture_names(files: list[Path]) -> list[str]:
-    """One picture name per input (``stem.jpg``), made unique when two inputs share a stem."""
+    """One distinct picture name per input (``stem.jpg``, then ``stem_1.jpg`` ...), also when a file is given twice;
+    compared case-insensitively so no two pictures collide on a case-insensitive file system either."""
     names, used = [], set()
     for path in files:
         name, n = f"{path.stem}{PICTURE_SUFFIX}", 1
-        while name in used:
+        while name.casefold() in used:
             name, n = f"{path.stem}_{n}{PICTURE_SUFFIX}", n + 1
-        used.add(name)
+        used.add(name.casefold())
         names.append(name)
     return names
 
@@ -216,6 +264,85 @@ def _detections(boxes, scores, labels, resized, original, score_threshold, max_d
     return out
 
 
+@dataclasses.dataclass
+class _Item:
+    """One input on its way through a chunk: its position in the input list, file, picture name, image, tensor."""
+
+    index: int
+    path: Path
+    picture: str
+    image: PIL.Image.Image
+    tensor: torch.Tensor  # (3, h, w) resized and normalised
+
+
+def _same_size_groups(items: list[_Item], fixed_size: bool) -> list[list[_Item]]:
+    """The items batched together: those of one resized size (a fixed-size graph pads every image to its canvas, so
+    there any images may share a batch). Padding an image to a neighbour's size changes DINO's outputs for it
+    (deformable attention samples the whole padded canvas), so images of different sizes never share a batch."""
+    groups: dict[tuple[int, ...] | None, list[_Item]] = {}
+    for item in items:
+        groups.setdefault(None if fixed_size else tuple(item.tensor.shape), []).append(item)
+    return list(groups.values())
+
+
+class _Run:
+    """The state of one ``predict_files`` call: records, skipped files, and how each item is reported."""
+
+    def __init__(self, backend, preprocess, names, output_dir, score_threshold, max_detections, bar):
+        self.backend, self.preprocess, self.names, self.output_dir = backend, preprocess, names, output_dir
+        self.score_threshold, self.max_detections, self.bar = score_threshold, max_detections, bar
+        self.records: list[dict] = []
+        self.failed: list[dict] = []
+
+    def skip(self, path: Path, message: str) -> None:
+        tqdm.write(f"dino predict: skipped {message}", file=sys.stderr)
+        self.failed.append({"file": str(path), "error": message})
+        self.bar.update(1)
+
+    def load(self, index: int, path: Path, picture: str) -> _Item | None:
+        """The item of one file, or None (named on stderr, listed as failed) when it cannot be read or resized."""
+        try:
+            image = read_image(path)
+        except UserError as err:
+            self.skip(path, str(err))
+            return None
+        try:
+            return _Item(index, path, picture, image, self.preprocess.transform(image))
+        except UserError as err:
+            self.skip(path, f"{path}: {err}")
+            return None
+
+    def predict(self, group: list[_Item]) -> list[dict]:
+        """Records of one batch of same-size items; all of them skipped when the model refuses their size."""
+        images, mask = self.preprocess.batch([item.tensor for item in group])
+        try:
+            boxes, scores, labels = self.backend.run(images.to(self.backend.device), mask.to(self.backend.device))
+        except UserError as err:  # the model cannot take images of this size (e.g. fewer tokens than queries)
+            for item in group:
+                self.skip(item.path, f"{item.path}: {item.image.width}x{item.image.height} px: {err}")
+            return []
+        boxes, scores, labels = boxes.float().cpu(), scores.float().cpu(), labels.cpu()
+        return [self.record(item, boxes[i], scores[i], labels[i]) for i, item in enumerate(group)]
+
+    def record(self, item: _Item, boxes, scores, labels) -> dict:
+        """The record of one image; its picture saved (a picture that cannot be saved is named, the record kept)."""
+        image = item.image
+        dets = _detections(boxes, scores, labels, tuple(item.tensor.shape[-2:]), (image.height, image.width),
+                           self.score_threshold, self.max_detections, self.names)
+        record = {"file": str(item.path), "picture": item.picture, "width": image.width, "height": image.height,
+                  "detections": dets}
+        drawn = draw_detections(F.pil_to_tensor(image), torch.tensor([d["box"] for d in dets]).reshape(-1, 4),
+                                [d["label"] for d in dets], [f"{d['name']} {d['score']:.2f}" for d in dets])
+        try:
+            _save_picture(drawn, self.output_dir / item.picture)
+        except (OSError, ValueError) as err:  # JPEG size limits, a full disk, a folder in the way
+            message = f"{item.path}: picture {self.output_dir / item.picture} not saved ({type(err).__name__}: {err})"
+            tqdm.write(f"dino predict: {message}; its detections are in predictions.json", file=sys.stderr)
+            record["picture"], record["picture_error"] = None, message
+        self.bar.update(1)
+        return record
+
+
 def predict_files(
     backend: Backend,
     files: list[Path],
@@ -230,8 +357,11 @@ def predict_files(
 ) -> PredictSummary:
     """Runs ``backend`` on ``files`` and writes ``output_dir/predictions.json`` and one picture per readable image.
 
-    A file that is not a readable image is reported (one line on stderr naming it), listed under ``"failed"``, and
-    skipped; the others are still processed. Returns the records written.
+    A file that is not a readable image, or an image the model cannot take (too elongated), is named on stderr,
+    listed under ``"failed"`` and skipped; a picture that cannot be saved is named and its record kept with
+    ``"picture": null``; the other files are still processed. ``batch_size`` consecutive files are read together and
+    those of the same resized size share a forward pass, so an image's detections do not depend on its neighbours.
+    UserError (nothing written) when ``output_dir`` holds an input (:func:`check_output_dir`).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -241,44 +371,28 @@ def predict_files(
         raise UserError(f"--max-detections must be >= 1, got {max_detections}")
     if backend.max_batch is not None:
         batch_size = min(batch_size, backend.max_batch)
-    output_dir = Path(output_dir)
+    output_dir = check_output_dir(output_dir, files)
     output_dir.mkdir(parents=True, exist_ok=True)
-    preprocess = Preprocessor(data_cfg, backend.input_size)
-    pictures = dict(zip(files, _picture_names(files)))
-    records, failed = [], []
+    pictures = _picture_names(files)
     bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress, dynamic_ncols=True)
+    run = _Run(backend, Preprocessor(data_cfg, backend.input_size), names, output_dir, score_threshold,
+               max_detections, bar)
     json_path = output_dir / "predictions.json"
     complete = False
     try:
         for start in range(0, len(files), batch_size):
-            chunk = []
-            for path in files[start:start + batch_size]:
-                try:
-                    chunk.append((path, read_image(path)))
-                except UserError as err:
-                    tqdm.write(f"dino predict: skipped {err}", file=sys.stderr)
-                    failed.append({"file": str(path), "error": str(err)})
-                    bar.update(1)
-            if not chunk:
-                continue
-            images, mask, resized = preprocess([image for _, image in chunk])
-            boxes, scores, labels = backend.run(images.to(backend.device), mask.to(backend.device))
-            boxes, scores, labels = boxes.float().cpu(), scores.float().cpu(), labels.cpu()
-            for i, (path, image) in enumerate(chunk):
-                dets = _detections(boxes[i], scores[i], labels[i], resized[i], (image.height, image.width),
-                                   score_threshold, max_detections, names)
-                drawn = draw_detections(F.pil_to_tensor(image), torch.tensor([d["box"] for d in dets]).reshape(-1, 4),
-                                        [d["label"] for d in dets], [f"{d['name']} {d['score']:.2f}" for d in dets])
-                _save_picture(drawn, output_dir / pictures[path])
-                records.append({"file": str(path), "picture": pictures[path], "width": image.width,
-                                "height": image.height, "detections": dets})
-                bar.update(1)
+            chunk = [run.load(i, files[i], pictures[i]) for i in range(start, min(start + batch_size, len(files)))]
+            chunk = [item for item in chunk if item is not None]
+            done = []
+            for group in _same_size_groups(chunk, backend.input_size is not None):
+                done.extend(zip((item.index for item in group), run.predict(group)))
+            run.records.extend(record for _, record in sorted(done, key=lambda pair: pair[0]))
         complete = True
     finally:
         # Also when a batch fails (out of memory, a bug): what was predicted so far is kept, marked incomplete.
         bar.close()
         result = {"backend": getattr(backend, "name", type(backend).__name__), "model": description,
                   "score_threshold": score_threshold, "max_detections": max_detections, "complete": complete,
-                  "images": records, "failed": failed}
+                  "images": run.records, "failed": run.failed}
         _write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
-    return PredictSummary(records, failed, json_path)
+    return PredictSummary(run.records, run.failed, json_path)

@@ -3,7 +3,9 @@
 Readable on dark and light images alike: every box is drawn twice (a dark outline under a coloured line) and every
 label sits on a filled background in the box colour, with black or white text chosen by the colour's luminance.
 Small images are enlarged before drawing (the shorter side to at least ``MIN_DRAW_SIDE`` pixels) so the text stays
-legible; the boxes in ``predictions.json`` are always in the original image's pixels.
+legible, but never past ``MAX_DRAW_SIDE`` on the longer side (a very elongated image is enlarged less, and one
+longer than that is shrunk: JPEG cannot store a side over 65,500 pixels). The boxes in ``predictions.json`` are
+always in the original image's pixels.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 
 MIN_DRAW_SIDE = 480
+MAX_DRAW_SIDE = 16384  # well inside the 65,500 pixels per side that JPEG (as Pillow writes it) can store
 # Distinct, saturated colours (Tableau 10), one per label (label % 10).
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -40,12 +43,14 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[int],
 
     ``image``: (3, H, W) uint8 RGB, the original image; ``boxes``: (N, 4) xyxy in its pixels; ``labels``: N model
     labels (they pick the colours); ``captions``: N strings such as ``"person 0.87"``.
-    Returns (3, H', W') uint8, enlarged when the image's shorter side is below ``MIN_DRAW_SIDE``.
+    Returns (3, H', W') uint8, enlarged when the image's shorter side is below ``MIN_DRAW_SIDE`` (the longer side
+    kept at most ``MAX_DRAW_SIDE``), shrunk when the longer side is above ``MAX_DRAW_SIDE``.
     """
     height, width = image.shape[-2:]
-    scale = max(1.0, MIN_DRAW_SIDE / min(height, width))
-    if scale > 1.0:
-        image = F.resize(image, [round(height * scale), round(width * scale)], antialias=True)
+    scale = min(max(1.0, MIN_DRAW_SIDE / min(height, width)), MAX_DRAW_SIDE / max(height, width))
+    if scale != 1.0:
+        size = [max(1, round(height * scale)), max(1, round(width * scale))]
+        image = F.resize(image, size, antialias=True)
     height, width = image.shape[-2:]
     if len(boxes) == 0:
         return image

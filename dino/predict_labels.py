@@ -3,11 +3,18 @@
 A model label is a class index of the classification head, which is the dataset's category id itself (as official;
 ``dino.data.coco``). Training stores the dataset's categories in the checkpoint metadata
 (``"categories"``); checkpoints without them (older files, converted official models) get COCO's 80 names at their
-official ids when the model has 91 class slots, and ``"class <label>"`` otherwise.
+official ids when the model has 91 class slots, and ``"class <label>"`` otherwise. Exported artifacts (ONNX graph,
+AOTInductor package, TensorRT engine sidecar) record the class count and the categories as string metadata
+(:func:`label_metadata`), so ``dino predict`` names their labels without the checkpoint and can refuse a recipe of
+another class count.
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import NamedTuple
+
+from dino.errors import UserError
 
 # The 80 COCO 2017 detection categories at their official ids (1..90, ten ids unused).
 COCO_CATEGORY_NAMES: dict[int, str] = {
@@ -51,3 +58,42 @@ class LabelNames:
             table = {cid: LabelInfo(cid, name) for cid, name in COCO_CATEGORY_NAMES.items()}
             return cls(table, "COCO category names (91-slot model, no categories in the checkpoint)")
         return cls({}, "no category names in the checkpoint: labels shown as 'class <label>'")
+
+
+# Keys under which exported artifacts record their classes (ONNX metadata_props, AOTInductor package metadata,
+# the TensorRT engine's sidecar file): values are strings, as those formats require.
+NUM_CLASSES_KEY = "dino.num_classes"
+CATEGORIES_KEY = "dino.categories"
+
+
+class ArtifactLabels(NamedTuple):
+    """The classes an exported artifact was made for: the head's class count and the dataset's categories (or None)."""
+
+    num_classes: int
+    categories: list[dict] | None
+
+
+def label_metadata(num_classes: int, categories: list[dict] | None) -> dict[str, str]:
+    """``{key: string}`` to store in an exported artifact: the class count and, when known, ``[{"id", "name"}]``."""
+    meta = {NUM_CLASSES_KEY: str(int(num_classes))}
+    if categories:
+        meta[CATEGORIES_KEY] = json.dumps([{"id": int(c["id"]), "name": str(c["name"])} for c in categories])
+    return meta
+
+
+def read_label_metadata(meta: Mapping[str, str], source: str) -> ArtifactLabels | None:
+    """The labels stored by :func:`label_metadata`, or None when ``meta`` has none (an artifact exported before).
+
+    UserError naming ``source`` when the values are malformed.
+    """
+    if NUM_CLASSES_KEY not in meta:
+        return None
+    try:
+        num_classes = int(meta[NUM_CLASSES_KEY])
+        categories = None
+        if CATEGORIES_KEY in meta:
+            categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in json.loads(meta[CATEGORIES_KEY])]
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{source}: malformed class metadata {NUM_CLASSES_KEY}/{CATEGORIES_KEY} "
+                        f"({type(err).__name__}: {err}); re-export it") from None
+    return ArtifactLabels(num_classes, categories)

@@ -6,7 +6,8 @@ selected from (``QUERY_OUTPUT_NAMES``), which the check compares query by query.
 compiled kernel, deformable attention is traced as the ``dino::ms_deform_attn`` custom op and the package calls that
 kernel (the loading process must then import ``dino.ops`` too). Everywhere else it traces to the PyTorch path
 (GridSample), which Inductor compiles like any other op. Every package is compiled to a temporary file, checked against eager PyTorch query by query
-(:func:`check_aoti`), and only then moved into place.
+(:func:`check_aoti`), and only then moved into place. The package metadata records the image size
+(``IMAGE_SIZE_KEY``, "H,W") and the model's classes (:mod:`dino_export.artifact_labels`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from dino_export import files
 from dino_export.deploy_model import DeployModel, WithQueryOutputs
 from dino_export.query_check import QueryCheck, Tolerance, check_outputs, reference_model, tolerance_for
 from dino_export.tracing import check_inputs, example_inputs, export_program
+
+
+IMAGE_SIZE_KEY = "dino.image_size"
 
 
 def kernel_available(device: torch.device) -> bool:
@@ -62,10 +66,12 @@ def export_aoti(
     max_batch: int = 16,
     custom_op: bool | None = None,
     verify: bool = True,
+    labels: dict[str, str] | None = None,
 ) -> tuple[Path, list[QueryCheck]]:
     """Compiles ``model`` for ``(H, W)`` canvases on ``device`` into an AOTInductor package at ``output``.
 
-    ``custom_op=None`` picks the custom op when the kernel is available on ``device``. Returns (path, checks);
+    ``custom_op=None`` picks the custom op when the kernel is available on ``device``; ``labels`` go in the package
+    metadata with the image size. Returns (path, checks);
     raises ExportCheckError (nothing written) when the package disagrees with eager PyTorch.
     """
     device = torch.device(device)
@@ -81,7 +87,9 @@ def export_aoti(
     program = export_program(WithQueryOutputs(model), example, True, max(max_batch, 2), custom_op)
     checks: list[QueryCheck] = []
     with files.staged(path) as tmp:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        metadata = {IMAGE_SIZE_KEY: f"{image_size[0]},{image_size[1]}", **(labels or {})}
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                 inductor_configs={"aot_inductor.metadata": metadata})
         if verify:
             runner = torch._inductor.aoti_load_package(str(tmp))
             checks = check_aoti(model, runner, image_size, [1, 3] if dynamic_batch else [1], device)

@@ -99,6 +99,13 @@ def _load(args, half: bool = False):
     return model, desc, size
 
 
+def _labels(model, args) -> dict[str, str]:
+    """The class count and the checkpoint's category names, to be recorded in the exported artifact."""
+    from dino_export.artifact_labels import model_labels
+
+    return model_labels(model.model.num_classes, args.checkpoint)
+
+
 def _print_checks(checks, notes) -> None:
     for check in checks:
         print(check.line())
@@ -111,7 +118,7 @@ def _export_onnx(args, output: str):
 
     model, desc, size = _load(args, half=args.fp16)
     result = export_onnx(model, output, size, args.deform_op, args.dynamic_batch, args.max_batch,
-                         verify=not args.no_verify)
+                         verify=not args.no_verify, labels=_labels(model, args))
     _print_checks(result.checks, result.notes)
     plugin = f", {result.num_plugin_nodes} DinoMSDeformAttn plugin nodes" if result.num_plugin_nodes else ""
     batch = f"dynamic batch 1..{args.max_batch}" if result.dynamic_batch else "batch 1"
@@ -158,7 +165,7 @@ def _cmd_export_aoti(args) -> int:
 
     model, desc, size = _load(args)
     path, checks = export_aoti(model, args.output, size, args.device, args.dynamic_batch, args.max_batch,
-                               verify=not args.no_verify)
+                               verify=not args.no_verify, labels=_labels(model, args))
     _print_checks(checks, [] if checks else ["not checked against eager PyTorch (--no-verify): written unchecked"])
     print(f"wrote {path} ({desc}; {size[0]}x{size[1]} on {args.device})")
     return 0

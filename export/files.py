@@ -1,5 +1,6 @@
 """Atomic, durable file writes for exported artifacts: a temporary file next to the target, fsync, rename, fsync
-of the folder. A crash leaves either the old file or the new one, never a torn one; a failed check leaves nothing."""
+of the folder. A crash leaves either the old file or the new one, never a torn one; a failed check leaves nothing.
+The file gets the permissions of any new file (0666 less the umask, e.g. 0644), not the temporary file's 0600."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,10 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+# The process umask, read once (os.umask can only be read by setting it, which is not thread-safe at call time).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -21,6 +26,7 @@ def fsync_path(path: str | os.PathLike) -> None:
 def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Moves the finished temporary file ``tmp`` onto ``path`` durably (fsync file, rename, fsync folder)."""
     path = Path(path)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp made it private; the artifact gets a new file's usual permissions
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)

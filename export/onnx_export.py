@@ -9,7 +9,8 @@ Both use the dynamo-based ``torch.onnx.export`` (the default since PyTorch 2.9);
 outputs, the detector's raw ``pred_logits``/``pred_boxes`` and its ``query_indices``; the shipped file drops them
 from its outputs but keeps the named values inside, so :func:`check_onnx` can read them back from any exported file
 and compare every query with PyTorch run on the same query selection (:mod:`dino_export.query_check`).
-The file is written to a temporary name, checked, and only then moved into place.
+The file is written to a temporary name, checked, and only then moved into place. The model's class count and
+category names go in the graph's ``metadata_props`` (:mod:`dino_export.artifact_labels`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from onnxscript import opset18 as op
 
 from dino.errors import UserError
 from dino_export import files
+from dino_export.artifact_labels import set_onnx_labels
 from dino_export.deploy_model import INPUT_NAMES, OUTPUT_NAMES, QUERY_OUTPUT_NAMES, DeployModel, WithQueryOutputs
 from dino_export.plugin_node import (
     PLUGIN_DOMAIN,
@@ -212,11 +214,13 @@ def export_onnx(
     max_batch: int = 32,
     verify: bool = True,
     seed: int = 0,
+    labels: dict[str, str] | None = None,
 ) -> OnnxExport:
     """Exports ``model`` for ``(H, W)`` canvases to ``output``; checks it before it is moved into place.
 
     With ``dynamic_batch`` the batch axis is symbolic (1..``max_batch``) and the check runs batches 1 and 3;
     otherwise the graph is fixed at batch 1. Without ``verify`` the file is written unchecked (said in the notes).
+    ``labels`` (:func:`dino_export.artifact_labels.model_labels`) are stored in the graph's ``metadata_props``.
     Raises UserError for an unknown ``deform_op`` and ExportCheckError (nothing written) when the check fails.
     """
     if deform_op not in DEFORM_OPS:
@@ -230,6 +234,7 @@ def export_onnx(
         raise RuntimeError("plugin export produced no DinoMSDeformAttn node: the seam did not reach the custom op")
     if deform_op == "standard" and n_plugin:
         raise RuntimeError(f"standard export unexpectedly contains {n_plugin} plugin nodes")
+    set_onnx_labels(proto, labels or {})
     onnx.checker.check_model(proto, full_check=False)
     notes: list[str] = []
     checks: list[QueryCheck] = []

@@ -4,6 +4,8 @@ Each implements the backend interface of :mod:`dino.predict` on the deploy-graph
 CONTRACTS item 4): ``run(images (B,3,H,W) float32, mask (B,H,W) bool) -> boxes (B,K,4) xyxy pixels of each image's
 valid region, scores (B,K), labels (B,K) int64``, plus ``device``, ``input_size`` (the graph's fixed (H, W), or
 None) and ``max_batch`` (a static batch axis, or None). ONNX Runtime and TensorRT are imported only when used.
+``labels`` is the artifact's recorded classes (:class:`dino.predict_labels.ArtifactLabels`), or None for an artifact
+exported before they were recorded (:mod:`dino_export.artifact_labels`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import numpy as np
 import torch
 
 from dino.errors import UserError
+from dino.predict_labels import read_label_metadata
+from dino_export.aoti import IMAGE_SIZE_KEY
+from dino_export.artifact_labels import read_engine_sidecar
 
 INPUT_NAMES = ("images", "mask")
 OUTPUT_NAMES = ("boxes", "scores", "labels")
@@ -62,6 +67,7 @@ class OnnxRuntimeBackend:
         self.input_size = (height, width)
         self.max_batch = _static(shape[0])
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self.labels = read_label_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
 
     def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feed = {"images": images.detach().float().cpu().numpy(), "mask": mask.detach().cpu().numpy().astype(np.bool_)}
@@ -71,21 +77,31 @@ class OnnxRuntimeBackend:
 
 
 class AotiBackend:
-    """An AOTInductor package (``dino export aoti``), compiled for one image size on one device."""
+    """An AOTInductor package (``dino export aoti``), compiled for one image size on one device.
+
+    The size is read from the package metadata; ``input_size`` is needed only for packages that do not record it.
+    """
 
     name = "aoti"
     max_batch = None  # the package's batch range is not recorded in it; --batch-size must stay within it
 
     def __init__(self, path: str | os.PathLike, input_size: tuple[int, int] | None, device: str | torch.device):
         path = _existing(path, "AOTInductor package")
-        if input_size is None:
-            raise UserError("--aoti needs --image-size H W: the size the package was exported for")
         self.device = torch.device(device)
-        self.input_size = tuple(input_size)
         try:
             self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as err:  # noqa: BLE001 - a corrupt archive surfaces as many error types
             raise UserError(f"cannot load the AOTInductor package {path}: {str(err).splitlines()[0]}") from None
+        meta = dict(self.runner.get_metadata())
+        recorded = tuple(int(v) for v in meta[IMAGE_SIZE_KEY].split(",")) if IMAGE_SIZE_KEY in meta else None
+        if input_size is not None and recorded is not None and tuple(input_size) != recorded:
+            raise UserError(f"--image-size {' '.join(map(str, input_size))} differs from the size {path} was exported "
+                            f"for ({recorded[0]} {recorded[1]}): omit --image-size")
+        if input_size is None and recorded is None:
+            raise UserError(f"--aoti {path} does not record its image size: pass --image-size H W, the size it was "
+                            "exported for")
+        self.input_size = tuple(input_size) if input_size is not None else recorded
+        self.labels = read_label_metadata(meta, str(path))
 
     @torch.no_grad()
     def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,6 +132,7 @@ class TensorRTBackend:
             raise UserError(f"{path}: the engine's image size {shape[2:]} is not fixed")
         self.input_size = (shape[2], shape[3])
         self.max_batch = _static(shape[0])
+        self.labels = read_engine_sidecar(path)
 
     @torch.no_grad()
     def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

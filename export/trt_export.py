@@ -3,6 +3,8 @@ timing cache -> the engine checked against ONNX Runtime on the same inputs, quer
 
 The standard (GridSample) graph is not the default for TensorRT: TensorRT 10.14+/11.1 was reported to give silent
 wrong outputs on DETR-style GridSample graphs (NVIDIA/TensorRT issue 4813), hence the plugin graph and the check.
+The classes recorded in the ONNX graph are copied to the engine's sidecar ``<engine>.json``
+(:mod:`dino_export.artifact_labels`), since an engine file has no room for them.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import onnx
 import torch
 
 from dino.errors import UserError
+from dino_export.artifact_labels import engine_sidecar, onnx_labels, write_engine_sidecar
 from dino_export.onnx_export import ort_providers, ort_session, run_session
 from dino_export.query_check import FP16_TOLERANCE, QueryCheck, Tolerance, compare_detections, reference_from_outputs
 from dino_export.tracing import check_inputs
@@ -94,6 +97,13 @@ def build_checked_engine(plan: BuildPlan, verify: bool = True, verbose: bool = F
         return [c.line() for c in check_engine(tmp, plan)]
 
     path, notes = build_engine(plan, verbose=verbose, check=check if verify else None)
+    labels = onnx_labels(onnx.load(str(plan.onnx_path), load_external_data=False))
+    sidecar = write_engine_sidecar(path, labels)
+    if sidecar is not None:
+        notes.append(f"classes recorded in {sidecar}")
+    else:  # a sidecar left by an earlier engine of that name would name this engine's labels wrongly
+        engine_sidecar(path).unlink(missing_ok=True)
+        notes.append(f"{plan.onnx_path} records no classes: dino predict will name labels by its --recipe")
     if not verify:
         notes.append("engine not checked against ONNX Runtime (--no-verify): written unchecked")
     return path, notes

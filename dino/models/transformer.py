@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from dino.errors import UserError
 from dino.models.anchors import encoder_proposals
 from dino.models.decoder import DeformableDecoder, DeformableDecoderLayer
 from dino.models.deformable_attention import MSDeformAttn
@@ -97,7 +98,7 @@ class DeformableTransformer(nn.Module):
         enc_logits = self.enc_out_class_embed(out_memory)
         enc_coords = self.enc_out_bbox_embed(out_memory) + proposals
         if enc_logits.shape[1] < self.num_queries:
-            raise ValueError(
+            raise UserError(
                 f"DINO: the image gives {enc_logits.shape[1]} encoder tokens {spatial_shapes}, fewer than "
                 f"transformer.num_queries={self.num_queries}; use larger images or fewer queries"
             )
