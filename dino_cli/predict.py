@@ -14,6 +14,7 @@ import sys
 import torch
 
 from dino.config import Recipe, add_override_argument, apply_overrides
+from dino.device import check_device
 from dino.engine.recipe import load_recipe, recipe_path
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint, read_categories
@@ -87,6 +88,7 @@ def _summary_line(summary) -> str | None:
 
 def run_predict(args: argparse.Namespace) -> int:
     cfg = load_recipe_or_preset(args.recipe, args.overrides)
+    check_device(args.device)
     files, folders = list_inputs(args.inputs)  # bad paths fail before the model is built
     check_output_dir(args.output, files, folders)
     backend, description = _backend(args, cfg)

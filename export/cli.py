@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dino.config import add_override_argument
+from dino.device import check_device
 from dino.errors import UserError
 
 
@@ -163,6 +164,7 @@ def _cmd_export_trt(args) -> int:
 def _cmd_export_aoti(args) -> int:
     from dino_export.aoti import export_aoti
 
+    check_device(args.device)
     model, desc, size = _load(args)
     path, checks = export_aoti(model, args.output, size, args.device, args.dynamic_batch, args.max_batch,
                                verify=not args.no_verify, labels=_labels(model, args))
@@ -174,8 +176,9 @@ def _cmd_export_aoti(args) -> int:
 def _cmd_bench(args) -> int:
     from dino_export.bench import format_table, run_bench, write_json
 
-    model, desc, size = _load(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
+    model, desc, size = _load(args)
     hw = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'CPU'}, " \
                                                                        f"{torch.get_num_threads()} threads"
     header = (f"dino bench: {desc}; canvas {size[0]}x{size[1]} (letterboxed inputs with mask); device {device} "

@@ -57,6 +57,21 @@ def test_set_value_of_the_wrong_type_is_one_line_before_anything_runs(value, exp
     assert err == f"dino train: error: override 'optim.epochs={value}': optim.epochs must be {expected}, got '{value}'\n"
 
 
+@pytest.mark.parametrize("argv", [
+    ["predict", "x.png", "--recipe", TINY, "--checkpoint", "x.safetensors"],
+    ["export", "aoti", "--recipe", TINY, "--checkpoint", "x.safetensors"],
+    ["bench", "--recipe", TINY],
+])
+def test_device_cuda_without_a_gpu_is_one_line(argv, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, _, err = _run([*argv, "--device", "cuda"], capsys)
+    assert rc == 2
+    assert err.endswith(": error: --device cuda: this machine has no usable CUDA GPU (torch.cuda.is_available() is "
+                        "False); use --device cpu\n") and len(err.splitlines()) == 1
+    rc, _, err = _run([*argv, "--device", "gpu"], capsys)
+    assert rc == 2 and err.endswith(": error: --device 'gpu' is not a device: use cpu or cuda (cuda:N for the N-th GPU)\n")
+
+
 def test_user_error_is_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
     from dino.engine import cli as engine_cli
 
