@@ -6,9 +6,15 @@ before the rename, and the parent folder (which holds the name) after it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
+
+from dino.errors import UserError
+
+# The errors of a full disk or an exhausted quota: the user frees space or writes elsewhere.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -57,3 +63,32 @@ def write_json(obj, path: str | os.PathLike, indent: int | None = 1) -> None:
     """Writes ``obj`` as JSON atomically and durably."""
     separators = None if indent is not None else (",", ":")
     write_text_durably(json.dumps(obj, indent=indent, separators=separators), path)
+
+
+def make_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Creates the output folder ``path`` (``what``: the field or flag that named it) or checks it is writable.
+
+    UserError (one line naming ``what`` and ``path``) when ``path`` or a parent is a file, cannot be created, or is
+    not writable (read-only folder or file system), so a run fails before it starts instead of at its first save.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder; choose another {what}")
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"{what} {path}: {existing} is a file, not a folder; choose another {what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{what} {path} cannot be created ({err.strerror}); choose a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} is not writable (read-only folder or file system); choose a writable folder")
+    return path
+
+
+def no_space_error(err: OSError, path: str | os.PathLike) -> UserError | None:
+    """The one-line UserError for a write into ``path`` that failed for lack of space, or None for other errors."""
+    if getattr(err, "errno", None) not in NO_SPACE:
+        return None
+    reason = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on device"
+    return UserError(f"{reason} while writing {path}; free some space (or choose another folder) and rerun")

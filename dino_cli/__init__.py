@@ -5,7 +5,9 @@ exposes ``register(subparsers)``, which adds its subparser(s) and sets ``func``.
 
 Errors: :class:`dino.errors.UserError` (a missing or corrupt file, a bad recipe field or ``--set`` value, a bad image)
 is printed as one line ``dino <command>: error: <message>`` with exit status 2, like argparse's own usage errors.
-Every other exception (CUDA out of memory, real bugs) propagates with its traceback.
+Ctrl-C (KeyboardInterrupt) is one line ``dino <command>: interrupted; <where the last checkpoint is and how to
+resume>`` with exit status 130 (128 + SIGINT, the shell's convention). Every other exception (CUDA out of memory,
+real bugs) propagates with its traceback.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ def _run(args: argparse.Namespace, error_prefix: str) -> int:
     except UserError as err:
         print(f"{error_prefix}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (what was kept, how to go on), the shell's status 128 + SIGINT
+        print(f"{error_prefix}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

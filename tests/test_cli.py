@@ -3,6 +3,7 @@ the same --set everywhere, launch.py as `dino train`, and loading a checkpoint n
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -70,6 +71,64 @@ def test_device_cuda_without_a_gpu_is_one_line(argv, monkeypatch, capsys):
                         "False); use --device cpu\n") and len(err.splitlines()) == 1
     rc, _, err = _run([*argv, "--device", "gpu"], capsys)
     assert rc == 2 and err.endswith(": error: --device 'gpu' is not a device: use cpu or cuda (cuda:N for the N-th GPU)\n")
+
+
+def test_lr_drop_outside_the_epochs_is_one_line_before_anything_runs(tmp_path, capsys):
+    rc, _, err = _run(["train", TINY, "--set", f"train.output_dir={tmp_path / 'out'}", "optim.epochs=4",
+                       "optim.lr_drop_epochs=3,5"], capsys)
+    assert rc == 2 and err == (
+        "dino train: error: optim.lr_drop_epochs=(3, 5): 5 outside the epochs 1..4 (optim.epochs=4); set both, e.g. "
+        "--set optim.epochs=4 optim.lr_drop_epochs=3, or optim.lr_drop_epochs=() for no drop\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "file_parent", "read_only"])
+def test_output_folder_that_is_a_file_or_read_only_is_one_line(kind, tmp_path, monkeypatch, capsys):
+    (tmp_path / "taken").write_text("a user's file")
+    out = {"file": tmp_path / "taken", "file_parent": tmp_path / "taken" / "run", "read_only": tmp_path / "ro"}[kind]
+    expected = {
+        "file": f"train.output_dir {out} is a file, not a folder; choose another train.output_dir",
+        "file_parent": f"train.output_dir {out}: {tmp_path / 'taken'} is a file, not a folder; choose another "
+                       "train.output_dir",
+        "read_only": f"train.output_dir {out} is not writable (read-only folder or file system); choose a writable "
+                     "folder",
+    }[kind]
+    if kind == "read_only":  # chmod does not stop root (the CI user); access() is what the check asks
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == out else real_access(p, mode))
+    rc, _, err = _run(["train", TINY, "--set", f"train.output_dir={out}"], capsys)
+    assert (rc, err) == (2, f"dino train: error: {expected}\n")
+    assert (tmp_path / "taken").read_text() == "a user's file"
+    rc, _, err = _run(["eval", "--recipe", TINY, "--checkpoint", "c.safetensors", "--output-dir", str(out)], capsys)
+    assert (rc, err) == (2, f"dino eval: error: {expected.replace('train.output_dir', '--output-dir')}\n")
+
+
+def test_ctrl_c_is_one_line_saying_where_the_last_checkpoint_is(tmp_path, monkeypatch, capsys):
+    from dino.engine import train as engine_train
+    from tests.test_engine_checkpoint import FakeAccelerator
+    from dino.engine.checkpoint import save_training_state
+
+    out = tmp_path / "out"
+
+    def interrupted(cfg, **kwargs):
+        save_training_state(FakeAccelerator(), out, {"global_step": 7, "epoch": 1, "batches_in_epoch": 3},
+                            {"model.safetensors": {"w": torch.zeros(1)}})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_train, "train", interrupted)
+    rc, _, err = _run(["train", TINY, "--set", f"train.output_dir={out}"], capsys)
+    assert (rc, err) == (130, f"dino train: interrupted; last checkpoint: {out / 'checkpoints' / 'step_00000007'} "
+                              "(step 7, epoch 2, batch 3); rerun the same command to resume from it\n")
+    rc, _, err = _run(["train", TINY, "--set", f"train.output_dir={out}", "train.auto_resume=false"], capsys)
+    assert rc == 130 and err.endswith("(step 7, epoch 2, batch 3); resume with --resume <that folder>\n")
+
+    def interrupted_early(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_train, "train", interrupted_early)
+    rc, _, err = _run(["train", TINY, "--set", f"train.output_dir={tmp_path / 'new'}"], capsys)
+    assert (rc, err) == (130, f"dino train: interrupted; no checkpoint in {tmp_path / 'new'} yet, so rerunning starts "
+                              "from the beginning\n")
 
 
 def test_user_error_is_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):

@@ -1,4 +1,5 @@
 """Checkpoint folders and weight files: durable writes, crash safety at every step, retention."""
+import errno
 import os
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from safetensors.torch import load_file
 
 import dino.durable
 import dino.engine.checkpoint as checkpoint
+import dino.engine.checkpointer as checkpointer
 from dino.engine.checkpoint import checkpoint_dirs, latest_checkpoint, read_progress, save_training_state
 from dino.errors import UserError
 from dino.weights import save_weights
@@ -115,3 +117,49 @@ def test_retention_keeps_the_newest_and_rejects_zero(tmp_path):
     with pytest.raises(UserError, match="train.keep_checkpoints must be an integer >= 1.*got 0"):
         _save(tmp_path, 4, 4, keep=0)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000002", "step_00000003"]
+
+
+@pytest.mark.parametrize("where", ["save_state", "weights"])
+def test_disk_full_during_a_checkpoint_is_one_line_and_removes_the_half_written_folder(tmp_path, monkeypatch, where):
+    _save(tmp_path, 1, 1)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "save_state":
+        monkeypatch.setattr(FakeAccelerator, "save_state", no_space)
+    else:
+        monkeypatch.setattr(checkpoint, "save_weights", no_space)
+    tmp = tmp_path / "checkpoints" / ".tmp-step_00000002"
+    with pytest.raises(UserError) as err:
+        _save(tmp_path, 2, 2)
+    assert str(err.value) == (f"no space left on device while writing {tmp}; free some space (or choose another "
+                              "folder) and rerun")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
+    assert _loadable(tmp_path) == (1, 1)
+
+
+def test_other_write_errors_keep_their_traceback_and_remove_the_half_written_folder(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(checkpoint, "save_weights", broken)
+    with pytest.raises(OSError, match="Input/output error") as err:
+        _save(tmp_path, 1, 1)
+    assert not isinstance(err.value, UserError)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_disk_full_writing_the_final_weights_is_one_line(tmp_path, monkeypatch):
+    class Acc(FakeAccelerator):
+        def unwrap_model(self, model):
+            return model
+
+    def no_space(state, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpointer, "save_weights", no_space)
+    saver = checkpointer.Checkpointer(Acc(), tmp_path, torch.nn.Linear(2, 2), None, None, 2, {}, {})
+    with pytest.raises(UserError, match=f"^no space left on device while writing {tmp_path / 'model.safetensors'};"):
+        saver.save_final()
+    assert list(tmp_path.iterdir()) == []

@@ -213,7 +213,7 @@ def test_param_groups_and_step_schedule():
         cfg.optim.lr_drop_epochs = (5,)
         build_scheduler(torch.optim.AdamW(model.parameters()), cfg.optim)
     cfg.optim.lr_drop_epochs, cfg.optim.warmup_steps = (2,), -1
-    with pytest.raises(ValueError, match=r"optim.warmup_steps -1: must be >= 0"):
+    with pytest.raises(UserError, match=r"optim.warmup_steps must be >= 0, got -1"):
         build_scheduler(torch.optim.AdamW(model.parameters()), cfg.optim)
 
 

@@ -18,9 +18,11 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from dino.durable import fsync_path, fsync_tree, write_json
+from dino.durable import fsync_path, fsync_tree, no_space_error, write_json
 from dino.errors import UserError
 from dino.weights import save_weights
 
@@ -90,13 +92,14 @@ def save_training_state(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for name, state in weights.items():
-            save_weights(state, tmp / name, metadata)
-        write_json(progress, tmp / PROGRESS)
-        install_checkpoint(tmp, final)
+    with _removed_on_failure(tmp):
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name, state in weights.items():
+                save_weights(state, tmp / name, metadata)
+            write_json(progress, tmp / PROGRESS)
+            install_checkpoint(tmp, final)
         for replaced in root.glob(f"{_REPLACED}*"):
             if (root / replaced.name.removeprefix(_REPLACED)).exists():  # left by a crash after its replacement
                 _delete(replaced)
@@ -106,6 +109,20 @@ def save_training_state(
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _removed_on_failure(tmp: Path) -> Iterator[None]:
+    """Deletes the half-written checkpoint ``tmp`` when its writing fails (it would keep a full disk full);
+    a full disk or quota is a UserError naming the folder, anything else keeps its traceback."""
+    try:
+        yield
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        user_error = no_space_error(err, tmp) if isinstance(err, OSError) else None
+        if user_error is not None:
+            raise user_error from None
+        raise
 
 
 def install_checkpoint(tmp: Path, final: Path) -> None:

@@ -5,6 +5,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dino.durable import no_space_error
 from dino.engine.batching import BatchPlan
 from dino.engine.checkpoint import save_training_state
 from dino.weights import save_weights
@@ -53,4 +54,10 @@ class Checkpointer:
         """``model.safetensors`` (and ``model_ema.safetensors``) in the output folder, on the main process."""
         if self.accelerator.is_main_process:
             for name, state in self._weights().items():
-                save_weights(state, self.output_dir / name, self.metadata)
+                try:
+                    save_weights(state, self.output_dir / name, self.metadata)  # its temp file is removed on failure
+                except OSError as err:
+                    user_error = no_space_error(err, self.output_dir / name)
+                    if user_error is None:
+                        raise
+                    raise user_error from None

@@ -12,8 +12,11 @@ import os
 from pathlib import Path
 
 from dino.config import Recipe, add_override_argument
+from dino.durable import make_output_dir
+from dino.engine.optim import check_schedule
 from dino.errors import UserError
 from dino.engine.recipe import available_recipes, iter_fields, load_recipe
+from dino.engine.resume import interrupted_message
 
 def _fields_epilog() -> str:
     lines = [f"  {path} = {value!r}" for path, value in iter_fields(Recipe())]
@@ -79,11 +82,17 @@ def run_train(args: argparse.Namespace) -> int:
         for path, value in iter_fields(cfg):
             print(f"{path} = {value!r}")
         return 0
+    check_schedule(cfg.optim)
+    make_output_dir(cfg.train.output_dir, "train.output_dir")  # every process: all fail together
     _setup_logging()
     from dino.engine.train import train
 
-    train(cfg, resume=args.resume, finetune_from=args.finetune_from, ignore_keys=args.ignore_keys,
-          resume_anyway=args.resume_anyway)
+    try:
+        train(cfg, resume=args.resume, finetune_from=args.finetune_from, ignore_keys=args.ignore_keys,
+              resume_anyway=args.resume_anyway)
+    except KeyboardInterrupt:
+        hint = None if cfg.train.auto_resume else "resume with --resume <that folder>"
+        raise KeyboardInterrupt(interrupted_message(cfg.train.output_dir, hint)) from None
     return 0
 
 
@@ -93,6 +102,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from dino.engine.evaluate import evaluate_checkpoint
 
     output_dir = args.output_dir or Path(cfg.train.output_dir) / "eval" / Path(args.checkpoint).stem
+    make_output_dir(output_dir, "--output-dir" if args.output_dir else "train.output_dir")
     evaluate_checkpoint(cfg, args.checkpoint, output_dir)
     return 0
 

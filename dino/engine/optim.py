@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dino.config import OptimConfig
+from dino.errors import UserError
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -46,13 +47,24 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.MultiStepLR:
-    """MultiStepLR stepped once per epoch: lr x ``lr_drop_factor`` after each epoch in ``lr_drop_epochs``."""
+def check_schedule(cfg: OptimConfig) -> None:
+    """UserError for a schedule that cannot run: warm-up < 0, an LR drop outside the epochs, no epoch at all."""
+    if cfg.epochs < 1:
+        raise UserError(f"optim.epochs must be >= 1, got {cfg.epochs}")
     if cfg.warmup_steps < 0:
-        raise ValueError(f"optim.warmup_steps {cfg.warmup_steps}: must be >= 0")
+        raise UserError(f"optim.warmup_steps must be >= 0, got {cfg.warmup_steps}")
     bad = [e for e in cfg.lr_drop_epochs if not 0 < e <= cfg.epochs]
     if bad:
-        raise ValueError(f"optim.lr_drop_epochs {cfg.lr_drop_epochs}: {bad} outside 1..optim.epochs={cfg.epochs}")
+        raise UserError(
+            f"optim.lr_drop_epochs={cfg.lr_drop_epochs}: {', '.join(map(str, bad))} outside the epochs "
+            f"1..{cfg.epochs} (optim.epochs={cfg.epochs}); set both, e.g. --set optim.epochs={cfg.epochs} "
+            f"optim.lr_drop_epochs={max(1, cfg.epochs - 1)}, or optim.lr_drop_epochs=() for no drop"
+        )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.MultiStepLR:
+    """MultiStepLR stepped once per epoch: lr x ``lr_drop_factor`` after each epoch in ``lr_drop_epochs``."""
+    check_schedule(cfg)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_drop_epochs), gamma=cfg.lr_drop_factor)
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from dino.config import OptimConfig
-from dino.engine.checkpoint import latest_checkpoint
+from dino.engine.checkpoint import latest_checkpoint, read_progress
 from dino.errors import UserError
 
 logger = logging.getLogger("dino.engine")
@@ -86,3 +86,18 @@ def apply_optim_config(optimizer, scheduler, cfg: OptimConfig) -> None:
     scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     scheduler.milestones, scheduler.gamma = milestones, cfg.lr_drop_factor
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def interrupted_message(output_dir: str | Path, resume_hint: str | None = None) -> str:
+    """One line for a run stopped by Ctrl-C: where its last complete checkpoint is and how to continue from it.
+
+    ``resume_hint``: how to resume (default: rerun the same command, train.auto_resume finds the checkpoint).
+    """
+    checkpoint = latest_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if checkpoint is None:
+        return f"no checkpoint in {output_dir} yet, so rerunning starts from the beginning"
+    progress = read_progress(checkpoint)
+    where = (f"after epoch {progress['epoch']}" if not progress.get("batches_in_epoch")
+             else f"epoch {progress['epoch'] + 1}, batch {progress['batches_in_epoch']}")
+    return (f"last checkpoint: {checkpoint} (step {progress['global_step']}, {where}); "
+            f"{resume_hint or 'rerun the same command to resume from it'}")
