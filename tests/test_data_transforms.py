@@ -1,4 +1,4 @@
-"""The official augmentations keep boxes on the objects they describe."""
+"""The official augmentations keep boxes on the objects they describe, and drop only the boxes the official code drops."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +7,15 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dino.config import DataConfig
-from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, build_transforms, resized_size
+from dino.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DropEmptyBoxes,
+    RandomResize,
+    RandomSizeCrop,
+    build_transforms,
+    resized_size,
+)
 
 SMALL = DataConfig(
     train_scales=(48, 64, 80, 96),
@@ -103,7 +111,7 @@ def test_train_pipeline_keeps_boxes_on_the_object():
 
 
 def test_crop_drops_boxes_outside_it_with_their_labels():
-    transforms = v2.Compose([v2.ToImage(), RandomSizeCrop(32, 32), v2.SanitizeBoundingBoxes()])
+    transforms = v2.Compose([v2.ToImage(), RandomSizeCrop(32, 32), DropEmptyBoxes()])
     image = Image.new("RGB", (64, 64))
     torch.manual_seed(1)
     seen = set()
@@ -116,6 +124,90 @@ def test_crop_drops_boxes_outside_it_with_their_labels():
             assert label == (7 if box[0] == 0 and box[1] == 0 else 9)
             seen.add(label)
     assert seen == {7, 9}
+
+
+def test_drop_empty_boxes_is_the_official_crop_rule_and_drops_every_per_box_field():
+    # Clamped to the canvas first: the 2nd and 3rd boxes end up 0 px wide, the 4th 0.25 px wide (kept: no minimum
+    # size); the 5th has zero height.
+    target = _sample([[1, 1, 5, 5], [-3, 2, 0, 6], [97, 2, 99, 6], [95.75, 2, 99, 6], [3, 7, 9, 7]], [1, 2, 3, 4, 5])
+    target.update(area=torch.arange(5.0), iscrowd=torch.zeros(5, dtype=torch.int64), image_id=17, skipped=["a.jpg"])
+    image = tv_tensors.Image(torch.zeros(3, 64, 96, dtype=torch.uint8))
+    out_image, out = DropEmptyBoxes()(image, target)
+    assert out_image is image and out["image_id"] == 17 and out["skipped"] == ["a.jpg"]
+    assert out["boxes"].tolist() == [[1, 1, 5, 5], [95.75, 2, 96, 6]] and out["boxes"].canvas_size == (64, 96)
+    assert out["labels"].tolist() == [1, 4] and out["area"].tolist() == [0.0, 3.0] and out["iscrowd"].tolist() == [0, 0]
+    assert len(target["boxes"]) == 5  # the caller's target is not modified
+
+
+def _pinned_r50_train(*, scale, crop=None, first_scale=None, flip=False):
+    """The R50 training pipeline (DataConfig defaults) with its random choices fixed.
+
+    ``crop=None``: the resize-only branch at shorter side ``scale``; else the crop branch: resize to ``first_scale``,
+    crop ``(top, left, height, width)``, resize to ``scale`` (longer side capped at 1333 as always).
+    """
+    pipeline = build_transforms(DataConfig(), "train")
+    (flipper,) = [t for t in pipeline.transforms if isinstance(t, v2.RandomHorizontalFlip)]
+    (choice,) = [t for t in pipeline.transforms if isinstance(t, v2.RandomChoice)]
+    flipper.p = 1.0 if flip else 0.0
+    choice.p = [1.0, 0.0] if crop is None else [0.0, 1.0]
+    resize_only, crop_branch = choice.transforms
+    if crop is None:
+        resize_only.sizes = [scale]
+    else:
+        first, cropper, last = [t for t in crop_branch.transforms if isinstance(t, (RandomResize, RandomSizeCrop))]
+        first.sizes, last.sizes = [first_scale], [scale]
+        top, left, height, width = crop
+        cropper.make_params = lambda flat_inputs: {"top": top, "left": left, "height": height, "width": width}
+    return pipeline
+
+
+COCO_IMAGE = Image.new("RGB", (640, 480), (120, 110, 100))  # a common COCO size (w 640, h 480)
+
+
+def test_a_whole_image_box_survives_every_draw_of_the_r50_training_pipeline():
+    # The float32 resize can put x2/y2 one rounding step past the new side; that box used to be dropped (5 of these
+    # 200 draws with seed 0; 45 of 1,500). The official resize never drops a box: it is clamped to the image.
+    transforms = build_transforms(DataConfig(), "train")
+    torch.manual_seed(0)
+    for _ in range(200):
+        out, target = transforms(COCO_IMAGE, _sample([[0, 0, 640, 480]], [3], h=480, w=640))
+        h, w = out.shape[-2:]
+        assert target["labels"].tolist() == [3]
+        box = target["boxes"].as_subclass(torch.Tensor)
+        # float32 may also land a rounding step short of the side (as in the official code); never past it
+        torch.testing.assert_close(box, torch.tensor([[0.0, 0.0, w, h]]), atol=1e-3, rtol=0)
+        assert box[0, 2] <= w and box[0, 3] <= h
+
+
+@pytest.mark.parametrize(
+    "box,crop,scale,expected",
+    [
+        # A box reaching past the crop's right edge: 69 x 120 px in the 447 x 594 crop, which the resize to
+        # shorter side 736 (978 wide) scales by 978/594; in float32 x2 lands just past 978.
+        ([540, 240, 620, 336], (100, 150, 447, 594), 736, [525 * 978 / 594, 200 * 736 / 447, 978, 320 * 736 / 447]),
+        # A box cut by the crop's bottom edge: 60 x 140 px in the 525 x 569 crop, resized by 736/525; y2 past 736.
+        ([240, 348, 288, 480], (50, 100, 525, 569), 736, [200 * 797 / 569, 385 * 736 / 525, 260 * 797 / 569, 736]),
+    ],
+)
+def test_a_box_at_the_crop_edge_survives_the_resize_after_the_crop(box, crop, scale, expected):
+    transforms = _pinned_r50_train(first_scale=600, crop=crop, scale=scale)  # 480 x 640 -> 600 x 800 -> crop -> resize
+    out, target = transforms(COCO_IMAGE, _sample([box], [4], h=480, w=640))
+    assert target["labels"].tolist() == [4]
+    assert target["boxes"].canvas_size == tuple(out.shape[-2:])
+    torch.testing.assert_close(target["boxes"].as_subclass(torch.Tensor), torch.tensor([expected]), atol=1e-3, rtol=0)
+    assert max(target["boxes"][0, 2].item(), target["boxes"][0, 3].item()) in tuple(out.shape[-2:])  # on the edge
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("scale", DataConfig().train_scales)
+def test_a_sub_pixel_annotation_is_kept_without_a_crop(scale, flip):
+    # Official: only the crop drops boxes (those left with x2 <= x1 or y2 <= y1); a 0.7 px wide annotation stays at
+    # every scale (up to shorter side 672 it stays under 1 px, which the previous 1-px minimum dropped).
+    out, target = _pinned_r50_train(scale=scale, flip=flip)(COCO_IMAGE, _sample([[100, 50, 100.7, 90]], [2], h=480, w=640))
+    h, w = out.shape[-2:]
+    assert min(h, w) == scale and target["labels"].tolist() == [2]
+    x1, y1, x2, y2 = target["boxes"][0].tolist()
+    assert x2 - x1 == pytest.approx(0.7 * w / 640, rel=1e-3) and y2 - y1 == pytest.approx(40 * h / 480, rel=1e-4)
 
 
 def test_crop_smaller_image_than_min_size_is_not_an_error():

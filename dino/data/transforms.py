@@ -1,16 +1,20 @@
 """Official DINO train/val augmentations on ``torchvision.transforms.v2`` with ``tv_tensors.BoundingBoxes``.
 
 A sample is ``(image, target)`` where ``image`` is a PIL image or ``tv_tensors.Image`` (uint8) and ``target`` a dict
-with ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY pixels, ``canvas_size`` = (h, w)) and ``labels (N,) int64``.
-Because the boxes are tv_tensors, every geometric transform moves them with the image, and
-``SanitizeBoundingBoxes`` drops boxes that a crop made degenerate together with their labels.
+with ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY pixels, ``canvas_size`` = (h, w)) and ``labels (N,) int64``
+(``area``/``iscrowd`` rows too, when present). Because the boxes are tv_tensors, every geometric transform moves them
+with the image.
 
 Train (official ``make_coco_transforms('train')``): horizontal flip p=0.5, then with p=0.5 either a multi-scale resize
 (shorter side one of ``train_scales``, longer side at most ``train_max_size``) or resize to one of
 ``crop_resize_scales`` -> random crop of side ``crop_size[0]..crop_size[1]`` -> the same multi-scale resize; then
 ImageNet normalisation. Val: shorter side ``val_scale``, longer side at most ``val_max_size``.
-Sanitising keeps boxes at least 1 pixel wide and high (torchvision's lower bound); the official code keeps any box of
-positive size, which differs only for sub-pixel slivers left by a crop.
+
+Boxes follow the official rule (DINO ``datasets/transforms.py``): the crop clamps boxes to the crop and keeps those
+with ``x2 > x1`` and ``y2 > y1`` (:class:`DropEmptyBoxes`, their per-box fields with them); flip and resize never
+drop a box, and no minimum size applies (a 0.7 px box stays). A resize multiplies in float32, which can push a
+coordinate one rounding step past the new image side, so the boxes are clamped to the image at the end instead of
+being dropped.
 """
 from __future__ import annotations
 
@@ -26,10 +30,14 @@ from dino.config import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Target fields with one row per box, dropped together with their box (the official crop's ``fields``).
+PER_BOX_FIELDS = ("labels", "area", "iscrowd")
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PER_BOX_FIELDS",
+    "DropEmptyBoxes",
     "RandomResize",
     "RandomSizeCrop",
     "build_transforms",
@@ -110,6 +118,38 @@ class RandomSizeCrop(v2.Transform):
         return F.crop(inpt, **params)
 
 
+class DropEmptyBoxes(v2.Transform):
+    """The official crop's box rule: clamp the boxes to the canvas, keep those with ``x2 > x1`` and ``y2 > y1``.
+
+    Rows of :data:`PER_BOX_FIELDS` in the target dict are dropped with their boxes; other target entries and the
+    image pass through. Accepts ``(image, target)``, a ``target`` dict, or a tuple holding one. No minimum size.
+    """
+
+    def forward(self, *inputs: Any) -> Any:
+        sample = inputs if len(inputs) > 1 else inputs[0]
+        if isinstance(sample, dict):
+            return self._filter(sample)
+        if isinstance(sample, (tuple, list)) and any(isinstance(x, dict) for x in sample):
+            return type(sample)(self._filter(x) if isinstance(x, dict) else x for x in sample)
+        raise TypeError(f"DropEmptyBoxes: expected (image, target dict) or a target dict, got {type(sample).__name__}")
+
+    @staticmethod
+    def _filter(target: dict[str, Any]) -> dict[str, Any]:
+        boxes = target.get("boxes")
+        if not isinstance(boxes, tv_tensors.BoundingBoxes):
+            return target
+        boxes = F.clamp_bounding_boxes(boxes, clamping_mode="hard")
+        xyxy = F.convert_bounding_box_format(boxes, new_format=tv_tensors.BoundingBoxFormat.XYXY)
+        keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        out = dict(target, boxes=tv_tensors.wrap(boxes[keep], like=boxes))
+        for name in PER_BOX_FIELDS:
+            if name in target:
+                if len(target[name]) != len(keep):
+                    raise ValueError(f"target[{name!r}] has {len(target[name])} rows for {len(keep)} boxes")
+                out[name] = target[name][keep]
+        return out
+
+
 def _to_normalised_float() -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
 
@@ -157,12 +197,14 @@ def build_transforms(data_cfg: DataConfig, split: str) -> v2.Compose:
                             [
                                 RandomResize(tuple(data_cfg.crop_resize_scales)),
                                 RandomSizeCrop(lo, hi),
+                                DropEmptyBoxes(),
                                 RandomResize(scales, max_size=data_cfg.train_max_size),
                             ]
                         ),
                     ]
                 ),
-                v2.SanitizeBoundingBoxes(),
+                # A resize never drops a box (official); float32 rounding past the side is clamped back.
+                v2.ClampBoundingBoxes(clamping_mode="hard"),
                 *_to_normalised_float(),
             ]
         )
