@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
@@ -116,33 +117,74 @@ def _heads_as_in(state_dict: dict, model_cfg):
 
 
 def load_weights(
-    model: torch.nn.Module, path: str | os.PathLike, ignore_keys: Iterable[str] = (), strict: bool = True
+    model: torch.nn.Module, path: str | os.PathLike, ignore_keys: Iterable[str] = (), strict: bool = True,
+    hint: str = "",
 ) -> tuple[list[str], list[str]]:
     """Loads weights into ``model``, dropping keys that match any regex in ``ignore_keys`` (re.search).
 
     Fine-tuning on new classes uses the official ``--finetune_ignore label_enc.weight class_embed``.
-    With ``strict``, keys missing from the file (other than ignored ones) or unknown to the model raise UserError;
-    a shape mismatch always raises UserError naming the key. Returns (missing, unexpected) key lists.
+    A shape mismatch, and with ``strict`` keys missing from the file (other than ignored ones) or unknown to the
+    model, raise one UserError line counting each kind with a few examples, saying which recipe the file was trained
+    with when it records it, and ending with ``hint`` (what the calling command offers; by default: the recipe).
+    Returns (missing, unexpected) key lists.
     """
     patterns = [re.compile(p) for p in ignore_keys]
     state = read_state_dict(path, getattr(model, "cfg", None))
     state = {k: v for k, v in state.items() if not any(p.search(k) for p in patterns)}
     own = model.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise UserError(
-                f"{path}: {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)} "
-                f"(add it to --ignore-keys to fine-tune with a different head)"
-            )
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not any(p.search(k) for p in patterns)]
-    unexpected = list(result.unexpected_keys)
-    if strict and (missing or unexpected):
-        raise UserError(
-            f"{path} does not match the model: {len(missing)} missing key(s) {missing[:5]}, "
-            f"{len(unexpected)} unexpected key(s) {unexpected[:5]}"
-        )
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not any(p.search(k) for p in patterns)]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or (strict and (missing or unexpected)):
+        raise UserError(_mismatch_message(path, state, own, mismatched, missing if strict else [],
+                                          unexpected if strict else [], getattr(model, "cfg", None), hint))
+    model.load_state_dict(state, strict=False)
     return missing, unexpected
+
+
+def _mismatch_message(path, state, own, mismatched, missing, unexpected, model_cfg, hint: str) -> str:
+    def examples(keys: list[str], show=str) -> str:
+        return ", ".join(show(k) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    parts = []
+    if mismatched:
+        parts.append(f"{len(mismatched)} of another shape ("
+                     + examples(mismatched, lambda k: f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}") + ")")
+    if missing:
+        parts.append(f"{len(missing)} missing from the file ({examples(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unknown to the model ({examples(unexpected)})")
+    return (f"checkpoint {path} does not fit this recipe's model: {len(own)} tensors expected, "
+            + "; ".join(parts) + _trained_with(path, model_cfg) + "; "
+            + (hint or "give the --recipe (and --set values) it was trained with"))
+
+
+def _trained_with(path, model_cfg) -> str:
+    """``"; it was trained with recipe 'x' (model.a: 1 there, 2 here, ...)"`` from its metadata, or ``""``."""
+    try:
+        recipe = json.loads(read_metadata(path).get("recipe") or "null")
+    except (UserError, ValueError):
+        return ""
+    if not isinstance(recipe, dict):
+        return ""
+    current = {f"model.{k}": v for k, v in _flat(json.loads(json.dumps(asdict(model_cfg), default=str))).items()} \
+        if model_cfg is not None else {}
+    # None there: a value filled in at run time (num_classes from the data), not a difference of the recipe.
+    differ = [k for k in current if recipe.get(k) is not None and recipe[k] != current[k]
+              and k != "model.backbone.pretrained"]
+    shown = ", ".join(f"{k}: {recipe[k]!r} there, {current[k]!r} here" for k in differ[:3])
+    return f"; it was trained with recipe {recipe.get('name', '?')!r}" + (f" ({shown}{', ...' if len(differ) > 3 else ''})"
+                                                                        if differ else "")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "timm_kwargs":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def without_pretrained_backbone(model_cfg: ModelConfig) -> ModelConfig:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 import dino_cli
 from dino.engine.recipe import load_recipe
@@ -188,11 +190,36 @@ def test_missing_and_mismatching_checkpoints(tiny_checkpoint, tmp_path):
         build_model_from_checkpoint(cfg.model, tmp_path / "nope.safetensors")
     cfg.model.transformer.dec_layers += 1
     try:
-        with pytest.raises(UserError, match="does not match the model"):
+        with pytest.raises(UserError, match="does not fit this recipe's model: .* missing from the file"):
             build_model_from_checkpoint(cfg.model, good)
     finally:
         cfg.model.transformer.dec_layers -= 1
     assert read_categories(good) is None
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_checkpoint_of_another_model_counts_the_keys_and_names_its_recipe(command, tmp_path, capsys):
+    from dino.engine.setup import weights_metadata
+
+    cfg = load_recipe(TINY, [f"data.root={tmp_path / 'shapes'}"])
+    path = tmp_path / "model.safetensors"
+    save_weights(build_model(cfg.model).state_dict(), path, weights_metadata(cfg, []))
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 64)).save(image)
+    other = ["--set", f"data.root={tmp_path / 'shapes'}", "model.transformer.hidden_dim=32",
+             "model.transformer.dec_layers=3", f"train.output_dir={tmp_path / 'out'}"]
+    argv = {"eval": ["eval", "--recipe", TINY, "--checkpoint", str(path), *other],
+            "predict": ["predict", str(image), "--recipe", TINY, "--checkpoint", str(path), "--device", "cpu",
+                        "--output", str(tmp_path / "pred"), *other]}[command]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"dino {command}: error: checkpoint {path} does not fit this recipe's model: ")
+    assert re.search(r"tensors expected, \d+ of another shape \(\S+ \(64,?[0-9, ]*\) vs \(32,?[0-9, ]*\), ", err)
+    assert re.search(r"; \d+ missing from the file \(transformer\.decoder\.layers\.2\.", err)
+    assert "; it was trained with recipe 'engine_tiny' (" in err
+    assert "model.transformer.hidden_dim: 64 there, 32 here" in err and "model.transformer.dec_layers: 2 there, 3 here" in err
+    assert err.endswith("); give the --recipe (and --set values) it was trained with\n")
+    assert "--ignore-keys" not in err
 
 
 def test_categories_metadata_is_read(tmp_path):
