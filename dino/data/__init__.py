@@ -21,7 +21,6 @@ from dino.data.coco import (
     box_problem,
     load_instances_json,
     read_categories,
-    skipped_images,
 )
 from dino.data.coco_eval import (
     STAT_NAMES,
@@ -62,6 +61,5 @@ __all__ = [
     "predictions_to_coco",
     "prepare_dataset",
     "read_categories",
-    "skipped_images",
     "split_paths",
 ]

@@ -17,8 +17,8 @@ Bad input raises at construction with a message naming the file and the offendin
 json, missing required fields, duplicate ids, an annotation whose ``category_id`` is not in ``categories`` or whose
 ``image_id`` is not in ``images``, no images at all, and missing image files (all checked up front, the first few
 listed). All of these are :class:`~dino.errors.UserError`. An image that cannot be read or decoded when loaded raises
-:class:`UnreadableImageError` (or, with ``skip_unreadable``, is replaced by the next readable image and noted in the
-target, see :func:`skipped_images`); one whose decoded size differs from the json raises :class:`ImageError`. Both
+:class:`UnreadableImageError` (or, with ``skip_unreadable``, is replaced by the next readable image, logged and
+counted in ``skipped_unreadable``); one whose decoded size differs from the json raises :class:`ImageError`. Both
 reach the main process as one line even when raised in a DataLoader worker.
 
 A degenerate box is not bad input to the official code (it clips and drops it): it is dropped here too. Official
@@ -36,7 +36,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
@@ -55,10 +55,10 @@ __all__ = [
     "box_problem",
     "load_instances_json",
     "read_categories",
-    "skipped_images",
 ]
 
 logger = logging.getLogger("dino.data")
+_SKIP_SLOTS = 64
 _REQUIRED = {
     "images": ("id", "file_name", "width", "height"),
     "annotations": ("id", "image_id", "category_id", "bbox"),
@@ -102,11 +102,6 @@ def box_problem(bbox: tuple[float, float, float, float], width: int, height: int
     if min(x + w, width) <= max(x, 0.0) or min(y + h, height) <= max(y, 0.0):
         return "entirely outside the image"
     return None
-
-
-def skipped_images(targets: Sequence[dict[str, Any]]) -> list[str]:
-    """The images skipped as unreadable (``skip_unreadable``) to make a batch's samples: ``"<path>: <reason>"`` each."""
-    return [note for target in targets for note in target.get("skipped_unreadable", ())]
 
 
 def load_instances_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -154,7 +149,7 @@ def load_instances_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _categories_of(data: dict[str, Any], path: str | os.PathLike) -> tuple[int, list[dict[str, Any]]]:
+def categories_of(data: dict[str, Any], path: str | os.PathLike) -> tuple[int, list[dict[str, Any]]]:
     """``(num_classes, [{"id", "name"}, ...] sorted by id)`` of a loaded instances json (``path`` for messages).
 
     ``num_classes = max category id + 1``: labels are the category ids. A category without a name gets
@@ -178,7 +173,7 @@ def read_categories(annotations_file: str | os.PathLike) -> tuple[int, list[dict
 
     Raises UserError naming the file when it is missing, not valid JSON, malformed, or has no categories.
     """
-    return _categories_of(load_instances_json(annotations_file), annotations_file)
+    return categories_of(load_instances_json(annotations_file), annotations_file)
 
 
 def annotation_problem(ann: dict[str, Any], image_ids, category_ids) -> tuple[str, str] | None:
@@ -223,8 +218,8 @@ class CocoDetection(torch.utils.data.Dataset):
     ``dropped_boxes`` (annotations dropped as degenerate after clipping to the image; also left out of ``coco``),
     ``dropped`` (their ids by :func:`box_problem` kind).
     skip_unreadable: an image that cannot be read gives the next readable image's sample instead (the sample's
-        augmentation randomness is unchanged: nothing is drawn before the image is read), its target noting the
-        skipped file under ``"skipped_unreadable"``; False: raise :class:`UnreadableImageError`.
+        augmentation randomness is unchanged: nothing is drawn before the image is read), logged as a warning and
+        counted in ``skipped_unreadable`` (over all DataLoader workers); False: raise :class:`UnreadableImageError`.
     """
 
     def __init__(
@@ -238,8 +233,11 @@ class CocoDetection(torch.utils.data.Dataset):
         self.annotations_file = Path(annotations_file)
         self.transforms = transforms if transforms is not None else _default_transforms()
         self.skip_unreadable = skip_unreadable
+        # Skips counted in shared memory, one slot per DataLoader worker (and one for the main process), so that the
+        # main process sees what its workers skipped without a lock.
+        self._skips = torch.zeros(_SKIP_SLOTS, dtype=torch.int64).share_memory_() if skip_unreadable else None
         data = load_instances_json(self.annotations_file)
-        self.num_classes, self.categories = _categories_of(data, self.annotations_file)
+        self.num_classes, self.categories = categories_of(data, self.annotations_file)
         self.label_to_category_id = {c["id"]: c["id"] for c in self.categories}
         self._images = [
             {"id": img["id"], "file_name": str(img["file_name"]), "height": img["height"], "width": img["width"]}
@@ -329,7 +327,6 @@ class CocoDetection(torch.utils.data.Dataset):
         return self._boxes[index], self._labels[index]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        skipped = []
         for offset in range(len(self)):
             at = (index + offset) % len(self)
             try:
@@ -338,13 +335,17 @@ class CocoDetection(torch.utils.data.Dataset):
             except UnreadableImageError as err:
                 if not self.skip_unreadable:
                     raise
-                skipped.append(str(err))
+                logger.warning("skipped (data.skip_unreadable): %s", err)
+                worker = torch.utils.data.get_worker_info()
+                self._skips[(worker.id if worker is not None else -1) % _SKIP_SLOTS] += 1
         else:
             raise UnreadableImageError(f"none of the {len(self)} images of {self.annotations_file} can be read")
-        image, target = self._sample(at, image)
-        if skipped:
-            target["skipped_unreadable"] = skipped
-        return image, target
+        return self._sample(at, image)
+
+    @property
+    def skipped_unreadable(self) -> int:
+        """Unreadable images skipped so far (``skip_unreadable``), by this process and its DataLoader workers."""
+        return 0 if self._skips is None else int(self._skips.sum())
 
     def _sample(self, index: int, image: PIL.Image.Image) -> tuple[torch.Tensor, dict[str, Any]]:
         info = self._images[index]

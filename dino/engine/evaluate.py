@@ -79,9 +79,9 @@ def evaluate(
 ) -> dict | None:
     """COCO box AP of ``model`` on ``dataset`` (whose prepared loader is ``loader``); call on every process.
 
-    Returns the 12 stats (``AP``, ``AP50``, ... as named by ``dino.data.STAT_NAMES``) plus ``num_images`` on the main
-    process, None elsewhere. With ``output_dir``, the main process writes ``results.json`` (stats) and
-    ``predictions.json`` (COCO-format detections of every image) there.
+    Returns the 12 stats (``AP``, ``AP50``, ... as named by ``dino.data.STAT_NAMES``), ``per_category`` ({name: AP or
+    None}) and ``num_images`` on the main process, None elsewhere. With ``output_dir``, the main process writes
+    ``results.json`` (stats) and ``predictions.json`` (COCO-format detections of every image) there.
     """
     from dino.data import coco_gt, evaluate_coco, label_to_category, predictions_to_coco
 
@@ -128,14 +128,18 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
     """Loads ``checkpoint`` (our safetensors, an official .pth, or a checkpoint folder) and evaluates it.
 
     The backbone is built without pretrained weights: the checkpoint replaces them, so nothing is downloaded.
-    Prints the 12-line COCO AP table on the main process and returns the stats there (None elsewhere).
+    Prints the 12-line COCO AP table and the AP of each category on the main process and returns the stats there
+    (None elsewhere). A validation set without ground-truth boxes is refused (every AP would be undefined).
     """
-    from dino.data import build_dataset, format_ap_table
+    from dino.data import build_dataset, format_ap_table, format_per_category, ground_truth_counts
     from dino.postprocess import PostProcess
 
     weights = checkpoint_weights(checkpoint)
     accelerator = build_accelerator(cfg, use_trackers=False)
     dataset = build_dataset(cfg.data, "val")
+    if not any(ground_truth_counts(dataset.coco).values()):
+        raise UserError(f"{dataset.annotations_file} has no ground-truth boxes to evaluate against (no annotations, "
+                        "or only crowd or dropped ones); use `dino predict` for predictions without ground truth")
     fit_classes_to(cfg, dataset)
     model = build_model_from_checkpoint(cfg.model, weights)  # never downloads backbone weights
     batch = cfg.optim.batch_size_per_device or 1
@@ -146,6 +150,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
     if accelerator.is_main_process:
         print(f"{weights} on {stats['num_images']} images of {cfg.data.root} ({cfg.data.val_annotations}):")
         print(format_ap_table(stats))
+        print(format_per_category(stats["per_category"]))
         if output_dir is not None:
             print(f"results: {Path(output_dir) / 'results.json'}")
     return stats

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from dino.config import Recipe
 from dino.durable import make_output_dir
+from dino.engine.bad_images import SkippedImages, stop_on_bad_image
 from dino.engine.batching import BatchPlan, plan_batches
 from dino.engine.checkpoint import read_progress
 from dino.engine.checkpointer import Checkpointer, Progress
@@ -176,10 +177,12 @@ def train(
     if cfg.train.max_steps_per_epoch:
         per_epoch = min(per_epoch, cfg.train.max_steps_per_epoch * plan.accumulation)
     last_eval = None
+    skipped = SkippedImages(accelerator, parts.train_set)
     while progress.epoch < cfg.optim.epochs and not _at_max_steps(progress, cfg):
         train_loader.set_epoch(progress.epoch)
-        result = train_one_epoch(accelerator, model, parts.criterion, train_loader, optimizer, progress, cfg,
-                                 per_epoch, plan.accumulation, ema, checkpointer)
+        with stop_on_bad_image(out, progress):  # an image that cannot be used: one line, where to resume from
+            result = train_one_epoch(accelerator, model, parts.criterion, train_loader, optimizer, progress, cfg,
+                                     per_epoch, plan.accumulation, ema, checkpointer)
         if result.stopped:
             logger.info("stopped at step %d (train.max_steps=%s)", progress.global_step, cfg.train.max_steps)
             break
@@ -187,9 +190,11 @@ def train(
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
         checkpointer.save(progress, epoch_end=True)
         record = _epoch_record(progress, optimizer, result, plan)
+        record["skipped_images"] = skipped.since_last()  # data.skip_unreadable: unreadable images skipped
         if _eval_due(cfg, progress.epoch):
-            record.update(evaluate_epoch(accelerator, model, ema, parts.postprocess, val_loader, parts.val_set, out,
-                                         progress.epoch))
+            with stop_on_bad_image(out, progress):
+                record.update(evaluate_epoch(accelerator, model, ema, parts.postprocess, val_loader, parts.val_set,
+                                             out, progress.epoch))
             last_eval = record.get("eval")
         _log_epoch(accelerator, out, record, progress.global_step)
 

@@ -1,0 +1,105 @@
+"""An image that cannot be read: one line naming it (also from a DataLoader worker), where the run can resume from,
+and `data.skip_unreadable` training on with the skips counted in log.jsonl."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch._utils import ExceptionWrapper
+
+import dino_cli
+from dino.data import CocoDetection, UnreadableImageError, collate_fn, prepare_dataset
+from dino.engine.recipe import load_recipe
+from dino.engine.seeding import EpochSeededDataset
+from dino.engine.train import train
+from dino.errors import UserError
+from tests.test_data_coco import make_dataset
+
+TINY = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
+
+
+def truncate(path):
+    """Keeps the first half of an image file: it still opens (the header is intact) but does not decode."""
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+
+
+def _three_images(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 48} for i in (1, 2, 3)]
+    images_dir, path = make_dataset(tmp_path, images=images)
+    truncate(images_dir / "2.png")
+    return images_dir, path
+
+
+def test_worker_exception_keeps_its_one_line_message():
+    """torch re-raises a worker's exception as type(err)(<traceback text>); the message survives as one line."""
+    try:
+        raise UnreadableImageError("cannot read image a.png (image id 1): image file is truncated")
+    except UnreadableImageError:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(UnreadableImageError) as info:
+        wrapper.reraise()
+    assert str(info.value) == "cannot read image a.png (image id 1): image file is truncated"
+    assert isinstance(info.value, UserError)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_image_raises_one_line_through_the_loader(tmp_path, workers):
+    images_dir, path = _three_images(tmp_path)
+    loader = torch.utils.data.DataLoader(CocoDetection(images_dir, path), batch_size=3, num_workers=workers,
+                                         collate_fn=collate_fn)
+    with pytest.raises(UnreadableImageError) as info:
+        next(iter(loader))
+    assert str(info.value) == f"cannot read image {images_dir / '2.png'} (image id 2): image file is truncated"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_unreadable_gives_the_next_image_and_counts_it(tmp_path, workers):
+    images_dir, path = _three_images(tmp_path)
+    ds = CocoDetection(images_dir, path, skip_unreadable=True)
+    loader = torch.utils.data.DataLoader(EpochSeededDataset(ds, seed=0), batch_size=3, num_workers=workers,
+                                         collate_fn=collate_fn)
+    batch = next(iter(loader))
+    assert batch.images.shape == (3, 3, 48, 64)  # a full batch: image 3 stands in for image 2
+    assert [t["image_id"] for t in batch.targets] == [1, 3, 3]
+    assert ds.skipped_unreadable == 1  # counted in the worker, seen by the main process
+    # the stand-in's augmentation randomness is that of index 1, whatever the worker count
+    again = EpochSeededDataset(ds, seed=0)[1]
+    assert torch.equal(again[0], batch.images[1])
+    assert ds.skipped_unreadable == 2
+
+
+def _tiny(root, out, *overrides):
+    return load_recipe(TINY, [f"data.root={root}", f"train.output_dir={out}", *overrides])
+
+
+def test_training_stops_with_one_line_then_resumes_skipping(tmp_path, capsys):
+    root, out = tmp_path / "shapes", tmp_path / "out"
+    train(_tiny(root, out, "train.max_steps=1"))  # a checkpoint at step 1, then an image goes bad
+    truncate(root / "train" / "000003.png")
+    rc = dino_cli.main(["train", TINY, "--set", f"data.root={root}", f"train.output_dir={out}",
+                        "data.num_workers=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"dino train: error: cannot read image {re.escape(str(root / 'train' / '000003.png'))} \(image id 4\): "
+        rf"image file is truncated; training stopped at step \d; last checkpoint: {re.escape(str(out))}/checkpoints/"
+        r"step_\d+(_end)? \(rerunning resumes from it\); run `dino data check --recipe RECIPE` \(same --set\) to "
+        r"list every such image, or --set data.skip_unreadable=true to skip them", line), line
+    # the same run, skipping: it resumes (skip_unreadable is not a recipe change) and counts the skips per epoch
+    result = train(_tiny(root, out, "data.skip_unreadable=true"))
+    assert result["global_step"] == 4
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log][-1] == 2 and log[-1]["skipped_images"] == 1  # each image is drawn once an epoch
+
+
+def test_stop_without_a_checkpoint_says_so(tmp_path):
+    root, out = tmp_path / "shapes", tmp_path / "out"
+    cfg = _tiny(root, out)
+    prepare_dataset(cfg.data)
+    for i in range(8):
+        truncate(root / "train" / f"{i:06d}.png")
+    with pytest.raises(UserError, match=rf"; training stopped at step 0; no checkpoint in {re.escape(str(out))} yet;"):
+        train(cfg)
