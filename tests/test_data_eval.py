@@ -11,6 +11,7 @@ from torchvision.ops import box_convert
 from dino.config import DataConfig
 from dino.data import (
     STAT_NAMES,
+    CocoDetection,
     build_dataset,
     coco_gt,
     evaluate_coco,
@@ -18,6 +19,7 @@ from dino.data import (
     format_per_category,
     predictions_to_coco,
 )
+from tests.test_data_coco import ann, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +177,19 @@ def test_no_ground_truth_warns(caplog):
         "the evaluated images have no ground-truth boxes (no annotations, or only crowd ones): every AP and AR is "
         "undefined (-1, or 0 without detections)"
     ]
+
+
+def test_boxes_dropped_from_training_are_not_ground_truth_either(tmp_path, caplog):
+    """A zero-width box (area 0) would be ground truth no detection can match to pycocotools: recall 1/2. It is
+    dropped from training, so evaluation leaves it out too, and finding the one real object is AP 1."""
+    images_dir, path = make_dataset(tmp_path, annotations=[ann(1, [10, 10, 20, 20]), ann(2, [40, 10, 0, 20]),
+                                                           ann(3, [40, 10, -8, 20])])
+    with caplog.at_level(logging.WARNING, logger="dino.data"):
+        ds = CocoDetection(images_dir, path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: dropped 2 box(es) from training and from the evaluation ground truth (1 negative width, 1 zero "
+        "width; annotation ids 2, 3)"
+    ]
+    found = [{"image_id": 1, "category_id": 2, "bbox": [10, 10, 20, 20], "score": 0.9}]
+    stats = evaluate_coco(coco_gt(ds), found)
+    assert stats["AP"] == pytest.approx(1.0) and stats["AR100"] == pytest.approx(1.0)
