@@ -1,7 +1,8 @@
 """Quickstart: the small ``dino_quickstart`` model on the synthetic shapes dataset, trained on a CPU in minutes.
 
 Run by ``python -m dino.quickstart`` (``make quickstart``); also trainable like any recipe:
-``dino train recipes/quickstart.py``. Not an official configuration: image size, model size, learning rate and
+``dino train recipes/quickstart.py``. Rerunning either resumes an interrupted run (from its last epoch-end
+checkpoint); a finished run is not trained again. Not an official configuration: image size, model size, learning rate and
 schedule are tuned for a 2-core CPU (see docs/training.md for what differs from the COCO recipes).
 """
 from dino.config import DataConfig, Recipe
@@ -42,6 +43,8 @@ def recipe() -> Recipe:
     cfg.train.output_dir = "outputs/quickstart"
     cfg.train.checkpoint_every_steps = 0  # epoch-end checkpoints only
     cfg.train.eval_every_epochs = cfg.optim.epochs  # evaluate once, at the end
-    cfg.train.auto_resume = False  # the quickstart always trains from scratch
+    # Rerunning resumes an interrupted run from its last epoch-end checkpoint, and says a finished one is finished
+    # (python -m dino.quickstart then evaluates its weights again); --set train.auto_resume=false starts over.
+    cfg.train.auto_resume = True
     cfg.train.tracker = None
     return cfg

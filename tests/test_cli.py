@@ -133,6 +133,23 @@ def test_ctrl_c_is_one_line_saying_where_the_last_checkpoint_is(tmp_path, monkey
                               "from the beginning\n")
 
 
+def test_rerunning_a_finished_training_says_so_instead_of_retraining(tmp_path, capsys):
+    from dino.engine.checkpoint import save_training_state
+    from dino.engine.setup import resolved_recipe
+    from tests.test_engine_checkpoint import FakeAccelerator
+
+    out = tmp_path / "out"
+    overrides = ["--set", f"train.output_dir={out}", f"data.root={tmp_path / 'shapes'}"]
+    recipe = resolved_recipe(load_recipe(TINY, overrides[1:]))
+    end = save_training_state(FakeAccelerator(), out, {"global_step": 4, "epoch": 2, "batches_in_epoch": 0,
+                                                       "recipe": recipe}, {}, epoch_end=True)
+    rc, _, err = _run(["train", TINY, *overrides], capsys)
+    assert (rc, err) == (2, f"dino train: error: already finished: {out}, epoch 2/2 ({end}); to train again use a new "
+                            "train.output_dir or --set train.auto_resume=false (starts over there, replacing its "
+                            "model.safetensors); to train longer raise optim.epochs and pass --resume-anyway\n")
+    assert not (tmp_path / "shapes").exists()  # refused before the data or the model were built
+
+
 def test_user_error_is_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
     from dino.engine import cli as engine_cli
 

@@ -1,6 +1,9 @@
 """``python -m dino.quickstart`` end to end at tiny settings (a few seconds on a CPU)."""
 import json
+import logging
 
+from dino.engine import train as engine_train
+from dino.engine.checkpoint import checkpoint_dirs
 from dino.quickstart import main
 
 # A model, dataset and schedule small enough for a test; the recipe's evaluation path is unchanged.
@@ -27,3 +30,42 @@ def test_quickstart_with_evaluation_off_evaluates_the_final_weights(tmp_path, ca
     assert stats["AP50"] < 0.5
     assert code == 1
     assert f"AP50 {stats['AP50']:.3f} is below 0.5" in captured.err
+
+
+def test_rerun_resumes_an_interrupted_quickstart_and_does_not_retrain_a_finished_one(tmp_path, capsys, monkeypatch,
+                                                                                   caplog):
+    out = tmp_path / "out"
+    argv = ["--set", *TINY, "optim.epochs=2", "optim.lr_drop_epochs=2", f"data.root={tmp_path / 'shapes'}",
+            f"train.output_dir={out}", "--min-ap50", "0"]
+
+    def ctrl_c_after_the_first_epoch(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_train, "_log_epoch", ctrl_c_after_the_first_epoch)  # after epoch 1's checkpoint
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    first = out / "checkpoints" / "step_00000002_end"  # 4 images, batch 2: 2 steps per epoch
+    assert err.endswith(f"quickstart: interrupted; last checkpoint: {first} (step 2, after epoch 1); rerun the same "
+                        "command to resume from it\n")
+    monkeypatch.undo()
+
+    with caplog.at_level(logging.INFO, logger="dino.engine"):
+        assert main(argv) == 0
+    assert f"resumed from {first}: epoch 2, batch 0, step 2" in caplog.text
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000002_end", "step_00000004_end"]  # not pruned
+    weights = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+
+    assert main(argv) == 0  # finished: evaluated again, not retrained
+    captured = capsys.readouterr()
+    assert (f"quickstart: already finished: {out}, epoch 2/2 ({out / 'checkpoints' / 'step_00000004_end'}); to train "
+            "again use a new train.output_dir or --set train.auto_resume=false") in captured.out
+    assert "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]" in captured.out
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000002_end", "step_00000004_end"]
+
+
+def test_quickstart_user_error_is_one_line(tmp_path, capsys):
+    assert main(["--set", "optim.epochs=ten"]) == 2
+    assert capsys.readouterr().err == ("python -m dino.quickstart: error: override 'optim.epochs=ten': optim.epochs "
+                                       "must be an integer, got 'ten'\n")

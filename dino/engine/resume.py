@@ -37,6 +37,25 @@ def find_checkpoint(resume: str | None, output_dir: str | Path, auto_resume: boo
     return latest_checkpoint(output_dir) if auto_resume else None
 
 
+class AlreadyFinished(UserError):
+    """The checkpoint to resume has trained every epoch of the recipe: nothing is left to do."""
+
+
+def check_unfinished(checkpoint: Path | None, output_dir: str | Path, epochs: int) -> None:
+    """AlreadyFinished when ``checkpoint`` is the end of the last of ``epochs`` epochs, so that rerunning a finished
+    command says so instead of loading it only to rewrite the same ``model.safetensors``."""
+    if checkpoint is None:
+        return
+    progress = read_progress(checkpoint)
+    if progress.get("batches_in_epoch") or progress["epoch"] < epochs:
+        return
+    raise AlreadyFinished(
+        f"already finished: {output_dir}, epoch {progress['epoch']}/{epochs} ({checkpoint}); to train again use a new "
+        "train.output_dir or --set train.auto_resume=false (starts over there, replacing its model.safetensors); to "
+        "train longer raise optim.epochs and pass --resume-anyway"
+    )
+
+
 def recipe_differences(saved: dict, current: dict) -> dict[str, tuple]:
     """``{field: (saved value, current value)}`` for every field that differs, run-control fields left out."""
     keys = (saved.keys() | current.keys()) - RUN_CONTROL

@@ -30,7 +30,7 @@ from dino.engine.finetune import load_finetune_weights
 from dino.engine.one_epoch import EpochResult, train_one_epoch
 from dino.engine.optim import build_optimizer, build_scheduler
 from dino.engine.recipe import flat_config
-from dino.engine.resume import apply_optim_config, check_recipe, find_checkpoint
+from dino.engine.resume import apply_optim_config, check_recipe, check_unfinished, find_checkpoint
 from dino.engine.seeding import EpochSeededDataset
 from dino.engine.setup import (
     build_accelerator,
@@ -147,6 +147,7 @@ def train(
     # Checked before anything is built: a refused resume fails at once.
     differences = {} if checkpoint is None else check_recipe(
         checkpoint, read_progress(checkpoint).get("recipe"), recipe, resume_anyway)
+    check_unfinished(checkpoint, out, cfg.optim.epochs)  # a finished run says so instead of retraining
 
     # Same seed everywhere: identical initial weights on every process (DDP also broadcasts them).
     set_seed(cfg.train.seed)
