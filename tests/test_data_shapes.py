@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import multiprocessing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from dino.data.shapes import generate_shapes_dataset
+from dino.errors import UserError
 
 SIZE = 64
 
@@ -81,18 +83,57 @@ def test_generation_is_idempotent_and_regenerates_on_new_parameters(tmp_path):
     marker.write_text("kept when nothing changes")
     assert generate_shapes_dataset(tmp_path / "ds", 3, 2, SIZE) == root
     assert marker.exists() and (root / ".shapes_stamp.json").stat().st_mtime_ns == stamp_mtime
+    marker.unlink()
     generate_shapes_dataset(tmp_path / "ds", 5, 2, SIZE)
-    assert not marker.exists()
     assert len(list((root / "train").glob("*.png"))) == 5
     assert len(json.loads((root / "annotations" / "train.json").read_text())["images"]) == 5
     # no temporary folders left behind (the lock file stays)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "ds"]
 
 
+def test_stamp_lists_every_file_made(tmp_path):
+    root = generate_shapes_dataset(tmp_path / "ds", 3, 2, SIZE)
+    stamp = json.loads((root / ".shapes_stamp.json").read_text())
+    assert stamp["files"] == sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                                    if p.is_file() and p.name != ".shapes_stamp.json")
+    assert len(stamp["files"]) == 3 + 2 + 2
+
+
+@pytest.mark.parametrize("user_path", ["notes.txt", "train/marker.txt", "annotations/mine.json", "extra/a.png"])
+def test_new_settings_refuse_a_folder_holding_user_files_and_delete_nothing(tmp_path, user_path):
+    root = generate_shapes_dataset(tmp_path / "ds", 3, 2, SIZE)
+    (root / user_path).parent.mkdir(exist_ok=True)
+    (root / user_path).write_text("the user's")
+    before = _files(root)
+    shown = user_path.split("/")[0] + "/" if user_path.startswith("extra/") else user_path
+    with pytest.raises(UserError) as err:
+        generate_shapes_dataset(tmp_path / "ds", 5, 2, SIZE)
+    assert str(err.value) == (
+        f"data.root {root} holds 1 file(s) the shapes generator did not make ({shown}); new data.shapes_* settings "
+        "would regenerate the folder, so it is left as it is: move them out, or choose another data.root for the new "
+        "settings")
+    assert _files(root) == before and (root / user_path).read_text() == "the user's"
+
+
+def test_a_stamp_without_the_file_list_still_tells_its_files_apart(tmp_path):
+    # Stamps written before the list was recorded: the generator's file names follow from the parameters.
+    root = generate_shapes_dataset(tmp_path / "ds", 3, 2, SIZE)
+    stamp = json.loads((root / ".shapes_stamp.json").read_text())
+    del stamp["files"]
+    (root / ".shapes_stamp.json").write_text(json.dumps(stamp))
+    assert generate_shapes_dataset(tmp_path / "ds", 3, 2, SIZE) == root  # same settings: no-op
+    (root / "val" / "mine.png").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"holds 1 file\(s\) the shapes generator did not make \(val/mine.png\)"):
+        generate_shapes_dataset(tmp_path / "ds", 4, 2, SIZE)
+    (root / "val" / "mine.png").unlink()
+    generate_shapes_dataset(tmp_path / "ds", 4, 2, SIZE)
+    assert len(list((root / "train").glob("*.png"))) == 4
+
+
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(ValueError, match="not a shapes dataset"):
+    with pytest.raises(UserError, match="is not empty and is not a shapes dataset"):
         generate_shapes_dataset(tmp_path / "mine", 2, 1, SIZE)
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
@@ -101,6 +142,8 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
 def test_bad_parameters_are_named(tmp_path, kwargs, field):
     args = {"num_train": 2, "num_val": 1, "image_size": SIZE, **kwargs}
     with pytest.raises(ValueError, match=field):
+        generate_shapes_dataset(tmp_path / "ds", **args)
+    with pytest.raises(UserError, match=f"data.shapes_\\w+ \\({field}\\) must be an integer >= "):
         generate_shapes_dataset(tmp_path / "ds", **args)
 
 
@@ -120,3 +163,17 @@ def test_concurrent_generation_yields_one_complete_dataset(tmp_path):
     reference = generate_shapes_dataset(tmp_path / "ref", 6, 2, SIZE, seed=1)
     assert _files(tmp_path / "ds") == _files(reference)
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_dino_train_with_new_shapes_settings_over_user_files_is_one_line(tmp_path, capsys):
+    import dino_cli
+
+    root = generate_shapes_dataset(tmp_path / "ds", 8, 5, SIZE)
+    (root / "labels.csv").write_text("the user's")
+    tiny = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
+    rc = dino_cli.main(["train", tiny, "--set", f"data.root={root}", f"train.output_dir={tmp_path / 'out'}",
+                        "data.shapes_train_images=9"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"dino train: error: data.root {root} holds 1 file(s) the shapes generator did "
+                                      "not make (labels.csv); ") and len(err.splitlines()) == 1
+    assert (root / "labels.csv").read_text() == "the user's" and len(list((root / "train").glob("*.png"))) == 8

@@ -9,11 +9,14 @@ Layout under ``root``::
 
     train/000000.png ...   val/000000.png ...
     annotations/train.json  annotations/val.json
-    .shapes_stamp.json      (the generation parameters; a matching stamp makes generation a no-op)
+    .shapes_stamp.json      (the generation parameters and the list of files made; a matching stamp makes
+                            generation a no-op)
 
 Generation is deterministic (numpy ``default_rng`` seeded from ``(seed, split, index)``) and atomic: everything is
 written into a temporary sibling folder that is renamed to ``root`` at the end, so concurrent callers (one per
-process) never see a half-written dataset.
+process) never see a half-written dataset. Other parameters regenerate ``root`` only when it holds nothing but what
+the generator made (the stamp's list); a folder holding anything else (a user's file, another dataset) is refused
+with one line and left as it is.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from filelock import FileLock  # inter-process lock; a dependency of torch
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dino.errors import UserError
+
 __all__ = ["CATEGORIES", "generate_shapes_dataset", "render_shapes_image"]
 
 CATEGORIES = [
@@ -40,6 +45,9 @@ _STAMP = ".shapes_stamp.json"
 _VERSION = 1
 _MAX_OVERLAP = 0.25  # intersection / area of the smaller box
 _SPLITS = {"train": 0, "val": 1}
+# The parameters of generate_shapes_dataset, by the recipe fields that set them (dino.config.DataConfig).
+_FIELDS = {"num_train": "data.shapes_train_images", "num_val": "data.shapes_val_images",
+           "image_size": "data.shapes_image_size", "seed": "data.shapes_seed"}
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -168,25 +176,80 @@ def _write_split(folder: Path, split: str, count: int, size: int, seed: int) -> 
 def _read_stamp(root: Path) -> dict | None:
     try:
         with open(root / _STAMP) as f:
-            return json.load(f)
+            stamp = json.load(f)
     except (OSError, ValueError):
         return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def _settings(stamp: dict | None) -> dict | None:
+    """The generation parameters of a stamp (without its file list)."""
+    return None if stamp is None else {k: v for k, v in stamp.items() if k != "files"}
+
+
+def _made_files(stamp: dict) -> set[str]:
+    """The files (relative, "/"-separated) the generator wrote for ``stamp``; derived from the parameters for stamps
+    written before the list was recorded (the names follow from them)."""
+    if isinstance(stamp.get("files"), list):
+        return set(stamp["files"])
+    made = {f"annotations/{split}.json" for split in _SPLITS}
+    for split, count in (("train", stamp.get("num_train", 0)), ("val", stamp.get("num_val", 0))):
+        made.update(f"{split}/{index:06d}.png" for index in range(int(count)))
+    return made
+
+
+def _foreign(root: Path, stamp: dict) -> list[str]:
+    """What under ``root`` the generator did not make (relative paths, sorted)."""
+    made = _made_files(stamp) | {_STAMP}
+    folders = {str(Path(m).parent.as_posix()) for m in made} - {"."}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        for name in dirnames:
+            if (rel / name).as_posix() not in folders:
+                found.append((rel / name).as_posix() + "/")
+        dirnames[:] = [d for d in dirnames if (rel / d).as_posix() in folders]
+        found.extend((rel / name).as_posix() for name in filenames if (rel / name).as_posix() not in made)
+    return sorted(found)
+
+
+def _check_replaceable(root: Path) -> None:
+    """UserError unless ``root`` is absent, empty, or holds only what the generator made (it is about to go)."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise UserError(f"data.root {root} is a file, not a folder; choose another data.root")
+    stamp = _read_stamp(root)
+    if stamp is None:
+        if any(root.iterdir()):
+            raise UserError(
+                f"data.root {root} is not empty and is not a shapes dataset (no {_STAMP}); the shapes generator "
+                "writes only into an empty folder or one it made: choose another data.root (or data.dataset='coco' "
+                "for a COCO-format dataset)"
+            )
+        return
+    foreign = _foreign(root, stamp)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(
+            f"data.root {root} holds {len(foreign)} file(s) the shapes generator did not make ({shown}); new "
+            "data.shapes_* settings would regenerate the folder, so it is left as it is: move them out, or choose "
+            "another data.root for the new settings"
+        )
 
 
 def _generate(root: Path, params: dict) -> None:
-    """Writes the dataset into a temporary sibling folder and renames it to ``root``."""
-    if root.exists() and _read_stamp(root) is None and any(root.iterdir()):
-        raise ValueError(
-            f"{root} exists, is not empty and is not a shapes dataset (no {_STAMP}); "
-            "refusing to overwrite it: choose another data.root"
-        )
+    """Writes the dataset into a temporary sibling folder and renames it to ``root`` (which holds only files the
+    generator made, :func:`_check_replaceable`)."""
+    _check_replaceable(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not secret
     try:
         for split, count in (("train", params["num_train"]), ("val", params["num_val"])):
             _write_split(tmp, split, count, params["image_size"], params["seed"])
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         with open(tmp / _STAMP, "w") as f:
-            json.dump(params, f)
+            json.dump({**params, "files": files}, f)
         if root.exists():
             # Move the old folder aside first so `root` is never a mix of two generations.
             trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
@@ -203,19 +266,19 @@ def generate_shapes_dataset(
     """Generates the shapes dataset into ``root`` (see the module docstring) and returns ``root`` as a Path.
 
     A no-op when ``root`` already holds a dataset generated with the same parameters. A ``root`` holding a shapes
-    dataset with other parameters is replaced; a non-empty ``root`` that is not a shapes dataset is an error (it is
-    never deleted). Concurrent callers (the processes of one launch) serialise on a lock file next to ``root`` and
+    dataset with other parameters is replaced when it holds nothing else; a ``root`` holding anything the generator
+    did not make (listed in its stamp) is a UserError and is never deleted. Concurrent callers (the processes of one launch) serialise on a lock file next to ``root`` and
     generate once. 512 + 64 images of 128 px take a few seconds.
     """
     for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("image_size", image_size, 32)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"generate_shapes_dataset: {name} must be an int >= {low}, got {value!r}")
+            raise UserError(f"{_FIELDS[name]} ({name}) must be an integer >= {low}, got {value!r}")
     root = Path(root)
     params = {"version": _VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
-    if _read_stamp(root) == params:
+    if _settings(_read_stamp(root)) == params:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(root.parent / f".{root.name}.lock"):
-        if _read_stamp(root) != params:  # another process may have generated it while we waited
+        if _settings(_read_stamp(root)) != params:  # another process may have generated it while we waited
             _generate(root, params)
     return root
