@@ -23,12 +23,19 @@ class RowWriter:
     row that finished."""
 
     def __init__(self, json_path: Path | None, table_path: Path | None, columns: list[tuple[str, str]], meta: dict,
-                 append: bool = False):
-        """``append``: keep the rows already in ``json_path`` (another process's part of the same table)."""
+                 append: bool = False, derive: Callable[[list[dict]], None] | None = None):
+        """``append``: keep the rows already in ``json_path`` (another process's part of the same table), and their
+        meta under ``"earlier"``. ``derive``: fills columns computed across rows (e.g. :func:`official_speedups`),
+        before every write."""
         self.json_path, self.table_path, self.columns, self.meta = json_path, table_path, columns, meta
+        self.derive = derive
         self.rows: list[dict] = []
         if append and json_path is not None and json_path.exists():
-            self.rows = json.loads(json_path.read_text())["rows"]
+            earlier = json.loads(json_path.read_text())
+            self.rows = earlier["rows"]
+            older = earlier["meta"].pop("earlier", [])
+            kept = [m for m in [*older, earlier["meta"]] if m != meta]
+            self.meta = {**meta, "earlier": kept} if kept else meta
         self._flush()
 
     def add(self, row: dict) -> None:
@@ -43,11 +50,31 @@ class RowWriter:
         return "\n".join(lines)
 
     def _flush(self) -> None:
+        if self.derive is not None:
+            self.derive(self.rows)
         if self.json_path is not None:
             _atomic_write(self.json_path, json.dumps({"meta": self.meta, "rows": self.rows}, indent=1) + "\n")
         if self.table_path is not None:
-            header = ", ".join(f"{k} {v}" for k, v in self.meta.items())
+            header = ", ".join(f"{k} {v}" for k, v in self.meta.items() if k != "earlier")
+            for meta in self.meta.get("earlier", []):
+                header += "\n\nearlier rows: " + ", ".join(f"{k} {v}" for k, v in meta.items())
             _atomic_write(self.table_path, f"{header}\n\n{self.table()}\n")
+
+
+# Deployment rows of the official code (scripts/official_peer.py): backend name -> the speed-up column over it.
+OFFICIAL_DEPLOY = {"official_eager_fp32 (original kernel)": "x_official_original",
+                   "official_eager_fp32 (PyTorch path)": "x_official_pytorch"}
+SPEEDUP_COLUMNS = [("x_official_original", "x official (orig. kernel)"),
+                   ("x_official_pytorch", "x official (PyTorch path)")]
+
+
+def official_speedups(rows: list[dict]) -> None:
+    """Sets each timed row's FPS over the FPS of each official row of the same batch (``SPEEDUP_COLUMNS``)."""
+    for name, column in OFFICIAL_DEPLOY.items():
+        reference = {r["batch"]: r["fps"] for r in rows if r.get("backend") == name and r.get("fps")}
+        for row in rows:
+            if row.get("fps") and row.get("batch") in reference:
+                row[column] = row["fps"] / reference[row["batch"]]
 
 
 def _fmt(x) -> str:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from bench_rows import RowWriter, environment, median, model_config, synchronize, time_calls
 
@@ -24,7 +25,7 @@ from dino.config import OptimConfig
 from dino.criterion import build_criterion
 from dino.engine.optim import build_optimizer
 
-COLUMNS = [("path", "deformable attention"), ("precision", "precision"), ("batch", "images/step"),
+COLUMNS = [("code", "code"), ("path", "deformable attention"), ("precision", "precision"), ("batch", "images/step"),
            ("image", "image H x W"), ("median_ms", "median step ms"), ("images_per_s", "images/s"),
            ("peak_mem_gib", "peak memory GiB"), ("loss", "first loss"), ("note", "note")]
 
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--table", type=Path)
     parser.add_argument("--append", action="store_true", help="keep the rows already in --json")
+    parser.add_argument("--weights", type=Path, help="initial weights (safetensors; scripts/official_peer.py "
+                        "--weights-out: the official init, for the same weights as the official rows)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model and images on the CPU, 1 timed step")
     args = parser.parse_args(argv)
 
@@ -91,18 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     path = "CUDA kernel" if device.type == "cuda" and dino.ops.kernel_available() else "PyTorch (grid_sample)"
     cfg = model_config(args.preset, tiny=args.dry_run)
     meta = {"preset": args.preset + (" (tiny, dry run)" if args.dry_run else ""), **environment(device),
-            "timing": f"median of {args.iters} steps after {args.warmup} warm-up"}
+            "timing": f"median of {args.iters} steps after {args.warmup} warm-up",
+            "weights": f"{args.weights.name} (official init)" if args.weights else "random init (ours)"}
     writer = RowWriter(args.json, args.table, COLUMNS, meta, append=args.append)
     print(f"== training step: {meta}, deformable attention: {path}", flush=True)
 
     for precision in args.precisions:
-        row = {"path": path, "precision": precision, "batch": args.batch, "image": f"{height}x{width}"}
+        row = {"code": "ours", "path": path, "precision": precision, "batch": args.batch, "image": f"{height}x{width}"}
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             writer.add({**row, "note": "no bf16 on this GPU"})
             continue
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
-        model = dino.build_model(cfg).to(device).train()
+        model = dino.build_model(cfg)
+        if args.weights is not None:
+            model.load_state_dict(load_file(str(args.weights)))
+        model = model.to(device).train()
         criterion = build_criterion(cfg).to(device)
         # Dry run: a frozen backbone keeps the CPU step to seconds (its backward dominates there); same code path.
         optim_cfg = OptimConfig(lr_backbone=0.0) if args.dry_run else OptimConfig()

@@ -3,10 +3,17 @@
 # in priority order:
 #   1. build the ms_deform_attn kernel; its CUDA tests (bad-input test in its own process); the TensorRT plugin's
 #      enqueue test (needs the TensorRT headers, see below);
+#   1b. the official IDEA-Research/DINO code as a measured peer (scripts/official_peer.py; needs a checkout in
+#      $DINO_OFFICIAL_ROOT, else its rows say they were skipped): its R50 4-scale training step and its eager fp32
+#      forward at the shapes below, deformable attention routed to our re-creation of the original kernel (csrc/bench)
+#      and to its own PyTorch path; its rows go first into the training and deployment tables (sections 2 and 3
+#      append to them), and its converted init becomes the weights of sections 2 and 3 (same weights);
 #   2. training step of dino_r50_4scale at the official shapes (2 images, 800x1333, 900 queries, denoising):
 #      images/s and peak memory, fp32 and bf16 autocast, CUDA kernel and PyTorch path;
-#   3. deployed inference of dino_r50_4scale at 800x1333, batch 1 and 8: eager fp32/bf16, AOTInductor bf16 with the
-#      kernel, torch.compile (default and reduce-overhead): FPS, p90, setup time, by-query difference from eager fp32;
+#   3. deployed inference of dino_r50_4scale at 800x1333, batch 1 and 8: eager fp32, the batch-1 fp16 candidates
+#      (scripts/deploy_candidates.py: CUDA graph, torch.compile reduce-overhead, channels-last, static AOTInductor),
+#      eager bf16, AOTInductor bf16 with the kernel, torch.compile bf16 (default and reduce-overhead): FPS, p90, setup
+#      time, by-query difference from eager, speed-up over the official rows;
 #   4. the kernel table (python -m dino.ops.bench), encoder and decoder shapes;
 #   5. precision: float16 (the --fp16 deploy model) and bf16 autocast against float32 at 800x1333, query by query on
 #      float32's query selection (scripts/precision_check.py), CUDA kernel and PyTorch path.
@@ -14,8 +21,12 @@
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh [--dry-run] [--budget SECONDS]
 #
-# GPU_CHECK_SECTIONS picks sections (default all: "build tests train deploy kernel precision"; "build" is the kernel
-# build, which the other sections use when it is there); DEPLOY_ARGS adds arguments to scripts/bench_deploy.py (e.g.
+# GPU_CHECK_SECTIONS picks sections (default all: "build official tests train deploy kernel precision"; "build" is
+# the kernel build, which the other sections use when it is there); 8 minutes of device time for the official
+# side-by-side, the candidates and the kernel table (docs/benchmarks.md):
+#   GPU_CHECK_SECTIONS="build official train deploy kernel" DEPLOY_ARGS="--batches 1" \
+#     bash scripts/gpu_check.sh --budget 450
+# DEPLOY_ARGS adds arguments to scripts/bench_deploy.py (e.g.
 # "--backends eager_fp32 aoti_bf16 --batches 1").
 #
 # Everything lands in $OUT (default ./gpu_out), at most 8 files (what a GPU session hands back): summary.md (device,
@@ -43,6 +54,7 @@ while [ $# -gt 0 ]; do
 done
 [ -z "$BUDGET" ] && BUDGET=$([ "$DRY" -eq 1 ] && echo 1500 || echo 360)
 OUT=${OUT:-gpu_out}
+rm -rf "$OUT/json"  # every table section appends to the tables of this run only
 mkdir -p "$OUT/json"
 OUT=$(cd "$OUT" && pwd)
 JSON=$OUT/json
@@ -52,7 +64,7 @@ PY=${PYTHON:-python3}
 LINKS=$(mktemp -d)
 ln -s "$PWD/export" "$LINKS/dino_export"
 export PYTHONPATH=$PWD:$LINKS${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-SECTIONS=" ${GPU_CHECK_SECTIONS:-build tests train deploy kernel precision} "
+SECTIONS=" ${GPU_CHECK_SECTIONS:-build official tests train deploy kernel precision} "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 export DINO_EXT_CACHE=${DINO_EXT_CACHE:-/tmp/dino_ext} MAX_JOBS=${MAX_JOBS:-16}
 if [ -z "${DINO_TRT_HEADERS:-}" ]; then
@@ -116,7 +128,7 @@ print('kernel module:', load_kernel(), f'({time.perf_counter() - t:.0f} s)')"
 # benchmark-only baseline extension of the kernel table. A section that finds its build unfinished builds it itself.
 export DINO_PLUGIN_BUILD_DIR=${DINO_PLUGIN_BUILD_DIR:-/tmp/dino_plugin}
 BG_LOG=/tmp/gpu_check_background.$$.log
-if [ "$DRY" -eq 0 ] && { want tests || want kernel; }; then
+if [ "$DRY" -eq 0 ] && { want tests || want kernel || want official; }; then
   ( [ -n "${DINO_TRT_HEADERS:-}" ] && $PY -c "
 import torch
 from pathlib import Path
@@ -138,6 +150,16 @@ if want tests; then
     2>&1 | tee -a "$OUT/tests.log"
   section "plugin enqueue test" 150 "${PYTEST[@]}" -m cuda tests/test_plugin.py 2>&1 | tee -a "$OUT/tests.log"
 fi
+
+# 1b. The official code as a peer: first in the training and deployment tables. Its converted init (written when its
+# shapes are the benchmarks', i.e. not in a dry run) is the weights of sections 2 and 3.
+OFFICIAL_WEIGHTS=/tmp/gpu_check_official_init.$$.safetensors
+want official && section "official peer" 180 $PY scripts/official_peer.py "${DRYFLAG[@]}" \
+  --official-root "${DINO_OFFICIAL_ROOT:-}" --budget-s $(( DRY ? 450 : 150 )) --weights-out "$OFFICIAL_WEIGHTS" \
+  --train-json "$JSON/train.json" --train-table "$OUT/train.md" \
+  --deploy-json "$JSON/deploy.json" --deploy-table "$OUT/deploy.md"
+WEIGHTS=()
+[ -f "$OFFICIAL_WEIGHTS" ] && WEIGHTS=(--weights "$OFFICIAL_WEIGHTS")
 unset DINO_REQUIRE_KERNEL
 
 # 5 first when asked for: short, and the figure the export's float16 tolerance rests on.
@@ -150,12 +172,13 @@ fi
 
 # 2. Training step: CUDA kernel, then the PyTorch path (DINO_DISABLE_KERNEL) appended to the same table.
 if want train; then
-  section "training step, kernel" 75 $PY scripts/bench_train_step.py "${DRYFLAG[@]}" \
-    --json "$JSON/train.json" --table "$OUT/train.md"
+  section "training step, kernel" 75 $PY scripts/bench_train_step.py "${DRYFLAG[@]}" "${WEIGHTS[@]}" \
+    --append --json "$JSON/train.json" --table "$OUT/train.md"
   PT_PREC=(fp32 bf16)
   [ "$DRY" -eq 1 ] && PT_PREC=(fp32)
   section "training step, PyTorch path" 75 env DINO_DISABLE_KERNEL=1 $PY scripts/bench_train_step.py \
-    "${DRYFLAG[@]}" --precisions "${PT_PREC[@]}" --append --json "$JSON/train.json" --table "$OUT/train.md"
+    "${DRYFLAG[@]}" "${WEIGHTS[@]}" --precisions "${PT_PREC[@]}" --append --json "$JSON/train.json" \
+    --table "$OUT/train.md"
 fi
 
 # 3. Deployed inference; the script stops starting new backends 45 s before its cap.
@@ -167,7 +190,7 @@ if want deploy; then
   DEPLOY_BUDGET=$(( DEPLOY_BUDGET - 45 ))
   # shellcheck disable=SC2086 # DEPLOY_ARGS is a list of words
   section "deployed inference" $DEPLOY_CAP $PY scripts/bench_deploy.py "${DRYFLAG[@]}" --budget-s $DEPLOY_BUDGET \
-    --json "$JSON/deploy.json" --table "$OUT/deploy.md" ${DEPLOY_ARGS:-}
+    "${WEIGHTS[@]}" --append --json "$JSON/deploy.json" --table "$OUT/deploy.md" ${DEPLOY_ARGS:-}
 fi
 
 # 4. Kernel table.
@@ -180,5 +203,5 @@ echo "total $(( $(date +%s) - T0 )) s" >> "$SUMMARY"
 cat "$SUMMARY"
 for f in train deploy kernel precision; do [ -f "$OUT/$f.md" ] && { echo; cat "$OUT/$f.md"; }; done
 tar -cf "$OUT/json.tar" -C "$OUT" json && rm -r "$OUT/json"
-rm -rf "$LINKS"
+rm -rf "$LINKS" "$OFFICIAL_WEIGHTS"
 ! grep -q "^| [^|]* | [1-9]" "$SUMMARY"
