@@ -2,6 +2,8 @@
 standalone; a package that disagrees with eager fails the check (and `dino export aoti` with it)."""
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -9,8 +11,10 @@ import pytest
 import torch
 
 from dino.errors import UserError
+from dino.predict_labels import ArtifactLabels, label_metadata
 from dino_export.aoti import check_aoti, export_aoti, load_aoti
 from dino_export.deploy_model import DeployModel
+from dino_export.predict_backends import AotiBackend
 from dino_export.query_check import FP32_TOLERANCE, ExportCheckError, Tolerance
 from dino_export.tracing import check_inputs
 from tests.export_standin import StandInDetector
@@ -23,7 +27,7 @@ def package(tmp_path_factory):
     torch.manual_seed(0)
     model = DeployModel(StandInDetector(), num_select=20).eval()
     path, checks = export_aoti(model, tmp_path_factory.mktemp("aoti") / "model.pt2", SIZE, "cpu",
-                               dynamic_batch=True, max_batch=4)
+                               dynamic_batch=True, max_batch=4, labels=label_metadata(5, None))
     return model, path, checks
 
 
@@ -38,6 +42,19 @@ def test_package_passes_its_check_for_batch_1_and_3(package):
     got = runner(images, mask)
     # The detections, then the per-query outputs they were selected from (the stand-in: 10 queries, 5 classes).
     assert [tuple(t.shape) for t in got] == [(3, 20, 4), (3, 20), (3, 20), (3, 10, 5), (3, 10, 4), (3, 10)]
+
+
+def test_package_records_its_size_and_classes(package):
+    """`dino predict --aoti` needs no --image-size and names labels by the recorded classes; the file is 0644-like."""
+    _, path, _ = package
+    backend = AotiBackend(path, None, "cpu")
+    assert backend.input_size == SIZE and backend.labels == ArtifactLabels(5, None)
+    with pytest.raises(UserError, match=r"--image-size 64 64 differs from the size .*model.pt2 was exported for "
+                                        r"\(64 96\): omit --image-size"):
+        AotiBackend(path, (64, 64), "cpu")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_package_that_disagrees_with_eager_fails_the_check(package):

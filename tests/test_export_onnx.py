@@ -2,6 +2,9 @@
 a letterboxed batch matches `dino eval`; a corrupted graph fails its check naming the largest difference."""
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -18,15 +21,18 @@ from dino.errors import UserError
 from dino.model_loading import without_pretrained_backbone
 from dino.models.dino import _downsample_mask
 from dino.postprocess import PostProcess
+from dino.predict_labels import ArtifactLabels, label_metadata
 from dino.presets import get_preset
 from dino_export import onnx_export
 from dino_export.deploy_model import DeployModel
 from dino_export.onnx_export import check_onnx, export_onnx
+from dino_export.predict_backends import OnnxRuntimeBackend
 from dino_export.plugin_node import PLUGIN_DOMAIN, PLUGIN_INPUTS, PLUGIN_NAME, plugin_nodes
 from dino_export.query_check import FP32_TOLERANCE, ExportCheckError, Tolerance
 from dino_export.tracing import check_inputs
 
 SIZE = (96, 128)
+LABELS = label_metadata(5, [{"id": 1, "name": "cat"}, {"id": 4, "name": "dog"}])
 
 
 def tiny_config() -> ModelConfig:
@@ -49,7 +55,7 @@ def deploy_model() -> DeployModel:
 @pytest.fixture(scope="module")
 def standard_export(deploy_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "standard.onnx"
-    return export_onnx(deploy_model, path, SIZE, "standard", dynamic_batch=True, max_batch=4)
+    return export_onnx(deploy_model, path, SIZE, "standard", dynamic_batch=True, max_batch=4, labels=LABELS)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +101,17 @@ def _match_detections(got, expected, tol):
         best = np.argmin(np.maximum(d_score / tol.score, d_box / tol.box_px))
         worst_score, worst_box = max(worst_score, d_score[best]), max(worst_box, d_box[best])
     return worst_score, worst_box
+
+
+def test_graph_records_its_classes_and_has_a_new_file_s_permissions(standard_export):
+    """`dino predict --onnx` reads the classes back; the file is 0666 less the umask (0644), not mkstemp's 0600."""
+    model = onnx.load(str(standard_export.path))
+    assert {p.key: p.value for p in model.metadata_props} == LABELS
+    backend = OnnxRuntimeBackend(standard_export.path, "cpu")
+    assert backend.labels == ArtifactLabels(5, [{"id": 1, "name": "cat"}, {"id": 4, "name": "dog"}])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(standard_export.path.stat().st_mode) == 0o666 & ~umask != 0o600
 
 
 def test_letterboxed_batch_of_two_sizes_matches_dino_eval(standard_export, deploy_model):

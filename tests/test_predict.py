@@ -21,9 +21,10 @@ from dino.models.dino import build_model
 from dino.postprocess import PostProcess, postprocess
 from dino.predict import ModelBackend, Preprocessor, predict_files, valid_sizes
 from dino.predict_draw import MIN_DRAW_SIDE, draw_detections
-from dino.predict_labels import COCO_CATEGORY_NAMES, LabelNames
+from dino.predict_labels import COCO_CATEGORY_NAMES, ArtifactLabels, LabelNames, label_metadata
 from dino.weights import save_weights
 from dino_cli import main
+from dino_export.artifact_labels import read_engine_sidecar, set_onnx_labels, write_engine_sidecar
 from dino_export.predict_backends import OnnxRuntimeBackend
 
 TINY = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
@@ -270,3 +271,45 @@ def test_a_failing_batch_keeps_its_traceback_and_what_was_done(tmp_path):
     assert result["complete"] is False and [Path(r["file"]).name for r in result["images"]] == ["0.png"]
     assert result["images"][0]["detections"] == [{"box": [1.0, 2.0, 30.0, 40.0], "score": 0.9, "label": 0,
                                                   "category_id": 0, "name": "class 0"}]
+
+
+def test_onnx_graph_names_its_labels_and_refuses_a_recipe_of_another_class_count(tmp_path, capsys):
+    torch.manual_seed(0)
+    plain = tmp_path / "plain.onnx"
+    _export_onnx(ContractModel(ConvDetector(), num_select=8).eval(), (64, 64), plain)
+    proto = onnx.load(str(plain))
+    set_onnx_labels(proto, label_metadata(4, [{"id": i, "name": f"shape{i}"} for i in range(4)]))
+    graph = tmp_path / "labelled.onnx"
+    onnx.save(proto, str(graph))
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+
+    def predict(onnx_path, recipe, output):
+        return main(["predict", str(image), "--recipe", recipe, "--onnx", str(onnx_path), "--output",
+                     str(tmp_path / output), "--device", "cpu", "--score-threshold", "0"])
+
+    # A COCO preset (91 classes) with a 4-class graph: refused, where it used to name the shapes with COCO names.
+    assert predict(graph, "dino_r50_4scale", "coco") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"dino predict: error: {graph} was exported for 4 classes but --recipe dino_r50_4scale has "
+                           "model.num_classes=91: give the recipe the model was exported from")
+    assert not (tmp_path / "coco").exists()
+    assert predict(graph, TINY, "tiny") == 0
+    assert f"labels: 4 category names recorded in {graph}" in capsys.readouterr().out
+    dets = json.loads((tmp_path / "tiny" / "predictions.json").read_text())["images"][0]["detections"]
+    assert dets and all(d["name"] == f"shape{d['label']}" for d in dets)
+    # A graph exported before labels were recorded: names by the recipe, and the log line says so.
+    assert predict(plain, TINY, "plain") == 0
+    assert f"(by --recipe engine_tiny: {plain} records no classes" in capsys.readouterr().out
+
+
+def test_engine_sidecar_round_trip(tmp_path):
+    engine = tmp_path / "model.engine"
+    assert write_engine_sidecar(engine, {}) is None and read_engine_sidecar(engine) is None
+    path = write_engine_sidecar(engine, label_metadata(3, CATEGORIES))
+    assert path == tmp_path / "model.engine.json"
+    assert read_engine_sidecar(engine) == ArtifactLabels(3, CATEGORIES)
+    path.write_text('{"dino.num_classes": "three"}')
+    with pytest.raises(UserError, match="model.engine.json: malformed class metadata"):
+        read_engine_sidecar(engine)
