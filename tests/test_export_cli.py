@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import textwrap
 
+import onnx
 import pytest
 import torch
 
@@ -110,7 +113,9 @@ def test_export_onnx_cli_reports_the_check_then_success(tmp_path, capsys, tiny_r
     from dino.engine.recipe import load_recipe
 
     checkpoint = tmp_path / "model.safetensors"
-    save_weights(dino.build_model(load_recipe(str(tiny_recipe)).model).state_dict(), checkpoint)
+    model_cfg = load_recipe(str(tiny_recipe)).model
+    categories = [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}]
+    save_weights(dino.build_model(model_cfg).state_dict(), checkpoint, {"categories": json.dumps(categories)})
     output = tmp_path / "out" / "plugin.onnx"
     rc, out, _ = _run(["export", "onnx", "--recipe", str(tiny_recipe), "--checkpoint", str(checkpoint),
                        "--deform-op", "plugin", "--image-size", "96", "96", "--output", str(output)], capsys)
@@ -120,6 +125,12 @@ def test_export_onnx_cli_reports_the_check_then_success(tmp_path, capsys, tiny_r
     assert out.index(check_line) < out.index("wrote")
     assert "2 DinoMSDeformAttn plugin nodes" in out and "onnx.checker passed; checked against PyTorch" in out
     assert [p.name for p in output.parent.iterdir()] == ["plugin.onnx"]  # no temporary file left
+    # The graph records the classes for `dino predict --onnx`, and has a new file's permissions (was 0600).
+    meta = {p.key: p.value for p in onnx.load(str(output), load_external_data=False).metadata_props}
+    assert meta == {"dino.num_classes": str(model_cfg.num_classes), "dino.categories": json.dumps(categories)}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask
 
 
 def test_bench_cli_writes_table_and_json(tmp_path, capsys, tiny_recipe):
