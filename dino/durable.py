@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 from dino.errors import UserError
@@ -86,9 +87,37 @@ def make_output_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def no_space_error(err: OSError, path: str | os.PathLike) -> UserError | None:
-    """The one-line UserError for a write into ``path`` that failed for lack of space, or None for other errors."""
-    if getattr(err, "errno", None) not in NO_SPACE:
+def no_space_error(err: BaseException, path: str | os.PathLike, note: str = "", what: str = "") -> UserError | None:
+    """The one-line UserError for a write into ``path`` that failed for lack of space, or None for other errors;
+    ``what`` goes before the path ("checkpoint "), ``note`` after it (what was cleaned up).
+
+    A full disk reaches Python in three forms: an OSError (ENOSPC / EDQUOT), a safetensors error carrying the OS
+    message ("No space left on device (os error 28)"), and torch.save's RuntimeError, which does not say why
+    ("PytorchStreamWriter failed writing file" / "unexpected pos"): that one counts when the disk has under
+    :data:`LOW_SPACE_BYTES` free.
+    """
+    text = str(err)
+    if isinstance(err, OSError) and err.errno in NO_SPACE:
+        quota = err.errno == errno.EDQUOT
+    elif any(m in text for m in ("No space left on device", f"os error {errno.ENOSPC}")):
+        quota = False
+    elif any(m in text for m in ("Disk quota exceeded", f"os error {errno.EDQUOT}")):
+        quota = True
+    elif isinstance(err, RuntimeError) and "inline_container" in text and _free_bytes(path) < LOW_SPACE_BYTES:
+        quota = False
+    else:
         return None
-    reason = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on device"
-    return UserError(f"{reason} while writing {path}; free some space (or choose another folder) and rerun")
+    reason = "disk quota exceeded" if quota else "no space left on device"
+    return UserError(f"{reason} while writing {what}{path}{note}; free some space (or choose another folder) and rerun")
+
+
+# torch.save's write errors do not say why; below this much free space the reason is taken to be the disk.
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+def _free_bytes(path: str | os.PathLike) -> int:
+    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("."))
+    try:
+        return shutil.disk_usage(existing).free
+    except OSError:
+        return LOW_SPACE_BYTES

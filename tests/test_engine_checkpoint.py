@@ -1,10 +1,12 @@
 """Checkpoint folders and weight files: durable writes, crash safety at every step, retention."""
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import dino.durable
@@ -133,10 +135,40 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_removes_the_half_written_
     tmp = tmp_path / "checkpoints" / ".tmp-step_00000002"
     with pytest.raises(UserError) as err:
         _save(tmp_path, 2, 2)
-    assert str(err.value) == (f"no space left on device while writing {tmp}; free some space (or choose another "
+    assert str(err.value) == (f"no space left on device while writing checkpoint {tmp_path / 'checkpoints' / 'step_00000002'}"
+                              " (the half-written .tmp-step_00000002 was removed); free some space (or choose another "
                               "folder) and rerun")
+    assert not tmp.exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
     assert _loadable(tmp_path) == (1, 1)
+
+
+@pytest.mark.parametrize("error,free", [
+    # What a real full disk raised here (a 2-60 MB tmpfs): safetensors' error, and torch.save's, which gives no reason.
+    (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), 10**9),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), 1000),
+])
+def test_a_full_disk_is_recognised_in_the_forms_the_writers_report_it(tmp_path, monkeypatch, error, free):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(FakeAccelerator, "save_state", fail)
+    monkeypatch.setattr(dino.durable.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**10, 10**10, free))
+    with pytest.raises(UserError, match=r"^no space left on device while writing checkpoint .*step_00000001 \(the "
+                                        r"half-written \.tmp-step_00000001 was removed\)"):
+        _save(tmp_path, 1, 1)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_torch_write_error_with_space_left_keeps_its_traceback(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(FakeAccelerator, "save_state", fail)
+    monkeypatch.setattr(dino.durable.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**10, 0, 10**10))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        _save(tmp_path, 1, 1)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 def test_other_write_errors_keep_their_traceback_and_remove_the_half_written_folder(tmp_path, monkeypatch):

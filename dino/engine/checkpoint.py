@@ -92,7 +92,7 @@ def save_training_state(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    with _removed_on_failure(tmp):
+    with _removed_on_failure(tmp, final):
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -100,6 +100,7 @@ def save_training_state(
                 save_weights(state, tmp / name, metadata)
             write_json(progress, tmp / PROGRESS)
             install_checkpoint(tmp, final)
+    if accelerator.is_main_process:
         for replaced in root.glob(f"{_REPLACED}*"):
             if (root / replaced.name.removeprefix(_REPLACED)).exists():  # left by a crash after its replacement
                 _delete(replaced)
@@ -112,14 +113,14 @@ def save_training_state(
 
 
 @contextmanager
-def _removed_on_failure(tmp: Path) -> Iterator[None]:
+def _removed_on_failure(tmp: Path, final: Path) -> Iterator[None]:
     """Deletes the half-written checkpoint ``tmp`` when its writing fails (it would keep a full disk full);
     a full disk or quota is a UserError naming the folder, anything else keeps its traceback."""
     try:
         yield
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        user_error = no_space_error(err, tmp) if isinstance(err, OSError) else None
+        user_error = no_space_error(err, final, f" (the half-written {tmp.name} was removed)", "checkpoint ")
         if user_error is not None:
             raise user_error from None
         raise

@@ -56,7 +56,7 @@ class Checkpointer:
             for name, state in self._weights().items():
                 try:
                     save_weights(state, self.output_dir / name, self.metadata)  # its temp file is removed on failure
-                except OSError as err:
+                except Exception as err:  # OSError, or safetensors' own error carrying the OS message
                     user_error = no_space_error(err, self.output_dir / name)
                     if user_error is None:
                         raise
