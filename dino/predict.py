@@ -170,8 +170,20 @@ def read_image(path: Path) -> PIL.Image.Image:
         raise UserError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
+def earlier_outputs(folder: Path) -> set[str]:
+    """Names of an earlier ``dino predict``'s outputs in ``folder``: its predictions.json and the pictures it lists
+    (empty when the folder holds no predictions.json of this format)."""
+    try:
+        result = json.loads((folder / "predictions.json").read_text())
+        pictures = {r["picture"] for r in result["images"] if r.get("picture")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {"predictions.json", *(str(p) for p in pictures)}
+
+
 def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
-    """Files to predict on: the given files, and every non-hidden file of the given folders (sorted, not recursive).
+    """Files to predict on: the given files, and every non-hidden file of the given folders (sorted, not recursive),
+    except an earlier ``dino predict``'s outputs there (:func:`earlier_outputs`, left out with a line on stderr).
 
     Returns (files, the folders given). UserError for a path that does not exist or an empty folder.
     """
@@ -181,6 +193,11 @@ def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[Path]
         if path.is_dir():
             folders.append(path)
             found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            outputs = earlier_outputs(path)
+            if outputs:
+                found = [p for p in found if p.name not in outputs]
+                print(f"dino predict: {path} holds an earlier run's outputs: left out its predictions.json and the "
+                      f"{len(outputs) - 1} picture(s) it lists", file=sys.stderr)
             if not found:
                 raise UserError(f"input folder {path} holds no files")
             files.extend(found)
@@ -197,7 +214,8 @@ def check_output_dir(output_dir: str | os.PathLike, files: list[Path], folders: 
     output_dir = Path(output_dir)
     out = output_dir.resolve()
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output {output_dir} is a file, not a folder; give a folder for predictions.json and pictures")
+        raise UserError(f"--output {output_dir} is a file, not a folder; give a folder for predictions.json and "
+                        "the pictures")
     for path in files:
         if path.resolve().parent == out:
             raise UserError(f"--output {output_dir} holds the input {path}: the pictures could replace the inputs; "

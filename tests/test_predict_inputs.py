@@ -69,7 +69,7 @@ def test_an_output_folder_that_could_replace_an_input_is_refused(checkpoint, tmp
     rc = _predict(checkpoint, [folder], folder / "predictions")  # a later run would read the outputs as inputs
     _one_line_error(capsys, rc, f"--output {folder / 'predictions'} is inside the input folder {folder}")
     (tmp_path / "file").write_text("x")
-    _one_line_error(capsys, _predict(checkpoint, [folder], tmp_path / "file"), "is a file, not a folder")
+    _one_line_error(capsys, _predict(checkpoint, [folder], tmp_path / "file"), f"--output {tmp_path / 'file'} is a file")
     assert sorted(p.name for p in folder.iterdir()) == ["photo.jpg"]
     assert (folder / "photo.jpg").read_bytes() == original
 
@@ -204,6 +204,17 @@ def test_same_size_batch_equals_images_run_alone(checkpoint):
 def test_predict_files_refuses_an_output_folder_holding_an_input(tmp_path):
     _noise(64, 64).save(tmp_path / "a.png")
     with pytest.raises(UserError, match="holds the input"):
-        predict_files(ModelBackend(torch.nn.Identity(), 1), [tmp_path / "a.png"], DataConfig(), LabelNames.build(3, None),
-                      tmp_path)
+        predict_files(ModelBackend(torch.nn.Identity(), 1), [tmp_path / "a.png"], DataConfig(),
+                      LabelNames.build(3, None), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_an_earlier_run_s_outputs_are_not_read_as_inputs(checkpoint, tmp_path, capsys):
+    first = tmp_path / "first"
+    _noise(64, 64).save(tmp_path / "cat.png")
+    assert _predict(checkpoint, [tmp_path / "cat.png"], first) == 0
+    _noise(64, 64, 5).save(first / "dog.png")  # a new photo put in the earlier output folder
+    assert _predict(checkpoint, [first], tmp_path / "second") == 0
+    err = capsys.readouterr().err
+    assert f"{first} holds an earlier run's outputs: left out its predictions.json and the 1 picture(s)" in err
+    assert list(_records(tmp_path / "second")) == ["dog.png"]
