@@ -55,14 +55,25 @@ def _src_permutation_idx(indices: Indices, device: torch.device) -> tuple[Tensor
     return batch_idx.to(device), src_idx.to(device)
 
 
-def _num_boxes(targets: list[dict], device: torch.device) -> float:
-    """Number of target boxes averaged over processes (so each process normalises alike), at least 1."""
-    total = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], dtype=torch.float, device=device)
+def num_boxes_per_micro_batch(micro_batches: list[list[dict]], device: torch.device) -> float:
+    """Target boxes per micro-batch, averaged over ``micro_batches`` (this process's accumulation group) and every
+    process, at least 1: the official normaliser (boxes averaged over GPUs) when each micro-batch stands for one GPU.
+
+    Every process must pass the same number of micro-batches. Float32 as the official code, so that one micro-batch
+    on each process gives the official value bit for bit.
+    """
+    boxes = sum(len(t["labels"]) for targets in micro_batches for t in targets)
+    total = torch.as_tensor([float(boxes)], dtype=torch.float, device=device)
     world = 1
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
         world = dist.get_world_size()
-    return torch.clamp(total / world, min=1).item()
+    return torch.clamp(total / (world * len(micro_batches)), min=1).item()
+
+
+def _num_boxes(targets: list[dict], device: torch.device) -> float:
+    """Number of target boxes averaged over processes (so each process normalises alike), at least 1."""
+    return num_boxes_per_micro_batch([targets], device)
 
 
 class SetCriterion(nn.Module):
@@ -149,19 +160,24 @@ class SetCriterion(nn.Module):
 
     # --- the whole model output -----------------------------------------------------------------------------------
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict[str, Tensor]:
         """Computes every loss term.
 
         Args:
             outputs: the model's output dict (docs/ARCHITECTURE.md): ``pred_logits (B, Q, C)``, ``pred_boxes (B, Q, 4)``
                 cxcywh in [0, 1], optional ``aux_outputs``, ``interm_outputs``, ``dn_meta``.
             targets: B dicts, ``labels (N_i,)`` int64 in [0, C), ``boxes (N_i, 4)`` cxcywh in [0, 1].
+            num_boxes: the box count the losses are divided by (>= 1); None: ``targets``' count averaged over the
+                processes (official). Gradient accumulation passes the group's count (:func:`num_boxes_per_micro_batch`).
         Returns:
             dict of unweighted scalar tensors (see the class docstring).
         """
         logits = outputs["pred_logits"]
         self._check_targets(outputs, targets)
-        num_boxes = _num_boxes(targets, logits.device)
+        if num_boxes is None:
+            num_boxes = _num_boxes(targets, logits.device)
+        elif not num_boxes >= 1:
+            raise ValueError(f"num_boxes must be >= 1, got {num_boxes}")
         zero = logits.new_zeros(())
 
         losses = {}

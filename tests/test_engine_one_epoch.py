@@ -32,7 +32,7 @@ class ToyCriterion(nn.Module):
         super().__init__()
         self.calls, self.nan_at = 0, set(nan_at)
 
-    def forward(self, outputs, targets):
+    def forward(self, outputs, targets, num_boxes=None):
         self.calls += 1
         if self.calls in self.nan_at:
             return {"loss_a": outputs["pred"], "loss_b": outputs["pred"] * math.nan}
@@ -40,8 +40,9 @@ class ToyCriterion(nn.Module):
 
 
 def _batches(values):
-    """One micro-batch per value v: images summing to v, one target with image id 10 * v."""
-    return [(torch.full((1, 1), float(v)), None, [{"image_id": torch.tensor(10 * v)}]) for v in values]
+    """One micro-batch per value v: images summing to v, one target (no boxes) with image id 10 * v."""
+    return [(torch.full((1, 1), float(v)), None, [{"image_id": torch.tensor(10 * v), "labels": torch.zeros(0)}])
+            for v in values]
 
 
 def _run(values, accumulation, criterion, *overrides):
@@ -100,7 +101,7 @@ def test_skip_nonfinite_steps_skips_the_whole_group_and_counts_it():
 
 def test_a_nonfinite_gradient_norm_stops_too():
     class InfGrad(ToyCriterion):
-        def forward(self, outputs, targets):
+        def forward(self, outputs, targets, num_boxes=None):
             losses = super().forward(outputs, targets)
             # A finite loss whose gradient is inf: sqrt at 0.
             return {**losses, "loss_a": losses["loss_a"] + torch.sqrt(outputs["pred"] * 0)}
@@ -122,7 +123,7 @@ def test_nan_predictions_are_reported_as_predictions():
     assert not isinstance(err.value, NonFinitePredictionError)
 
     class PredictionsFail(ToyCriterion):
-        def forward(self, outputs, targets):
+        def forward(self, outputs, targets, num_boxes=None):
             self.calls += 1
             if self.calls == 2:
                 raise NonFinitePredictionError("matching cost of image 0 is not finite")

@@ -3,6 +3,11 @@
 Gradient accumulation is explicit: micro-batches are grouped ``accumulation`` at a time from the epoch's start, each
 micro-batch's loss is divided by the size of its group, and only the group's last micro-batch synchronises
 gradients across processes. A partial group at the end of an epoch is a full step on the micro-batches it has.
+
+One step of P processes x k micro-batches equals the official step on P x k GPUs: the official criterion normalises
+each GPU's losses by the box count averaged over the GPUs, so every micro-batch here is normalised by the box count
+of the whole group (all its micro-batches on all processes) divided by P x k. A group's micro-batches are therefore
+loaded before its first forward pass.
 """
 from __future__ import annotations
 
@@ -10,12 +15,14 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from dino.config import Recipe
+from dino.criterion import num_boxes_per_micro_batch
 from dino.engine.checkpointer import Checkpointer, Progress
 from dino.engine.nonfinite import NonFiniteStepError, any_process, describe, nonfinite_terms
 from dino.engine.optim import scaled_lr, warmup_factor
@@ -78,17 +85,32 @@ def accumulation_group(index: int, per_epoch: int, accumulation: int) -> tuple[i
     return size, index + 1 == start + size
 
 
-def weighted_losses(accelerator, model, criterion, images, mask, targets) -> tuple[dict, dict, dict[str, float]]:
+def micro_batch_groups(batches, start: int, per_epoch: int, accumulation: int) -> Iterator[list]:
+    """The micro-batches ``start`` .. ``per_epoch - 1`` of ``batches`` (which begins at ``start``) as lists, one per
+    accumulation group; ``start`` is a group boundary (checkpoints are written between steps)."""
+    group = []
+    for index, batch in enumerate(batches, start):
+        if index >= per_epoch:
+            break
+        group.append(batch)
+        if accumulation_group(index, per_epoch, accumulation)[1]:
+            yield group
+            group = []
+
+
+def weighted_losses(accelerator, model, criterion, images, mask, targets,
+                    num_boxes: float | None = None) -> tuple[dict, dict, dict[str, float]]:
     """(model outputs, weighted loss terms + their sum ``loss``, the non-finite terms) of one micro-batch.
 
-    The outputs go to the criterion in fp32. NaN/inf predictions make the matcher fail; that is reported as the term
+    ``num_boxes``: the loss normaliser (see the module docstring); None lets the criterion average this micro-batch's
+    box count over the processes. The outputs go to the criterion in fp32. NaN/inf predictions make the matcher fail; that is reported as the term
     ``predictions`` rather than raised, so that the decision to stop is taken by all processes together.
     """
     outputs = model(images, mask, targets)
     if accelerator.mixed_precision != "no":
         outputs = float32(outputs)
     try:
-        losses = criterion(outputs, targets)
+        losses = criterion(outputs, targets, num_boxes=num_boxes)
     except NonFinitePredictionError:
         return outputs, {}, {"predictions": math.nan}
     weighted = {k: losses[k] * w for k, w in criterion.weight_dict.items() if k in losses}
@@ -125,33 +147,31 @@ def train_one_epoch(
     group_failure, group_ids = None, []
     stopped = False
     started = time.perf_counter()
-    for batch in batches:
-        index = progress.batches_in_epoch
-        if index >= per_epoch:
-            break
-        images, mask, targets = batch
-        image_ids = [int(t["image_id"]) for t in targets]
-        group_ids += image_ids
-        group_size, last = accumulation_group(index, per_epoch, accumulation)
-        # Only the group's last micro-batch all-reduces gradients across processes.
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            outputs, weighted, bad = weighted_losses(accelerator, model, criterion, images, mask, targets)
-            if any_process(accelerator, bool(bad)):
-                message = describe(accelerator, "non-finite loss", progress.global_step + 1, progress.epoch + 1, bad,
-                                   image_ids)
-                if not cfg.train.skip_nonfinite_steps:
-                    raise NonFiniteStepError(message + "; stopping (train.skip_nonfinite_steps=true skips such steps)")
-                group_failure = group_failure or message
-                # Every process still runs a backward through the same graph, which DDP expects; its gradients
-                # are discarded with the step.
-                accelerator.backward(sum(t.sum() for t in _output_tensors(outputs)) * 0.0)
-            else:
-                accelerator.backward(weighted["loss"] / group_size)
-                meter.update({k: v.item() for k, v in weighted.items()})
-        progress.batches_in_epoch += 1
-        bar.update(1)
-        if not last:
-            continue
+    for group in micro_batch_groups(batches, start, per_epoch, accumulation):
+        num_boxes = num_boxes_per_micro_batch([targets for _, _, targets in group], accelerator.device)
+        for i, (images, mask, targets) in enumerate(group):
+            image_ids = [int(t["image_id"]) for t in targets]
+            group_ids += image_ids
+            last = i == len(group) - 1
+            # Only the group's last micro-batch all-reduces gradients across processes.
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                outputs, weighted, bad = weighted_losses(accelerator, model, criterion, images, mask, targets,
+                                                         num_boxes)
+                if any_process(accelerator, bool(bad)):
+                    message = describe(accelerator, "non-finite loss", progress.global_step + 1, progress.epoch + 1,
+                                       bad, image_ids)
+                    if not cfg.train.skip_nonfinite_steps:
+                        raise NonFiniteStepError(
+                            message + "; stopping (train.skip_nonfinite_steps=true skips such steps)")
+                    group_failure = group_failure or message
+                    # Every process still runs a backward through the same graph, which DDP expects; its gradients
+                    # are discarded with the step.
+                    accelerator.backward(sum(t.sum() for t in _output_tensors(outputs)) * 0.0)
+                else:
+                    accelerator.backward(weighted["loss"] / len(group))
+                    meter.update({k: v.item() for k, v in weighted.items()})
+            progress.batches_in_epoch += 1
+            bar.update(1)
         group_failure = _optimizer_step(accelerator, model, optimizer, progress, cfg, group_failure, group_ids)
         progress.global_step += 1
         if group_failure:
