@@ -16,6 +16,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from dino.config import Recipe
 from dino.durable import replace_durably, write_json
 from dino.engine.setup import build_accelerator, fit_classes_to
 from dino.errors import UserError
@@ -30,15 +31,19 @@ def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     return images, mask, targets
 
 
-def build_val_loader(dataset: Dataset, batch_size: int, num_workers: int, size_divisibility: int = 1) -> DataLoader:
+def build_val_loader(dataset: Dataset, cfg: Recipe) -> DataLoader:
+    """The evaluation loader: ``train.eval_batch_size`` images per batch (1: no padding across images), in order."""
     from dino.data import collate_fn
 
+    if cfg.train.eval_batch_size < 1:
+        raise UserError(f"train.eval_batch_size must be >= 1, got {cfg.train.eval_batch_size} (1 evaluates each image "
+                        "alone, as the official code)")
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=cfg.train.eval_batch_size,
         shuffle=False,
-        collate_fn=partial(collate_fn, size_divisibility=size_divisibility),
-        num_workers=num_workers,
+        collate_fn=partial(collate_fn, size_divisibility=cfg.data.size_divisibility),
+        num_workers=cfg.data.num_workers,
         generator=torch.Generator(),  # keeps evaluation from drawing on the global RNG (exact resumption)
     )
 
@@ -142,10 +147,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
                         "or only crowd or dropped ones); use `dino predict` for predictions without ground truth")
     fit_classes_to(cfg, dataset)
     model = build_model_from_checkpoint(cfg.model, weights)  # never downloads backbone weights
-    batch = cfg.optim.batch_size_per_device or 1
-    model, loader = accelerator.prepare(
-        model, build_val_loader(dataset, batch, cfg.data.num_workers, cfg.data.size_divisibility)
-    )
+    model, loader = accelerator.prepare(model, build_val_loader(dataset, cfg))
     stats = evaluate(accelerator, model, PostProcess(cfg.model.num_select), loader, dataset, output_dir)
     if accelerator.is_main_process:
         print(f"{weights} on {stats['num_images']} images of {cfg.data.root} ({cfg.data.val_annotations}):")

@@ -158,7 +158,7 @@ def train(
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
     train_loader = build_train_loader(parts.train_set, plan, cfg)
-    val_loader = build_val_loader(parts.val_set, plan.per_device, cfg.data.num_workers, cfg.data.size_divisibility)
+    val_loader = build_val_loader(parts.val_set, cfg)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     parts.criterion.to(accelerator.device)
     accelerator.register_for_checkpointing(scheduler)
