@@ -34,7 +34,8 @@ KEYS = Path(__file__).parent / "fixtures" / "parity" / "official_keys_r50_4scale
 PRESET = "dino_r50_4scale"
 TOLERANCE = 1e-8
 
-pytestmark = pytest.mark.skipif(not GOLDEN.is_file(), reason=f"needs the shared parity data ({GOLDEN} is absent)")
+pytestmark = [pytest.mark.slow,  # R50 in float64: ~55 s of CPU time
+              pytest.mark.skipif(not GOLDEN.is_file(), reason=f"needs the shared parity data ({GOLDEN} is absent)")]
 
 
 def digest(t: torch.Tensor) -> torch.Tensor:
