@@ -4,6 +4,11 @@ The transforms draw from the global RNGs. Seeding each sample from (seed, epoch,
 sample's augmentation independent of worker count, process count, dataloader prefetching and resumption, and leaves
 the global RNG (used by the model's denoising noise) untouched by data loading. That is what lets a resumed run
 reproduce an uninterrupted one exactly.
+
+The training loop sets the epoch itself (``dataset.set_epoch(epoch)``) before it creates the epoch's iterator.
+Accelerate's ``DataLoaderShard.set_epoch`` passes the epoch on to the dataset only while the sampler is not sharded
+(one process), so on several processes every epoch would otherwise repeat epoch 0's augmentations. DataLoader workers
+receive the dataset, epoch included, when the iterator starts them; persistent workers would keep the first epoch's.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from torch.utils.data import Dataset
 
 
 class EpochSeededDataset(Dataset):
-    """Wraps a map-style dataset; ``set_epoch`` (called by Accelerate's dataloader) changes every sample's seed."""
+    """Wraps a map-style dataset; ``set_epoch`` (called by the training loop before each epoch) changes every sample's
+    seed."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset

@@ -180,7 +180,10 @@ def train(
     last_eval = None
     skipped = SkippedImages(accelerator, parts.train_set)
     while progress.epoch < cfg.optim.epochs and not _at_max_steps(progress, cfg):
-        train_loader.set_epoch(progress.epoch)
+        train_loader.set_epoch(progress.epoch)  # the sampler's shuffle
+        # Every sample's augmentation seed (EpochSeededDataset), set before the epoch's iterator (and its workers) is
+        # created: Accelerate's set_epoch passes the epoch on to the dataset only when the sampler is not sharded.
+        train_loader.dataset.set_epoch(progress.epoch)
         with stop_on_bad_image(out, progress):  # an image that cannot be used: one line, where to resume from
             result = train_one_epoch(accelerator, model, parts.criterion, train_loader, optimizer, progress, cfg,
                                      per_epoch, plan.accumulation, ema, checkpointer)
