@@ -230,6 +230,17 @@ def test_num_boxes_is_averaged_over_processes(monkeypatch):
     assert losses["loss_bbox"].item() == pytest.approx(single["loss_bbox"].item() * 3 / 4)
 
 
+def test_a_given_num_boxes_normalises_every_term():
+    # Gradient accumulation passes the group's box count; every loss term (denoising too) scales with 1 / num_boxes.
+    out, targets = _outputs(dn_groups=2), _targets(sizes=(2, 1))
+    own = _criterion()(out, targets)  # 3 boxes
+    given = _criterion()(out, targets, num_boxes=7.5)
+    for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_bbox_dn", "loss_ce_dn_0", "loss_giou_interm"):
+        assert given[k].item() == pytest.approx(own[k].item() * 3 / 7.5, rel=1e-12), k
+    with pytest.raises(ValueError, match=r"^num_boxes must be >= 1, got 0.5$"):
+        _criterion()(out, targets, num_boxes=0.5)
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
     """Indices from the matcher live on the CPU; the losses must not care where the outputs and targets live."""
