@@ -87,6 +87,7 @@ SUMMARY=$OUT/summary.md
       torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" 2>&1
   command -v nvcc >/dev/null && nvcc --version | tail -1
   echo "TensorRT headers: ${DINO_TRT_HEADERS:-none found}"
+  echo "official checkout: ${DINO_OFFICIAL_ROOT:-none (DINO_OFFICIAL_ROOT unset: official rows skipped)}"
   echo '```'
   echo
   echo "| section | exit code | seconds | note |"

@@ -23,9 +23,9 @@ from bench_rows import RowWriter, official_speedups  # noqa: E402 - scripts/ is 
 # compile_fp16_cudagraphs_cl (less the layout flag) and compile_bf16_cudagraphs (aot_eager, no CUDA graph).
 DRY_BACKENDS = ["eager_fp32", "compile_fp16_cudagraphs_cl", "cudagraph_fp16", "aoti_fp16_static", "eager_bf16",
                 "compile_bf16_cudagraphs", "aoti_bf16"]
-SECTIONS = ["kernel build", "official peer", "CUDA tests", "CUDA bad-input test", "plugin enqueue test", "training step, kernel",
-            "training step, PyTorch path", "deployed inference", "kernel table", "precision, kernel",
-            "precision, PyTorch path"]
+SECTIONS = ["kernel build", "official peer", "CUDA tests", "CUDA bad-input test", "plugin enqueue test",
+            "training step, kernel", "training step, PyTorch path", "deployed inference", "kernel table",
+            "precision, kernel", "precision, PyTorch path"]
 
 
 def test_gpu_check_dry_run_runs_every_section(tmp_path):
