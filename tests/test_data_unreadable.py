@@ -120,3 +120,13 @@ def test_two_processes_count_the_skips_of_both(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["skipped_images"] for r in log] == [1, 1]  # 8 images, 2 x 2 per batch, drop_last: all drawn each epoch
+
+
+def test_image_deleted_after_the_dataset_was_built_names_the_file(tmp_path):
+    images_dir, path = make_dataset(tmp_path)
+    ds = CocoDetection(images_dir, path)
+    (images_dir / "a.png").unlink()
+    with pytest.raises(UnreadableImageError) as info:
+        ds[0]
+    assert str(info.value) == (f"cannot read image {images_dir / 'a.png'} (image id 1): [Errno 2] No such file or "
+                               f"directory: '{images_dir / 'a.png'}'")
