@@ -197,6 +197,8 @@ def describe_type(tp: Any) -> str:
         return f"a tuple of {len(args)} {_plural(args[0])} (e.g. {','.join(str(i + 1) for i in range(len(args)))})"
     if origin is dict:
         return "a dict (e.g. {'img_size': 384})"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
     return {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}.get(tp, str(tp))
 
 
@@ -256,6 +258,8 @@ def parse_typed(text: str, tp: Any) -> Any:
     elif origin is dict:
         parsed = _literal(text)
         value = parsed if isinstance(parsed, dict) else _INVALID
+    elif origin is typing.Literal:
+        value = next((a for a in args if str(a) == text), _INVALID)
     elif tp is Any:
         parsed = _literal(text)
         value = text if parsed is _INVALID else parsed

@@ -1,10 +1,13 @@
 """Recipes, overrides, batch planning and the CLI surface of the engine."""
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
+from dino.config import apply_overrides
 from dino.engine.batching import plan_batches
 from dino.engine.recipe import RECIPES_DIR, available_recipes, load_recipe, recipe_path
 from dino.errors import UserError
@@ -143,6 +146,20 @@ def test_override_types_come_from_the_annotations_not_the_current_value():
     assert cfg.model.backbone.timm_kwargs == {"img_size": 384} and cfg.data.crop_size == (384, 600)
     with pytest.raises(UserError, match="train.max_steps must be an integer or none, got 'many'"):
         load_recipe("quickstart", ["train.max_steps=many"])
+
+
+def test_override_of_a_literal_field_takes_only_its_values():
+    @dataclasses.dataclass
+    class Section:
+        mode: typing.Literal["no", "bf16"] = "no"
+
+    @dataclasses.dataclass
+    class Cfg:
+        sec: Section = dataclasses.field(default_factory=Section)
+
+    assert apply_overrides(Cfg(), ["sec.mode=bf16"]).sec.mode == "bf16"
+    with pytest.raises(UserError, match=r"^override 'sec.mode=fp8': sec.mode must be one of no, bf16, got 'fp8'$"):
+        apply_overrides(Cfg(), ["sec.mode=fp8"])
 
 
 def test_unknown_recipe_lists_available():
