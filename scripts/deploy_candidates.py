@@ -9,9 +9,11 @@ measure the float16 reordering of the encoder's proposal selection, docs/benchma
 - ``compile_fp16_cudagraphs_cl``: the same with the convolutions (backbone, input projections) in channels-last.
 - ``cudagraph_fp16``: the eager float16 model captured once per input shape in a CUDA graph
   (``torch.cuda.CUDAGraph``) and replayed: no compiler, setup in seconds. Batch-1 eager is launch-bound (26 FPS
-  fp32 on an H200), which is what a graph removes. The capture refuses host-to-device copies inside the forward;
-  ``dino/models/transformer.py`` builds the level-shape table with ``torch.as_tensor(list, device=...)``, so this
-  row may fail with a capture error (the row then says so; untested: no GPU in the session that wrote it).
+  fp32 on an H200), which is what a graph removes. The forward copies a few shape-derived constants from the host
+  (``torch.as_tensor(level shapes, device=...)`` in dino/models/transformer.py, ``scale.to(device)`` in
+  dino/models/dino.py); a pageable copy synchronises, which a capture refuses, so during the capture they are staged
+  in pinned buffers kept alive with the graph (:func:`pinned_host_copies`), in the "relaxed" capture mode. Untested
+  on a GPU (none in the session that wrote it): a remaining capture error makes the row say so.
 - ``aoti_fp16_static``: a static-shape AOTInductor package (the custom-op seam, i.e. our kernel); last, as its
   package load once segfaulted a GPU machine's process (docs/benchmarks.md).
 
@@ -20,6 +22,7 @@ exported program without the AOTInductor build.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -32,6 +35,40 @@ def half_copy(model: nn.Module, channels_last: bool = False) -> nn.Module:
     """A float16 copy of ``model`` (the original stays float32); ``channels_last``: 4-D weights in that layout."""
     half = copy.deepcopy(model).half().eval()
     return half.to(memory_format=torch.channels_last) if channels_last else half
+
+
+@contextlib.contextmanager
+def pinned_host_copies(buffers: list[Tensor]):
+    """While active, ``tensor.to(cuda)`` of a CPU tensor and ``torch.as_tensor(data, device=cuda)`` stage the data in
+    one of ``buffers`` (pinned, allocated before: a capture may not allocate host memory) and copy it asynchronously:
+    a capture records that copy and every replay re-reads the buffer, so each buffer is used once and must live as
+    long as the graph, holding values that do not change between replays (here: constants of the static shape)."""
+    original_to, original_as_tensor = torch.Tensor.to, torch.as_tensor
+    free = list(buffers)
+
+    def to_cuda(device) -> bool:
+        return isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda"
+
+    def to(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        if self.device.type == "cpu" and to_cuda(target) and not self.is_pinned():
+            if not free or free[0].numel() * free[0].element_size() < self.numel() * self.element_size():
+                raise RuntimeError(f"pinned_host_copies: no staging buffer left for a {tuple(self.shape)} copy")
+            host = free.pop(0).view(torch.uint8)[: self.numel() * self.element_size()].view(self.dtype)
+            host.copy_(self.reshape(-1))
+            return original_to(host.view(self.shape), *args, **{**kwargs, "non_blocking": True})
+        return original_to(self, *args, **kwargs)
+
+    def as_tensor(data, dtype=None, device=None):
+        if to_cuda(device) and not isinstance(data, torch.Tensor):
+            return to(original_as_tensor(data, dtype=dtype), device)
+        return original_as_tensor(data, dtype=dtype, device=device)
+
+    torch.Tensor.to, torch.as_tensor = to, as_tensor
+    try:
+        yield
+    finally:
+        torch.Tensor.to, torch.as_tensor = original_to, original_as_tensor
 
 
 class CudaGraphRunner:
@@ -55,10 +92,12 @@ class CudaGraphRunner:
                     self.model(*static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # 64 staging buffers of 4 KiB for the forward's few host constants; kept with the graph.
+            buffers = [torch.empty(4096, dtype=torch.uint8, pin_memory=True) for _ in range(64)]
+            with pinned_host_copies(buffers), torch.cuda.graph(graph, capture_error_mode="relaxed"):
                 outputs = self.model(*static)
-            self.graphs[key] = (graph, static, outputs)
-        graph, (static_images, static_mask), outputs = self.graphs[key]
+            self.graphs[key] = (graph, static, outputs, buffers)
+        graph, (static_images, static_mask), outputs, _ = self.graphs[key]
         static_images.copy_(images)
         static_mask.copy_(mask)
         graph.replay()
