@@ -2,7 +2,6 @@
 when one would stop training."""
 import json
 
-import pytest
 from PIL import Image
 
 import dino_cli
