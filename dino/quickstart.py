@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dino.quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                         help="override fields of recipes/quickstart.py, e.g. --set optim.epochs=4")
+    parser.add_argument("--resume-anyway", action="store_true",
+                        help="continue the run in train.output_dir even though --set changed its recipe (as dino train)")
     parser.add_argument("--min-ap50", type=float, default=0.5, help="exit with status 1 below this AP50 (default 0.5)")
     args = parser.parse_args(argv)
     try:
@@ -61,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"shapes dataset: {data.shapes_train_images} train + {data.shapes_val_images} val images of "
           f"{data.shapes_image_size} px in {root} ({time.perf_counter() - started:.1f} s)")
     try:
-        result = train(cfg)
+        result = train(cfg, resume_anyway=args.resume_anyway)
     except AlreadyFinished as done:  # rerun of a finished quickstart: its weights are evaluated again, not retrained
         print(f"quickstart: {done}")
         result = {"eval": None}

@@ -64,6 +64,16 @@ def test_rerun_resumes_an_interrupted_quickstart_and_does_not_retrain_a_finished
     assert (out / "model.safetensors").read_bytes() == weights
     assert [p.name for p in checkpoint_dirs(out)] == ["step_00000002_end", "step_00000004_end"]
 
+    # Training longer: a changed recipe is refused with the flags the quickstart has, then continued with them.
+    longer = [*argv, "--set", "optim.epochs=3"]
+    assert main(longer) == 2
+    assert capsys.readouterr().err == (
+        f"python -m dino.quickstart: error: {out / 'checkpoints' / 'step_00000004_end'} was trained with a different "
+        "recipe (optim.epochs: 2 -> 3); pass --resume-anyway to continue it with the new values, or start afresh in "
+        "another train.output_dir (or with --set train.auto_resume=false)\n")
+    assert main([*longer, "--resume-anyway"]) == 0
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000004_end", "step_00000006_end"]
+
 
 def test_quickstart_user_error_is_one_line(tmp_path, capsys):
     assert main(["--set", "optim.epochs=ten"]) == 2
