@@ -40,8 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except UserError as err:
+        _close_progress_bars()
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _close_progress_bars() -> None:
+    """Ends the progress bar a failure interrupted, so the one-line message starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -68,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"quickstart: {done}")
         result = {"eval": None}
     except KeyboardInterrupt:
+        _close_progress_bars()
         hint = ("rerun the same command to resume from it" if cfg.train.auto_resume
                 else "rerun without train.auto_resume=false to resume from it")
         print(f"quickstart: interrupted; {interrupted_message(cfg.train.output_dir, hint)}", file=sys.stderr)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tqdm import tqdm
+
 from dino import convert
 from dino.engine import cli as engine_cli
 from dino.engine import data_cli
@@ -38,13 +40,21 @@ def build_parser(prog: str = "dino") -> argparse.ArgumentParser:
     return _build(prog)[0]
 
 
+def _close_progress_bars() -> None:
+    """Ends the progress bar a failure interrupted, so the one-line message starts a line of its own."""
+    for bar in list(tqdm._instances):
+        bar.close()
+
+
 def _run(args: argparse.Namespace, error_prefix: str) -> int:
     try:
         rc = args.func(args)
     except UserError as err:
+        _close_progress_bars()
         print(f"{error_prefix}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C: one line (what was kept, how to go on), the shell's status 128 + SIGINT
+        _close_progress_bars()
         print(f"{error_prefix}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
         return 130
     return int(rc or 0)

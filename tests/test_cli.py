@@ -150,6 +150,26 @@ def test_rerunning_a_finished_training_says_so_instead_of_retraining(tmp_path, c
     assert not (tmp_path / "shapes").exists()  # refused before the data or the model were built
 
 
+@pytest.mark.parametrize("exc,prefix", [(UserError("disk full"), "dino eval: error: disk full"),
+                                         (KeyboardInterrupt(), "dino eval: interrupted")])
+def test_the_message_of_a_failure_under_a_progress_bar_starts_its_own_line(exc, prefix, monkeypatch, capsys):
+    import sys
+
+    from tqdm import tqdm
+
+    from dino.engine import cli as engine_cli
+
+    def run(args):
+        bar = tqdm(total=4, desc="epoch 1/2", file=sys.stderr)
+        bar.update(1)
+        raise exc
+
+    monkeypatch.setattr(engine_cli, "run_eval", run)
+    rc, _, err = _run(["eval", "--recipe", TINY, "--checkpoint", "c"], capsys)
+    assert rc == (2 if isinstance(exc, UserError) else 130)
+    assert err.endswith(f"\n{prefix}\n") and "epoch 1/2" in err
+
+
 def test_user_error_is_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
     from dino.engine import cli as engine_cli
 
