@@ -151,6 +151,7 @@ if want tests; then
     2>&1 | tee -a "$OUT/tests.log"
   section "plugin enqueue test" 150 "${PYTEST[@]}" -m cuda tests/test_plugin.py 2>&1 | tee -a "$OUT/tests.log"
 fi
+unset DINO_REQUIRE_KERNEL
 
 # 1b. The official code as a peer: first in the training and deployment tables. Its converted init (written when its
 # shapes are the benchmarks', i.e. not in a dry run) is the weights of sections 2 and 3.
@@ -161,7 +162,6 @@ want official && section "official peer" 180 $PY scripts/official_peer.py "${DRY
   --deploy-json "$JSON/deploy.json" --deploy-table "$OUT/deploy.md"
 WEIGHTS=()
 [ -f "$OFFICIAL_WEIGHTS" ] && WEIGHTS=(--weights "$OFFICIAL_WEIGHTS")
-unset DINO_REQUIRE_KERNEL
 
 # 5 first when asked for: short, and the figure the export's float16 tolerance rests on.
 if want precision; then
