@@ -1,11 +1,8 @@
 """Gradient accumulation equals more processes: 1 process x 2 accumulated micro-batches takes the same step as
 2 processes x 1 micro-batch (gloo), with micro-batches of different box counts (3 and 7), so that each micro-batch
 must be normalised by the box count of the whole group as the official criterion does across GPUs."""
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +10,7 @@ import torch
 from dino.criterion import num_boxes_per_micro_batch
 from tests.accumulation_worker import BOXES, micro_batches, step_gradient
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.launching import REPO, free_port, launch_env
 
 
 def test_the_group_box_count_is_averaged_over_its_micro_batches():
@@ -33,13 +24,11 @@ def test_the_group_box_count_is_averaged_over_its_micro_batches():
 @pytest.mark.slow
 def test_one_process_accumulating_two_micro_batches_steps_like_two_processes(tmp_path):
     single = step_gradient(str(tmp_path))
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(_free_port()), "tests/accumulation_worker.py", str(tmp_path / "two")]
+           "--main_process_port", str(free_port()), "tests/accumulation_worker.py", str(tmp_path / "two")]
     (tmp_path / "two").mkdir()
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     two = torch.load(tmp_path / "two" / "grad.pt")
     assert single.dtype == two.dtype == torch.float64 and single.shape == two.shape

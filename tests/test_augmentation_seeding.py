@@ -7,15 +7,13 @@ replaced by a recorder of each sample's augmented image and boxes; here once alo
 import collections
 import itertools
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.launching import REPO, free_port, launch_env
 RECORDER = str(REPO / "tests" / "augmentation_recorder.py")
 IMAGES, EPOCHS = 16, 4
 # Five shorter sides, three crop scales and a 40..64 px crop: two draws of one image coincide by chance only when both
@@ -25,18 +23,6 @@ OVERRIDES = [f"data.shapes_train_images={IMAGES}", "data.shapes_val_images=5", "
              "data.train_max_size=100", "data.crop_resize_scales=56,64,72", "data.crop_size=40,64",
              f"optim.epochs={EPOCHS}", f"optim.lr_drop_epochs={EPOCHS}", "train.checkpoint_every_steps=0"]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    return env
 
 
 def _records(out: Path) -> dict[tuple[int, int], str]:
@@ -70,8 +56,8 @@ def test_each_epoch_draws_fresh_augmentations_identical_on_1_and_2_processes(dat
     alone = [sys.executable, RECORDER, *common, "data.num_workers=0", f"train.output_dir={one}"]
     launched = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1", "--main_process_port",
-                str(_free_port()), RECORDER, *common, "data.num_workers=1", f"train.output_dir={two}"]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                str(free_port()), RECORDER, *common, "data.num_workers=1", f"train.output_dir={two}"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd in (alone, launched)]
     try:
         logs = [p.communicate(timeout=300)[0] for p in procs]

@@ -16,7 +16,7 @@ from dino.engine.seeding import EpochSeededDataset
 from dino.engine.train import train
 from dino.errors import UserError
 from tests.test_data_coco import make_dataset
-from tests.test_engine_distributed import REPO, _env, _free_port, _launch
+from tests.launching import REPO, free_port, launch_command, launch_env
 
 TINY = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
 
@@ -113,10 +113,10 @@ def test_two_processes_count_the_skips_of_both(tmp_path):
     root, out = tmp_path / "shapes", tmp_path / "out"
     prepare_dataset(_tiny(root, out).data)
     truncate(root / "train" / "000003.png")
-    cmd = _launch("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
+    cmd = launch_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
                   overrides=[f"data.root={root}", f"train.output_dir={out}", "data.skip_unreadable=true",
                              "data.num_workers=1"])
-    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["skipped_images"] for r in log] == [1, 1]  # 8 images, 2 x 2 per batch, drop_last: all drawn each epoch

@@ -3,38 +3,15 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "tests" / "engine_tiny_recipe.py")
+from tests.launching import REPO, TINY, free_port, launch_command, launch_env
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    return env
-
-
-def _launch(*accelerate_args, overrides=(), recipe=TINY):
-    # `--multi_gpu` selects torchrun, which also runs CPU processes (gloo); `--cpu` alone would start only one
-    # process (Accelerate runs several CPU processes only through MPI). No train.cpu=true: the engine must find out
-    # itself that the processes share no GPU (on a GPU machine they would use the GPUs).
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
-            "--dynamo_backend", "no", *accelerate_args, "launch.py", recipe, "--set", *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +28,10 @@ def data_root(tmp_path_factory):
 
 def test_two_processes_train_and_evaluate_every_val_image_once(data_root, tmp_path):
     out = tmp_path / "out"
-    cmd = _launch("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
+    cmd = launch_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
                   overrides=[f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=1",
                              "optim.lr_drop_epochs=1", "train.eval_every_epochs=1"])
-    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "effective batch 4 = 2 per device x 2 process(es) x 1 gradient-accumulation step(s)" in run.stderr
     # 5 val images over 2 processes x 2 per batch: Accelerate pads the shards; the gather drops the repeats.
@@ -79,11 +56,11 @@ def test_a_nan_on_one_process_stops_both_at_once_with_the_same_message(data_root
     # Process 1's box loss is NaN at step 2; process 0's is finite. Both must raise the same error at step 2, long
     # before the collective timeout (600 s) would end a process waiting for the other.
     out = tmp_path / "out"
-    cmd = _launch("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()),
+    cmd = launch_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
                   overrides=[f"data.root={data_root}", f"train.output_dir={out}", "train.checkpoint_every_steps=0",
                              "train.process_group_timeout_s=600"], recipe=str(REPO / "tests" / "engine_nan_recipe.py"))
     started = time.monotonic()
-    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=400)
     elapsed = time.monotonic() - started
     assert run.returncode != 0
     marker = "NonFiniteStepError: "
@@ -97,14 +74,14 @@ def test_a_nan_on_one_process_stops_both_at_once_with_the_same_message(data_root
 
 def test_two_machines_on_loopback_complete_training(data_root, tmp_path):
     out = tmp_path / "out"
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
-        cmd = _launch("--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
+        cmd = launch_command("--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
                       "--main_process_ip", "127.0.0.1", "--main_process_port", port,
                       overrides=[f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=1",
                                  "optim.lr_drop_epochs=1", "train.checkpoint_every_steps=0", "train.eval_every_epochs=1"])
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
         for p in procs:
@@ -134,13 +111,13 @@ def _children(pid: int) -> list[int]:
 def test_a_dead_worker_makes_the_other_exit_with_an_error(data_root, tmp_path):
     # Machine 1's worker dies mid-training; machine 0 must fail (not hang) within the test's timeout.
     out = tmp_path / "out"
-    port = str(_free_port())
+    port = str(free_port())
     common = ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port]
     overrides = [f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=5000", "optim.lr_drop_epochs=5000",
                  "train.checkpoint_every_steps=0", "train.process_group_timeout_s=30"]
-    main = subprocess.Popen(_launch(*common, "--machine_rank", "0", overrides=overrides), cwd=REPO, env=_env(),
+    main = subprocess.Popen(launch_command(*common, "--machine_rank", "0", overrides=overrides), cwd=REPO, env=launch_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    worker = subprocess.Popen(_launch(*common, "--machine_rank", "1", overrides=overrides), cwd=REPO, env=_env(),
+    worker = subprocess.Popen(launch_command(*common, "--machine_rank", "1", overrides=overrides), cwd=REPO, env=launch_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         log = out / "log.jsonl"

@@ -1,11 +1,8 @@
 """Evaluation as the official code runs it: each image alone (train.eval_batch_size=1, no padding to a neighbour's
 size), and the same predictions and AP on 1 or 2 processes."""
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +16,7 @@ from dino.models.dino import build_model
 from dino.postprocess import PostProcess
 from dino.weights import save_weights
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "tests" / "engine_tiny_recipe.py")
+from tests.launching import REPO, TINY, free_port, launch_env
 
 
 def test_evaluation_runs_each_image_alone_by_default():
@@ -61,12 +57,6 @@ def test_each_image_gets_the_outputs_it_has_alone():
             assert box_error > 1e-3, box_error
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_predictions_and_ap_of_one(tmp_path):
     root = tmp_path / "shapes"
@@ -78,13 +68,11 @@ def test_two_processes_give_the_predictions_and_ap_of_one(tmp_path):
     save_weights(build_model(cfg.model).state_dict(), checkpoint)
     one = evaluate_checkpoint(cfg, checkpoint, tmp_path / "one")
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(_free_port()), "-m", "dino_cli", "eval", "--recipe", TINY,
+           "--main_process_port", str(free_port()), "-m", "dino_cli", "eval", "--recipe", TINY,
            "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "two"), "--set", f"data.root={root}"]
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     # 5 images over 2 processes: Accelerate repeats one image to even the shards; the repeat is dropped.
