@@ -116,6 +116,17 @@ def restore(accelerator, checkpoint: Path, plan: BatchPlan, optimizer, scheduler
     return progress
 
 
+def starting_checkpoint(cfg: Recipe, out: Path, resume: str | None, recipe: dict,
+                        resume_anyway: bool) -> tuple[Path | None, dict]:
+    """(the checkpoint to resume or None, the accepted recipe differences); raises UserError before anything is built
+    when the resume is refused (another recipe without ``resume_anyway``) or the run has already finished."""
+    checkpoint = find_checkpoint(resume, out, cfg.train.auto_resume)
+    differences = {} if checkpoint is None else check_recipe(
+        checkpoint, read_progress(checkpoint).get("recipe"), recipe, resume_anyway)
+    check_unfinished(checkpoint, out, cfg.optim.epochs)  # a finished run says so instead of retraining
+    return checkpoint, differences
+
+
 def train(
     cfg: Recipe,
     *,
@@ -139,15 +150,11 @@ def train(
     if accelerator.is_main_process:
         make_output_dir(out, "train.output_dir")
         logger.info("recipe %s: %s", cfg.name, plan.describe())
-    checkpoint = find_checkpoint(resume, out, cfg.train.auto_resume)
+    recipe = resolved_recipe(cfg)
+    checkpoint, differences = starting_checkpoint(cfg, out, resume, recipe, resume_anyway)
     if checkpoint is not None and finetune_from:
         logger.info("continuing the fine-tuning run in %s; --finetune-from %s is not loaded again", checkpoint, finetune_from)
         finetune_from = None
-    recipe = resolved_recipe(cfg)
-    # Checked before anything is built: a refused resume fails at once.
-    differences = {} if checkpoint is None else check_recipe(
-        checkpoint, read_progress(checkpoint).get("recipe"), recipe, resume_anyway)
-    check_unfinished(checkpoint, out, cfg.optim.epochs)  # a finished run says so instead of retraining
 
     # Same seed everywhere: identical initial weights on every process (DDP also broadcasts them).
     set_seed(cfg.train.seed)
@@ -174,9 +181,7 @@ def train(
     checkpointer = Checkpointer(accelerator, out, model, ema, plan, cfg.train.keep_checkpoints, recipe,
                                 weights_metadata(cfg, dataset_categories(parts.train_set)))
 
-    per_epoch = len(train_loader)
-    if cfg.train.max_steps_per_epoch:
-        per_epoch = min(per_epoch, cfg.train.max_steps_per_epoch * plan.accumulation)
+    per_epoch = _micro_batches_per_epoch(train_loader, plan, cfg)
     last_eval = None
     skipped = SkippedImages(accelerator, parts.train_set)
     while progress.epoch < cfg.optim.epochs and not _at_max_steps(progress, cfg):
@@ -216,6 +221,13 @@ def evaluate_epoch(accelerator, model, ema, postprocess, val_loader, val_set, ou
     if ema is not None:
         record["eval_ema"] = evaluate(accelerator, ema.module, postprocess, val_loader, val_set, f"{folder}_ema")
     return record
+
+
+def _micro_batches_per_epoch(train_loader, plan: BatchPlan, cfg: Recipe) -> int:
+    per_epoch = len(train_loader)
+    if cfg.train.max_steps_per_epoch:
+        per_epoch = min(per_epoch, cfg.train.max_steps_per_epoch * plan.accumulation)
+    return per_epoch
 
 
 def _at_max_steps(progress: Progress, cfg: Recipe) -> bool:
