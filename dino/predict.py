@@ -34,7 +34,7 @@ resized to fit instead (keeping its aspect ratio), which is the only case where 
 the files skipped: not readable images, or images the model cannot take (so elongated that a side resizes to under
 1 px, or too small for the model's queries). A picture that could not be saved has ``"picture": null`` and a
 ``"picture_error"``; its detections are still listed. Pictures are never written over an input: an output folder
-holding an input, or inside a scanned input folder, is refused (:func:`check_output_dir`); an image given twice
+holding an input, or inside a scanned input folder, is refused (:func:`dino.predict_paths.check_output_dir`); an image given twice
 gets two records and two pictures (``cat.jpg``, ``cat_1.jpg``).
 ``box`` is xyxy in the original image's pixels (not clipped, as ``dino eval``), detections sorted by descending score;
 ``label`` is the model's class index, ``category_id`` the dataset's id for it (equal for COCO's 91-slot models).
@@ -63,8 +63,8 @@ from dino.postprocess import postprocess
 from dino.predict_draw import draw_detections
 from dino.predict_images import open_image
 from dino.predict_labels import LabelNames
+from dino.predict_paths import check_output_dir, picture_names
 
-PICTURE_SUFFIX = ".jpg"
 PICTURE_QUALITY = 92
 _UMASK = os.umask(0o22)
 os.umask(_UMASK)
@@ -170,63 +170,6 @@ def read_image(path: Path) -> PIL.Image.Image:
         raise UserError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
-def earlier_outputs(folder: Path) -> set[str]:
-    """Names of an earlier ``dino predict``'s outputs in ``folder``: its predictions.json and the pictures it lists
-    (empty when the folder holds no predictions.json of this format)."""
-    try:
-        result = json.loads((folder / "predictions.json").read_text())
-        pictures = {r["picture"] for r in result["images"] if r.get("picture")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
-    return {"predictions.json", *(str(p) for p in pictures)}
-
-
-def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
-    """Files to predict on: the given files, and every non-hidden file of the given folders (sorted, not recursive),
-    except an earlier ``dino predict``'s outputs there (:func:`earlier_outputs`, left out with a line on stderr).
-
-    Returns (files, the folders given). UserError for a path that does not exist or an empty folder.
-    """
-    files, folders = [], []
-    for spec in inputs:
-        path = Path(spec)
-        if path.is_dir():
-            folders.append(path)
-            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            outputs = earlier_outputs(path)
-            if outputs:
-                found = [p for p in found if p.name not in outputs]
-                print(f"dino predict: {path} holds an earlier run's outputs: left out its predictions.json and the "
-                      f"{len(outputs) - 1} picture(s) it lists", file=sys.stderr)
-            if not found:
-                raise UserError(f"input folder {path} holds no files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"input {path} does not exist")
-    return files, folders
-
-
-def check_output_dir(output_dir: str | os.PathLike, files: list[Path], folders: list[Path] = ()) -> Path:
-    """``output_dir``, refused (UserError) when writing there could replace an input or feed a later run's inputs:
-    when it holds one of ``files``, or is (inside) one of the scanned ``folders``, or is an existing file."""
-    output_dir = Path(output_dir)
-    out = output_dir.resolve()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {output_dir} is a file, not a folder; give a folder for predictions.json and "
-                        "the pictures")
-    for path in files:
-        if path.resolve().parent == out:
-            raise UserError(f"--output {output_dir} holds the input {path}: the pictures could replace the inputs; "
-                            "give a folder that holds none of them")
-    for folder in folders:
-        if out.is_relative_to(folder.resolve()):
-            raise UserError(f"--output {output_dir} is inside the input folder {folder}: a later run would read "
-                            "predictions.json and the pictures as inputs; give a folder outside it")
-    return output_dir
-
-
 @dataclasses.dataclass
 class PredictSummary:
     images: list[dict]  # records written, in input order
@@ -236,19 +179,6 @@ class PredictSummary:
     @property
     def pictures_not_saved(self) -> list[dict]:
         return [r for r in self.images if r["picture"] is None]
-
-
-def _picture_names(files: list[Path]) -> list[str]:
-    """One distinct picture name per input (``stem.jpg``, then ``stem_1.jpg`` ...), also when a file is given twice;
-    compared case-insensitively so no two pictures collide on a case-insensitive file system either."""
-    names, used = [], set()
-    for path in files:
-        name, n = f"{path.stem}{PICTURE_SUFFIX}", 1
-        while name.casefold() in used:
-            name, n = f"{path.stem}_{n}{PICTURE_SUFFIX}", n + 1
-        used.add(name.casefold())
-        names.append(name)
-    return names
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -379,7 +309,7 @@ def predict_files(
     listed under ``"failed"`` and skipped; a picture that cannot be saved is named and its record kept with
     ``"picture": null``; the other files are still processed. ``batch_size`` consecutive files are read together and
     those of the same resized size share a forward pass, so an image's detections do not depend on its neighbours.
-    UserError (nothing written) when ``output_dir`` holds an input (:func:`check_output_dir`).
+    UserError (nothing written) when ``output_dir`` holds an input (:func:`dino.predict_paths.check_output_dir`).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -391,7 +321,7 @@ def predict_files(
         batch_size = min(batch_size, backend.max_batch)
     output_dir = check_output_dir(output_dir, files)
     output_dir.mkdir(parents=True, exist_ok=True)
-    pictures = _picture_names(files)
+    pictures = picture_names(files)
     bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress, dynamic_ncols=True)
     run = _Run(backend, Preprocessor(data_cfg, backend.input_size), names, output_dir, score_threshold,
                max_detections, bar)

@@ -18,7 +18,8 @@ from dino.device import check_device
 from dino.engine.recipe import load_recipe, recipe_path
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint, read_categories
-from dino.predict import ModelBackend, check_output_dir, list_inputs, predict_files
+from dino.predict import ModelBackend, predict_files
+from dino.predict_paths import check_output_dir, list_inputs
 from dino.predict_labels import LabelNames
 from dino.presets import PRESETS, get_preset
 from dino_export.predict_backends import AotiBackend, OnnxRuntimeBackend, TensorRTBackend
