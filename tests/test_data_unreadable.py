@@ -114,8 +114,8 @@ def test_two_processes_count_the_skips_of_both(tmp_path):
     prepare_dataset(_tiny(root, out).data)
     truncate(root / "train" / "000003.png")
     cmd = launch_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-                  overrides=[f"data.root={root}", f"train.output_dir={out}", "data.skip_unreadable=true",
-                             "data.num_workers=1"])
+                         overrides=[f"data.root={root}", f"train.output_dir={out}", "data.skip_unreadable=true",
+                                    "data.num_workers=1"])
     run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.launching import REPO, TINY, free_port, launch_command, launch_env
+
 pytestmark = pytest.mark.slow
 
 
@@ -29,8 +30,8 @@ def data_root(tmp_path_factory):
 def test_two_processes_train_and_evaluate_every_val_image_once(data_root, tmp_path):
     out = tmp_path / "out"
     cmd = launch_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-                  overrides=[f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=1",
-                             "optim.lr_drop_epochs=1", "train.eval_every_epochs=1"])
+                         overrides=[f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=1",
+                                    "optim.lr_drop_epochs=1", "train.eval_every_epochs=1"])
     run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "effective batch 4 = 2 per device x 2 process(es) x 1 gradient-accumulation step(s)" in run.stderr
@@ -57,8 +58,9 @@ def test_a_nan_on_one_process_stops_both_at_once_with_the_same_message(data_root
     # before the collective timeout (600 s) would end a process waiting for the other.
     out = tmp_path / "out"
     cmd = launch_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-                  overrides=[f"data.root={data_root}", f"train.output_dir={out}", "train.checkpoint_every_steps=0",
-                             "train.process_group_timeout_s=600"], recipe=str(REPO / "tests" / "engine_nan_recipe.py"))
+                         overrides=[f"data.root={data_root}", f"train.output_dir={out}",
+                                    "train.checkpoint_every_steps=0", "train.process_group_timeout_s=600"],
+                         recipe=str(REPO / "tests" / "engine_nan_recipe.py"))
     started = time.monotonic()
     run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=400)
     elapsed = time.monotonic() - started
@@ -78,10 +80,12 @@ def test_two_machines_on_loopback_complete_training(data_root, tmp_path):
     procs = []
     for rank in (0, 1):
         cmd = launch_command("--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
-                      "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-                      overrides=[f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=1",
-                                 "optim.lr_drop_epochs=1", "train.checkpoint_every_steps=0", "train.eval_every_epochs=1"])
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                             "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                             overrides=[f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=1",
+                                        "optim.lr_drop_epochs=1", "train.checkpoint_every_steps=0",
+                                        "train.eval_every_epochs=1"])
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
         for p in procs:
@@ -115,10 +119,10 @@ def test_a_dead_worker_makes_the_other_exit_with_an_error(data_root, tmp_path):
     common = ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port]
     overrides = [f"data.root={data_root}", f"train.output_dir={out}", "optim.epochs=5000", "optim.lr_drop_epochs=5000",
                  "train.checkpoint_every_steps=0", "train.process_group_timeout_s=30"]
-    main = subprocess.Popen(launch_command(*common, "--machine_rank", "0", overrides=overrides), cwd=REPO, env=launch_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    worker = subprocess.Popen(launch_command(*common, "--machine_rank", "1", overrides=overrides), cwd=REPO, env=launch_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    main = subprocess.Popen(launch_command(*common, "--machine_rank", "0", overrides=overrides), cwd=REPO,
+                            env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = subprocess.Popen(launch_command(*common, "--machine_rank", "1", overrides=overrides), cwd=REPO,
+                              env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         log = out / "log.jsonl"
         deadline = time.monotonic() + 240
