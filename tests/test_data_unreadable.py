@@ -130,3 +130,22 @@ def test_image_deleted_after_the_dataset_was_built_names_the_file(tmp_path):
         ds[0]
     assert str(info.value) == (f"cannot read image {images_dir / 'a.png'} (image id 1): [Errno 2] No such file or "
                                f"directory: '{images_dir / 'a.png'}'")
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_with_the_same_line(tmp_path):
+    """The process whose shard draws the bad image and the other one stop at the same micro-batch, each with the one
+    line naming the image; neither dies in a collective ("Connection closed by peer")."""
+    root, out = tmp_path / "shapes", tmp_path / "out"
+    prepare_dataset(_tiny(root, out).data)
+    truncate(root / "train" / "000003.png")
+    cmd = launch_command("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+                         overrides=[f"data.root={root}", f"train.output_dir={out}", "data.num_workers=1"])
+    run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    marker = "launch.py: error: "
+    errors = [line[line.index(marker):] for line in run.stderr.splitlines() if marker in line]  # after a bar's \r
+    assert len(errors) == 2 and len(set(errors)) == 1, run.stderr[-3000:]
+    assert errors[0].startswith(f"{marker}cannot read image {root / 'train' / '000003.png'} (image id 4): "), errors[0]
+    assert "data.skip_unreadable=true" in errors[0]
+    assert "Connection closed by peer" not in run.stderr, run.stderr[-3000:]

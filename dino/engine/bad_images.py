@@ -1,5 +1,11 @@
 """What a training run does about an image it cannot use: stop with one line that says where the run can resume
-from, or (``data.skip_unreadable``) count the skipped images for the epoch's log record."""
+from, or (``data.skip_unreadable``) count the skipped images for the epoch's log record.
+
+Under several processes the stop is agreed: a process that cannot load its micro-batch used to exit alone, and the
+others died in their next collective with a "Connection closed by peer" traceback that buried the one line. Each
+micro-batch now costs one all-reduce of one number (could every process load it?), and every process raises the same
+message at the same micro-batch.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,11 +13,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from dino.data import ImageError, UnreadableImageError
 from dino.engine.checkpoint import latest_checkpoint
 from dino.engine.checkpointer import Progress
+from dino.engine.nonfinite import any_process
 from dino.errors import UserError
 
 
@@ -32,6 +40,30 @@ def stop_on_bad_image(output_dir: str | Path, progress: Progress) -> Iterator[No
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
         raise UserError(f"{err}; training stopped at step {progress.global_step}; {where}; {fix}") from None
+
+
+def agreed_batches(accelerator, batches) -> Iterator:
+    """``batches``, fetched in step on every process: when any process's fetch raises an
+    :class:`~dino.data.ImageError`, every process raises one with the messages of all those that failed."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch, error = next(iterator), None
+        except StopIteration:
+            return  # the shards have equal lengths: every process ends here at once
+        except ImageError as err:
+            batch, error = None, err
+        if any_process(accelerator, error is not None):
+            raise _shared_error(accelerator, error)
+        yield batch
+
+
+def _shared_error(accelerator, error: ImageError | None) -> ImageError:
+    """The same error on every process: each failing process's message, in rank order."""
+    local = [] if error is None else [(accelerator.process_index, isinstance(error, UnreadableImageError), str(error))]
+    reports = sorted(gather_object(local)) if accelerator.num_processes > 1 else local
+    kind = UnreadableImageError if any(unreadable for _, unreadable, _ in reports) else ImageError
+    return kind("; ".join(message for _, _, message in reports))
 
 
 class SkippedImages:

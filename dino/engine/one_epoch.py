@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dino.config import Recipe
 from dino.criterion import num_boxes_per_micro_batch
+from dino.engine.bad_images import agreed_batches
 from dino.engine.checkpointer import Checkpointer, Progress
 from dino.engine.nonfinite import NonFiniteStepError, any_process, describe, nonfinite_terms
 from dino.engine.optim import scaled_lr, warmup_factor
@@ -140,7 +141,8 @@ def train_one_epoch(
     model.train()
     criterion.train()
     start = progress.batches_in_epoch
-    batches = accelerator.skip_first_batches(loader, start) if start else loader
+    # An image a process cannot load stops every process at the same micro-batch (ImageError, bad_images.py).
+    batches = agreed_batches(accelerator, accelerator.skip_first_batches(loader, start) if start else loader)
     bar = tqdm(total=per_epoch, initial=start, desc=f"epoch {progress.epoch + 1}/{cfg.optim.epochs}", unit="batch",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     meter = Meter()
