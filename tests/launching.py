@@ -21,10 +21,18 @@ def launch_env() -> dict:
     return env
 
 
+# `--multi_gpu` selects torchrun, which also runs CPU processes (gloo); `--cpu` alone would start only one process
+# (Accelerate runs several CPU processes only through MPI). No train.cpu=true: the engine must find out itself that the
+# processes share no GPU (on a GPU machine they would use the GPUs).
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
+                     "--dynamo_backend", "no"]
+
+
 def launch_command(*accelerate_args, overrides=(), recipe=TINY) -> list[str]:
     """``accelerate launch ... launch.py RECIPE --set OVERRIDES`` as an argument list."""
-    # `--multi_gpu` selects torchrun, which also runs CPU processes (gloo); `--cpu` alone would start only one
-    # process (Accelerate runs several CPU processes only through MPI). No train.cpu=true: the engine must find out
-    # itself that the processes share no GPU (on a GPU machine they would use the GPUs).
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
-            "--dynamo_backend", "no", *accelerate_args, "launch.py", recipe, "--set", *overrides]
+    return [*ACCELERATE_LAUNCH, *accelerate_args, "launch.py", recipe, "--set", *overrides]
+
+
+def two_processes(port: int) -> list[str]:
+    """The accelerate arguments of 2 processes on this machine."""
+    return ["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(port)]

@@ -15,8 +15,10 @@ from dino.engine.recipe import load_recipe
 from dino.engine.seeding import EpochSeededDataset
 from dino.engine.train import train
 from dino.errors import UserError
+from dino.models.dino import build_model
+from dino.weights import save_weights
 from tests.test_data_coco import make_dataset
-from tests.launching import REPO, free_port, launch_command, launch_env
+from tests.launching import ACCELERATE_LAUNCH, REPO, free_port, launch_command, launch_env, two_processes
 
 TINY = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
 
@@ -148,4 +150,23 @@ def test_two_processes_stop_together_with_the_same_line(tmp_path):
     assert len(errors) == 2 and len(set(errors)) == 1, run.stderr[-3000:]
     assert errors[0].startswith(f"{marker}cannot read image {root / 'train' / '000003.png'} (image id 4): "), errors[0]
     assert "data.skip_unreadable=true" in errors[0]
+    assert "Connection closed by peer" not in run.stderr, run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_evaluating_stop_together_with_the_same_line(tmp_path):
+    root = tmp_path / "shapes"
+    cfg = _tiny(root, tmp_path / "out", "model.backbone.pretrained=None")
+    prepare_dataset(cfg.data)
+    truncate(root / "val" / "000002.png")
+    checkpoint = tmp_path / "model.safetensors"
+    save_weights(build_model(cfg.model).state_dict(), checkpoint)
+    cmd = [*ACCELERATE_LAUNCH, *two_processes(free_port()), "-m", "dino_cli", "eval", "--recipe", TINY,
+           "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "eval"), "--set", f"data.root={root}"]
+    run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    marker = "dino eval: error: "
+    errors = [line[line.index(marker):] for line in run.stderr.splitlines() if marker in line]
+    assert errors == [f"{marker}cannot read image {root / 'val' / '000002.png'} (image id 3): image file is "
+                      "truncated"] * 2, run.stderr[-3000:]
     assert "Connection closed by peer" not in run.stderr, run.stderr[-3000:]

@@ -2,7 +2,6 @@
 size), and the same predictions and AP on 1 or 2 processes."""
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from dino.models.dino import build_model
 from dino.postprocess import PostProcess
 from dino.weights import save_weights
 
-from tests.launching import REPO, TINY, free_port, launch_env
+from tests.launching import ACCELERATE_LAUNCH, REPO, TINY, free_port, launch_env, two_processes
 
 
 def test_evaluation_runs_each_image_alone_by_default():
@@ -68,9 +67,7 @@ def test_two_processes_give_the_predictions_and_ap_of_one(tmp_path):
     save_weights(build_model(cfg.model).state_dict(), checkpoint)
     one = evaluate_checkpoint(cfg, checkpoint, tmp_path / "one")
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(free_port()), "-m", "dino_cli", "eval", "--recipe", TINY,
+    cmd = [*ACCELERATE_LAUNCH, *two_processes(free_port()), "-m", "dino_cli", "eval", "--recipe", TINY,
            "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "two"), "--set", f"data.root={root}"]
     run = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from dino.config import Recipe
 from dino.durable import replace_durably, write_json
+from dino.engine.bad_images import agreed_batches
 from dino.engine.setup import build_accelerator, fit_classes_to
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint
@@ -53,7 +54,9 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, postprocess, loade
     """This process's predictions: ``[{"image_id", "scores", "labels", "boxes" xyxy pixels of the original image}]``."""
     model.eval()
     records = []
-    for batch in tqdm(loader, desc="eval", unit="batch", disable=not accelerator.is_local_main_process, dynamic_ncols=True):
+    # An image a process cannot load stops every process at the same batch (bad_images.agreed_batches).
+    for batch in tqdm(agreed_batches(accelerator, loader), total=len(loader), desc="eval", unit="batch",
+                      disable=not accelerator.is_local_main_process, dynamic_ncols=True):
         images, mask, targets = unpack_batch(batch)
         with accelerator.autocast():
             outputs = model(images, mask)
