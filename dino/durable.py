@@ -17,6 +17,16 @@ from dino.errors import UserError
 # The errors of a full disk or an exhausted quota: the user frees space or writes elsewhere.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
+# The process umask, read once at import: os.umask can only be read by setting it, which is not thread-safe later.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def give_new_file_mode(path: str | os.PathLike) -> None:
+    """The permissions of any new file (0666 less the umask, e.g. 0644) for a temporary file that ``mkstemp`` made
+    private (0600) and that is about to become a user's output."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
 
 def fsync_path(path: str | os.PathLike) -> None:
     """Flushes a file's data, or a folder's entries, to the disk."""

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from dino.config import DataConfig
 from dino.data import build_transforms, pad_images
 from dino.data.transforms import resized_size
+from dino.durable import give_new_file_mode
 from dino.errors import UserError
 from dino.postprocess import postprocess
 from dino.predict_draw import draw_detections
@@ -66,8 +67,6 @@ from dino.predict_labels import LabelNames
 from dino.predict_paths import check_output_dir, picture_names
 
 PICTURE_QUALITY = 92
-_UMASK = os.umask(0o22)
-os.umask(_UMASK)
 
 
 class Backend(Protocol):
@@ -186,7 +185,7 @@ def _write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; outputs get the usual permissions
+        give_new_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,24 +9,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-# The process umask, read once (os.umask can only be read by setting it, which is not thread-safe at call time).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flushes a file's (or folder's) contents to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
+from dino.durable import fsync_path, give_new_file_mode
 
 def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Moves the finished temporary file ``tmp`` onto ``path`` durably (fsync file, rename, fsync folder)."""
     path = Path(path)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp made it private; the artifact gets a new file's usual permissions
+    give_new_file_mode(tmp)
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
