@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from dino.config import Recipe
 from dino.durable import make_output_dir
 from dino.engine.bad_images import SkippedImages, stop_on_bad_image
-from dino.engine.batching import BatchPlan, plan_batches
+from dino.engine.batching import BatchPlan, check_batch_fits, plan_batches
 from dino.engine.checkpoint import read_progress
 from dino.engine.checkpointer import Checkpointer, Progress
 from dino.engine.evaluate import build_val_loader, evaluate
@@ -70,11 +70,7 @@ def build_components(cfg: Recipe, weights_follow: bool) -> Components:
 def build_train_loader(dataset, plan: BatchPlan, cfg: Recipe) -> DataLoader:
     from dino.data import collate_fn
 
-    if len(dataset) < plan.per_device * plan.num_processes:
-        raise UserError(
-            f"the training set in {cfg.data.root} has {len(dataset)} images, fewer than one batch "
-            f"({plan.per_device} x {plan.num_processes} processes)"
-        )
+    check_batch_fits(plan, len(dataset), str(dataset.annotations_file))
     return DataLoader(
         EpochSeededDataset(dataset, cfg.train.seed),
         batch_size=plan.per_device,
