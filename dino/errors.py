@@ -10,3 +10,9 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A failure the user can fix; its message names the file, field or value at fault."""
+
+
+class SharedUserError(UserError):
+    """A :class:`UserError` that every process of a launch raises alike, because it follows from the recipe and the
+    launch alone (e.g. a total batch that the processes cannot split): under ``accelerate launch`` only the main
+    process (RANK 0) prints it, so the user reads one line, not one per process."""

@@ -12,6 +12,7 @@ real bugs) propagates with its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tqdm import tqdm
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from dino import convert
 from dino.engine import cli as engine_cli
 from dino.engine import data_cli
-from dino.errors import UserError
+from dino.errors import SharedUserError, UserError
 from dino_cli import predict as predict_cli
 from dino_export import cli as export_cli
 
@@ -51,7 +52,9 @@ def _run(args: argparse.Namespace, error_prefix: str) -> int:
         rc = args.func(args)
     except UserError as err:
         _close_progress_bars()
-        print(f"{error_prefix}: error: {err}", file=sys.stderr)
+        # Every process of a launch raises a SharedUserError alike: the main process's line is enough.
+        if not isinstance(err, SharedUserError) or os.environ.get("RANK", "0") == "0":
+            print(f"{error_prefix}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C: one line (what was kept, how to go on), the shell's status 128 + SIGINT
         _close_progress_bars()
