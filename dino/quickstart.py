@@ -63,6 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     from dino.engine.recipe import load_recipe
     from dino.engine.resume import AlreadyFinished, interrupted_message
     from dino.engine.train import train
+    from dino.plots.curves import CURVES_PNG
 
     cfg = load_recipe("quickstart", args.overrides)
     data = cfg.data
@@ -93,6 +94,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"quickstart: AP {stats['AP']:.3f}, AP50 {stats['AP50']:.3f} on {stats['num_images']} val images; "
           f"wall time {wall / 60:.1f} min ({wall:.0f} s); weights in {weights}")
     _predict_examples(cfg, weights)
+    curves = Path(cfg.train.output_dir) / CURVES_PNG
+    if curves.is_file():
+        print(f"training curves (losses, learning rate, AP): {curves}; redrawn by `dino plot {cfg.train.output_dir}`")
     if stats["AP50"] < args.min_ap50:
         print(f"quickstart: AP50 {stats['AP50']:.3f} is below {args.min_ap50}", file=sys.stderr)
         return 1
@@ -102,8 +106,9 @@ def _run(args: argparse.Namespace) -> int:
 def _predict_examples(cfg, weights_path: Path, count: int = 4) -> None:
     """Runs ``dino predict``'s pipeline on the first ``count`` validation images and says where the pictures are."""
     from dino.model_loading import build_model_from_checkpoint, read_categories
-    from dino.predict import ModelBackend, predict_files
-    from dino.predict_labels import LabelNames
+    from dino.predict.backend import ModelBackend
+    from dino.predict.files import predict_files
+    from dino.predict.labels import LabelNames
 
     files = sorted((Path(cfg.data.root) / cfg.data.val_images).glob("*"))[:count]
     output_dir = Path(cfg.train.output_dir) / "predict"

@@ -4,7 +4,7 @@
     dino predict --recipe dino_r50_4scale_12ep --onnx model.onnx --checkpoint model.safetensors photos/
     dino predict --recipe dino_r50_4scale_12ep --engine model.engine --plugin-lib libdino_trt_plugin.so --device cuda a.jpg
 
-Chooses the backend (PyTorch from a checkpoint, or ``dino_export.predict_backends``); the pipeline is :mod:`dino.predict`.
+Chooses the backend (PyTorch from a checkpoint, or ``dino_export.predict_backends``); the pipeline is :mod:`dino.predict.files`.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from dino.device import check_device
 from dino.engine.recipe import load_recipe, recipe_path
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint, read_categories
-from dino.predict import ModelBackend, predict_files
-from dino.predict_paths import check_output_dir, list_inputs
-from dino.predict_labels import LabelNames
+from dino.predict.backend import ModelBackend
+from dino.predict.files import predict_files
+from dino.predict.paths import check_output_dir, list_inputs
+from dino.predict.labels import LabelNames
 from dino.presets import PRESETS, get_preset
 from dino_export.predict_backends import AotiBackend, OnnxRuntimeBackend, TensorRTBackend
 

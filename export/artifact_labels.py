@@ -1,5 +1,5 @@
 """The classes an exported artifact was made for, stored with it so ``dino predict`` can name its labels and refuse
-a recipe of another class count (:mod:`dino.predict_labels` defines the keys and values, all strings).
+a recipe of another class count (:mod:`dino.predict.labels` defines the keys and values, all strings).
 
 - ONNX graph: ``metadata_props`` of the model (visible in Netron and ``onnxruntime``'s ``custom_metadata_map``).
 - AOTInductor package: the package metadata (``aot_inductor.metadata``, read back with ``runner.get_metadata()``).
@@ -16,7 +16,7 @@ import onnx
 
 from dino.errors import UserError
 from dino.model_loading import read_categories
-from dino.predict_labels import CATEGORIES_KEY, NUM_CLASSES_KEY, ArtifactLabels, label_metadata, read_label_metadata
+from dino.predict.labels import CATEGORIES_KEY, NUM_CLASSES_KEY, ArtifactLabels, label_metadata, read_label_metadata
 from dino_export import files
 
 LABEL_KEYS = (NUM_CLASSES_KEY, CATEGORIES_KEY)

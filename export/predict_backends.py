@@ -1,10 +1,10 @@
 """Exported artifacts as ``dino predict`` backends: ONNX Runtime, AOTInductor packages, TensorRT engines.
 
-Each implements the backend interface of :mod:`dino.predict` on the deploy-graph contract (docs/ARCHITECTURE.md,
+Each implements the backend interface of :mod:`dino.predict.backend` on the deploy-graph contract (docs/ARCHITECTURE.md,
 CONTRACTS item 4): ``run(images (B,3,H,W) float32, mask (B,H,W) bool) -> boxes (B,K,4) xyxy pixels of each image's
 valid region, scores (B,K), labels (B,K) int64``, plus ``device``, ``input_size`` (the graph's fixed (H, W), or
 None) and ``max_batch`` (a static batch axis, or None). ONNX Runtime and TensorRT are imported only when used.
-``labels`` is the artifact's recorded classes (:class:`dino.predict_labels.ArtifactLabels`), or None for an artifact
+``labels`` is the artifact's recorded classes (:class:`dino.predict.labels.ArtifactLabels`), or None for an artifact
 exported before they were recorded (:mod:`dino_export.artifact_labels`).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dino.errors import UserError
-from dino.predict_labels import read_label_metadata
+from dino.predict.labels import read_label_metadata
 from dino_export.aoti import IMAGE_SIZE_KEY
 from dino_export.artifact_labels import read_engine_sidecar
 

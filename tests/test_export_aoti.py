@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dino.errors import UserError
-from dino.predict_labels import ArtifactLabels, label_metadata
+from dino.predict.labels import ArtifactLabels, label_metadata
 from dino_export.aoti import check_aoti, export_aoti, load_aoti
 from dino_export.deploy_model import DeployModel
 from dino_export.predict_backends import AotiBackend

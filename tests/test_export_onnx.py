@@ -21,7 +21,7 @@ from dino.errors import UserError
 from dino.model_loading import without_pretrained_backbone
 from dino.models.dino import _downsample_mask
 from dino.postprocess import PostProcess
-from dino.predict_labels import ArtifactLabels, label_metadata
+from dino.predict.labels import ArtifactLabels, label_metadata
 from dino.presets import get_preset
 from dino_export import onnx_export
 from dino_export.deploy_model import DeployModel

@@ -19,9 +19,11 @@ from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint
 from dino.models.dino import build_model
 from dino.postprocess import PostProcess, postprocess
-from dino.predict import ModelBackend, Preprocessor, predict_files, valid_sizes
-from dino.predict_draw import MIN_DRAW_SIDE, draw_detections
-from dino.predict_labels import COCO_CATEGORY_NAMES, ArtifactLabels, LabelNames, label_metadata
+from dino.predict.backend import ModelBackend, valid_sizes
+from dino.predict.files import predict_files
+from dino.predict.preprocess import Preprocessor
+from dino.predict.draw import MIN_DRAW_SIDE, draw_detections
+from dino.predict.labels import COCO_CATEGORY_NAMES, ArtifactLabels, LabelNames, label_metadata
 from dino.weights import save_weights
 from dino_cli import main
 from dino_export.artifact_labels import read_engine_sidecar, set_onnx_labels, write_engine_sidecar

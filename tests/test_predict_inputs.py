@@ -16,10 +16,12 @@ from dino.engine.recipe import load_recipe
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint
 from dino.models.dino import build_model
-from dino.predict import ModelBackend, Preprocessor, predict_files
-from dino.predict_draw import MAX_DRAW_SIDE, draw_detections
-from dino.predict_images import TRANSPARENT_BACKGROUND, to_rgb
-from dino.predict_labels import LabelNames
+from dino.predict.backend import ModelBackend
+from dino.predict.files import predict_files
+from dino.predict.preprocess import Preprocessor
+from dino.predict.draw import MAX_DRAW_SIDE, draw_detections
+from dino.predict.images import TRANSPARENT_BACKGROUND, to_rgb
+from dino.predict.labels import LabelNames
 from dino.weights import save_weights
 from dino_cli import main
 

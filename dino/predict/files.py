@@ -1,26 +1,13 @@
 """``dino predict``: detections on image files, as ``predictions.json`` and one picture per image.
 
-Images are read as a viewer shows them (:mod:`dino.predict_images`): EXIF orientation applied, 16-bit and float
+Images are read as a viewer shows them (:mod:`dino.predict.images`): EXIF orientation applied, 16-bit and float
 grayscale scaled to 8 bits, transparency composited on white. Training and evaluation do NOT apply EXIF orientation:
 a COCO dataset keeps its stored (annotated) orientation, since its boxes were drawn on the stored pixels.
 
-Pre- and post-processing are those of ``dino eval`` and the same for every backend: each image is resized by the
-recipe's validation transform (``dino.data.build_transforms(data, "val")``: shorter side ``data.val_scale``, longer
-side at most ``data.val_max_size``, ImageNet normalisation), padded at the bottom/right with the padding mask True
-on padding (``dino.data.pad_images``), and detections are scaled back to the original image's pixels. Only images of
-the same resized size share a forward pass: padding an image to a larger neighbour's size changes DINO's outputs for
-it (up to 2.5 px and 0.124 in score, issue 19), so an image's detections do not depend on the rest of the batch.
-
-A backend is anything with the deploy-graph contract (docs/ARCHITECTURE.md, CONTRACTS item 4)::
-
-    boxes, scores, labels = backend.run(images, mask)
-    # images (B, 3, H, W) float32 normalised, mask (B, H, W) bool True on padding ->
-    # boxes (B, K, 4) xyxy pixels of each image's valid (resized) region, scores (B, K) descending, labels (B, K) int64
-
-plus ``device``, ``input_size`` ((H, W) of a fixed-size graph, or None) and ``max_batch`` (None: any batch).
-:class:`ModelBackend` runs a PyTorch model here; ``dino_export.predict_backends`` has ONNX Runtime, AOTInductor and
-TensorRT. A fixed-size graph gets the batch padded to its size; an image whose evaluation size does not fit it is
-resized to fit instead (keeping its aspect ratio), which is the only case where a graph sees other pixels than eval.
+Pre- and post-processing are those of ``dino eval`` and the same for every backend (:mod:`dino.predict.preprocess`),
+and detections are scaled back to the original image's pixels. Only images of the same resized size share a forward
+pass: padding an image to a larger neighbour's size changes DINO's outputs for it (up to 2.5 px and 0.124 in score,
+issue 19), so an image's detections do not depend on the rest of the batch.
 
 ``predictions.json``::
 
@@ -34,7 +21,7 @@ resized to fit instead (keeping its aspect ratio), which is the only case where 
 the files skipped: not readable images, or images the model cannot take (so elongated that a side resizes to under
 1 px, or too small for the model's queries). A picture that could not be saved has ``"picture": null`` and a
 ``"picture_error"``; its detections are still listed. Pictures are never written over an input: an output folder
-holding an input, or inside a scanned input folder, is refused (:func:`dino.predict_paths.check_output_dir`); an image given twice
+holding an input, or inside a scanned input folder, is refused (:func:`dino.predict.paths.check_output_dir`); an image given twice
 gets two records and two pictures (``cat.jpg``, ``cat_1.jpg``).
 ``box`` is xyxy in the original image's pixels (not clipped, as ``dino eval``), detections sorted by descending score;
 ``label`` is the model's class index, ``category_id`` the dataset's id for it (equal for COCO's 91-slot models).
@@ -47,126 +34,23 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Protocol
 
 import PIL.Image
 import torch
-from torch import nn
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
 from dino.config import DataConfig
-from dino.data import build_transforms, pad_images
-from dino.data.transforms import resized_size
 from dino.durable import give_new_file_mode
 from dino.errors import UserError
-from dino.postprocess import postprocess
-from dino.predict_draw import draw_detections
-from dino.predict_images import open_image
-from dino.predict_labels import LabelNames
-from dino.predict_paths import check_output_dir, picture_names
+from dino.predict.backend import Backend
+from dino.predict.draw import draw_detections
+from dino.predict.images import read_image
+from dino.predict.labels import LabelNames
+from dino.predict.paths import check_output_dir, picture_names
+from dino.predict.preprocess import Preprocessor
 
 PICTURE_QUALITY = 92
-
-
-class Backend(Protocol):
-    device: torch.device
-    input_size: tuple[int, int] | None
-    max_batch: int | None
-
-    def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
-
-
-def valid_sizes(mask: torch.Tensor) -> torch.Tensor:
-    """(B, 2) float (height, width) of each image's unpadded region, from ``mask (B, H, W)`` True on padding."""
-    valid = ~mask
-    return torch.stack([valid.any(2).sum(1), valid.any(1).sum(1)], 1).float()
-
-
-class ModelBackend:
-    """A DINO model (``model(images, mask) -> {pred_logits, pred_boxes}``) in PyTorch, with top-k post-processing."""
-
-    input_size = None
-    max_batch = None
-    name = "pytorch"
-
-    def __init__(self, model: nn.Module, num_select: int, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.num_select = num_select
-
-    @torch.no_grad()
-    def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.model(images, mask)
-        # pred_boxes are normalised by each image's valid region, so scaling by it gives that region's pixels.
-        scores, labels, boxes = postprocess(out["pred_logits"].float(), out["pred_boxes"].float(), valid_sizes(mask),
-                                            self.num_select)
-        return boxes, scores, labels
-
-
-class Preprocessor:
-    """PIL images -> ``(images (B,3,H,W), mask (B,H,W), resized sizes [(h, w)])`` exactly as ``dino eval`` batches them.
-
-    With ``input_size`` (a fixed-size graph) the batch is padded to that size, and an image whose evaluation size does
-    not fit is resized to fit it (shorter/longer side limits lowered to the graph's sides).
-    """
-
-    def __init__(self, data_cfg: DataConfig, input_size: tuple[int, int] | None = None):
-        self.data_cfg = data_cfg
-        self.input_size = input_size
-        self._transforms: dict[tuple[int, int], object] = {}
-
-    def _limits(self, height: int, width: int) -> tuple[int, int]:
-        """(shorter side, longer-side cap) in pixels of the resize of a ``height`` x ``width`` image."""
-        cfg = self.data_cfg
-        if self.input_size is None:
-            return cfg.val_scale, cfg.val_max_size
-        out_h, out_w = resized_size(height, width, cfg.val_scale, cfg.val_max_size)
-        max_h, max_w = self.input_size
-        if out_h <= max_h and out_w <= max_w:
-            return cfg.val_scale, cfg.val_max_size
-        short_limit, long_limit = (max_h, max_w) if height <= width else (max_w, max_h)
-        return min(cfg.val_scale, short_limit), min(cfg.val_max_size, long_limit)
-
-    def transform(self, picture: PIL.Image.Image) -> torch.Tensor:
-        """One image resized and normalised, ``(3, h, w)`` float32; UserError when a side would be under 1 pixel."""
-        limits = self._limits(picture.height, picture.width)
-        out_h, out_w = resized_size(picture.height, picture.width, *limits)
-        if min(out_h, out_w) < 1:
-            raise UserError(f"{picture.width}x{picture.height} px is too elongated for the model: resizing its longer "
-                            f"side to at most {limits[1]} px leaves the shorter one under 1 px")
-        if limits not in self._transforms:
-            scale, max_size = limits
-            self._transforms[limits] = build_transforms(
-                dataclasses.replace(self.data_cfg, val_scale=scale, val_max_size=max_size), "val")
-        return self._transforms[limits](picture).as_subclass(torch.Tensor)
-
-    def batch(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Resized images -> ``images (B,3,H,W)``, ``mask (B,H,W)`` True on padding (to the graph's size if fixed)."""
-        images, mask = pad_images(tensors, self.data_cfg.size_divisibility)
-        if self.input_size is not None:
-            height, width = self.input_size
-            pad = (0, width - images.shape[-1], 0, height - images.shape[-2])
-            if min(pad) < 0:  # size_divisibility rounded past the graph's size
-                raise UserError(f"images padded to {tuple(images.shape[-2:])} exceed the graph input {self.input_size}; "
-                                "set data.size_divisibility=1")
-            images = nn.functional.pad(images, pad)
-            mask = nn.functional.pad(mask, pad, value=True)
-        return images, mask
-
-    def __call__(self, pictures: list[PIL.Image.Image]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-        tensors = [self.transform(p) for p in pictures]
-        images, mask = self.batch(tensors)
-        return images, mask, [tuple(t.shape[-2:]) for t in tensors]
-
-
-def read_image(path: Path) -> PIL.Image.Image:
-    """The image at ``path`` as a viewer shows it (:mod:`dino.predict_images`: upright, RGB, transparency on white);
-    UserError naming the file when it is not a readable image (also when truncated)."""
-    try:
-        return open_image(path)
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
 @dataclasses.dataclass
@@ -308,7 +192,7 @@ def predict_files(
     listed under ``"failed"`` and skipped; a picture that cannot be saved is named and its record kept with
     ``"picture": null``; the other files are still processed. ``batch_size`` consecutive files are read together and
     those of the same resized size share a forward pass, so an image's detections do not depend on its neighbours.
-    UserError (nothing written) when ``output_dir`` holds an input (:func:`dino.predict_paths.check_output_dir`).
+    UserError (nothing written) when ``output_dir`` holds an input (:func:`dino.predict.paths.check_output_dir`).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")

@@ -23,6 +23,8 @@ import numpy as np
 import PIL.Image
 from PIL import ImageOps
 
+from dino.errors import UserError
+
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # white: transparent pixels are predicted (and drawn) as white
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -57,3 +59,12 @@ def open_image(path: str | Path) -> PIL.Image.Image:
         image.load()  # decodes fully: a truncated file fails here, not later
         upright = ImageOps.exif_transpose(image)
         return to_rgb(upright if upright is not None else image)
+
+
+def read_image(path: Path) -> PIL.Image.Image:
+    """The image at ``path`` as a viewer shows it (upright, RGB, transparency on white);
+    UserError naming the file when it is not a readable image (also when truncated)."""
+    try:
+        return open_image(path)
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
