@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dino.durable import replace_durably
+from dino.durable import give_new_file_mode, replace_durably
 from dino.errors import UserError
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Writes ``state_dict`` as safetensors, atomically and durably (temp file in the same folder, fsynced, renamed).
+    """Writes ``state_dict`` as safetensors, atomically and durably (temp file in the same folder, fsynced, renamed),
+    with the permissions of any new file (0666 less the umask).
 
     Tensors are copied to CPU, contiguous and unshared: safetensors rejects tensors that share memory.
     """
@@ -28,6 +29,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, m
     try:
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
         save_file(tensors, tmp, metadata=metadata)
+        give_new_file_mode(tmp)  # mkstemp made it 0600; the weights are a file like any other (0644 under umask 022)
         replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

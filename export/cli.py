@@ -10,6 +10,7 @@ import torch
 from dino.config import add_override_argument
 from dino.device import check_device
 from dino.errors import UserError
+from dino_export.files import check_output_file
 
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool, recipe_required: bool = True) -> None:
@@ -93,10 +94,11 @@ def register(subparsers) -> None:
 
 
 def _load(args, half: bool = False):
-    from dino_export.deploy_model import build_deploy_model, check_image_size
+    from dino_export.deploy_model import build_deploy_model, check_canvas_fits, check_image_size
 
     size = check_image_size(args.image_size)
     model, desc = build_deploy_model(args.recipe, args.checkpoint, half=half, overrides=args.overrides)
+    check_canvas_fits(model.model, size)
     return model, desc, size
 
 
@@ -117,6 +119,7 @@ def _print_checks(checks, notes) -> None:
 def _export_onnx(args, output: str):
     from dino_export.onnx_export import export_onnx
 
+    check_output_file(output, "--output", "model.onnx", inputs=(args.checkpoint,))
     model, desc, size = _load(args, half=args.fp16)
     result = export_onnx(model, output, size, args.deform_op, args.dynamic_batch, args.max_batch,
                          verify=not args.no_verify, labels=_labels(model, args))
@@ -144,6 +147,8 @@ def _cmd_export_trt(args) -> int:
         raise UserError("dino export trt --recipe needs --checkpoint (the weights to build the engine from)")
     if args.onnx is not None and not Path(args.onnx).is_file():
         raise UserError(f"ONNX file {args.onnx} does not exist")
+    if args.output is not None:
+        check_output_file(args.output, "--output", "model.engine", inputs=(args.onnx, args.checkpoint))
     version = require_tensorrt()  # before a long ONNX export
     if args.onnx is not None:
         onnx_path = Path(args.onnx)
@@ -165,6 +170,7 @@ def _cmd_export_aoti(args) -> int:
     from dino_export.aoti import export_aoti
 
     check_device(args.device)
+    check_output_file(args.output, "--output", "model.pt2", inputs=(args.checkpoint,))
     model, desc, size = _load(args)
     path, checks = export_aoti(model, args.output, size, args.device, args.dynamic_batch, args.max_batch,
                                verify=not args.no_verify, labels=_labels(model, args))
@@ -178,6 +184,9 @@ def _cmd_bench(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
+    for flag, path, example in (("--json", args.json, "bench.json"), ("--table", args.table, "bench.txt")):
+        if path is not None:
+            check_output_file(path, flag, example, inputs=(args.checkpoint,))
     model, desc, size = _load(args)
     hw = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'CPU'}, " \
                                                                        f"{torch.get_num_threads()} threads"

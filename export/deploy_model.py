@@ -23,11 +23,8 @@ import dino
 from dino.config import ModelConfig
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint, without_pretrained_backbone
+from dino.models.levels import image_size_problem
 from dino.postprocess import postprocess
-
-# The feature pyramid's coarsest level has stride 64 (the extra stride-2 convolution after C5): a smaller image leaves
-# it without a single cell.
-MIN_IMAGE_SIDE = 64
 
 INPUT_NAMES = ("images", "mask")
 OUTPUT_NAMES = ("boxes", "scores", "labels")
@@ -116,18 +113,23 @@ class WithQueryOutputs(nn.Module):
 
 
 def check_image_size(image_size: tuple[int, int] | list[int]) -> tuple[int, int]:
-    """Validates an ``(H, W)`` export size in pixels; raises UserError naming the bad value."""
+    """Validates an ``(H, W)`` export size in pixels (two positive numbers); raises UserError naming the bad value.
+    Whether the model can take that size is :func:`check_canvas_fits`'s question."""
     if len(image_size) != 2:
         raise UserError(f"--image-size takes two numbers H W, got {list(image_size)}")
     height, width = (int(v) for v in image_size)
     for name, value in (("height", height), ("width", width)):
         if value <= 0:
             raise UserError(f"--image-size {name} must be positive, got {value}")
-        if value < MIN_IMAGE_SIDE:
-            raise UserError(
-                f"--image-size {name} {value} is below {MIN_IMAGE_SIDE} px: the stride-64 feature level would be empty"
-            )
     return height, width
+
+
+def check_canvas_fits(model: nn.Module, image_size: tuple[int, int]) -> None:
+    """UserError when the DINO ``model`` cannot run on an ``(H, W)`` canvas: its own feature levels must give at
+    least as many encoder tokens as it has queries (:func:`dino.models.levels.image_size_problem`)."""
+    problem = image_size_problem(model, *image_size)
+    if problem is not None:
+        raise UserError(f"--image-size {image_size[0]} {image_size[1]}: {problem}")
 
 
 def resolve_model_config(spec: str, overrides: list[str] | None = None) -> tuple[str, ModelConfig]:

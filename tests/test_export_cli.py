@@ -49,7 +49,7 @@ def test_checkpoint_of_another_recipe_is_rejected(capsys, quick_checkpoint):
 
 
 @pytest.mark.parametrize("size, message", [(["0", "128"], "must be positive"), (["128", "-5"], "must be positive"),
-                                           (["32", "128"], "below 64")])
+                                           (["8", "8"], "6 encoder tokens, fewer than its 30 queries")])
 def test_bad_image_size(capsys, quick_checkpoint, size, message):
     rc, _, err = _run(["export", "onnx", "--recipe", "dino_quickstart", "--checkpoint", str(quick_checkpoint),
                        "--image-size", *size], capsys)

@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 from dino.data.coco import annotation_problem, box_problem, categories_of, load_instances_json
 from dino.errors import UserError
 
-__all__ = ["FATAL_KINDS", "Problem", "SplitReport", "check_split", "format_report"]
+__all__ = ["FATAL_KINDS", "Problem", "SplitReport", "check_split", "dataset_notes", "format_report"]
 
 # Kinds that stop training (CocoDetection raises at construction or when the image is loaded).
 FATAL_KINDS = frozenset({
     "annotations file", "unknown image_id", "unknown category_id", "bad bbox", "images folder", "missing image file",
-    "unreadable image", "size differs from json",
+    "unreadable image", "size differs from json", "training setup", "image too small for the model",
 })
 
 
@@ -154,6 +154,33 @@ def check_split(
     _check_annotations(data, annotations_file, report)
     _check_images(data, images_dir, report, fast, workers, progress)
     return report
+
+
+def dataset_notes(dataset, num_queries: int) -> list[Problem]:
+    """What training accepts but a user should hear of, for a built training ``dataset``
+    (:class:`~dino.data.CocoDetection`) and a model of ``num_queries`` queries: a class head larger than the number
+    of categories (labels are category ids, as in the official code, so ids with gaps leave outputs no category
+    uses; ids 1..N, with label 0 unused, are not mentioned), and images with more boxes than the model has queries (it can find at most ``num_queries`` objects per
+    image). ``dino data check`` lists them; training logs them when it starts."""
+    notes = []
+    source = str(dataset.annotations_file)
+    categories = len(dataset.categories)
+    if dataset.num_classes > categories + 1:  # ids 1..N (one unused output, label 0) are the usual numbering
+        ids = [c["id"] for c in dataset.categories]
+        shown = ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
+        notes.append(Problem("class head larger than the categories", source,
+                             f"category ids {shown} make a {dataset.num_classes}-class head (labels are category ids: "
+                             f"max id + 1) for {categories} categories; {dataset.num_classes - categories} outputs "
+                             "belong to no category, as in the official code (renumber the ids 0..N-1 if that is not intended)"))
+    counts = [len(dataset.raw_target(i)[1]) for i in range(len(dataset))]
+    crowded = [i for i, n in enumerate(counts) if n > num_queries]
+    if crowded:
+        worst = max(crowded, key=counts.__getitem__)
+        notes.append(Problem("more boxes than queries", source,
+                             f"{len(crowded)} image(s) have more boxes than the model's {num_queries} queries (at most "
+                             f"{counts[worst]}, image id {dataset.image_ids[worst]}): the model can find at most "
+                             f"{num_queries} objects per image (raise model.transformer.num_queries to find more)"))
+    return notes
 
 
 def format_report(reports: Sequence[SplitReport], limit: int = 20) -> str:

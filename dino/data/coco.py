@@ -322,6 +322,10 @@ class CocoDetection(torch.utils.data.Dataset):
             )
         return image
 
+    def image_info(self, index: int) -> dict[str, Any]:
+        """``{"id", "file_name", "height", "width"}`` of the image at ``index``, as the json lists it."""
+        return dict(self._images[index])
+
     def raw_target(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(boxes (N, 4) xyxy pixels of the original image, labels (N,))`` after cleaning, before transforms."""
         return self._boxes[index], self._labels[index]

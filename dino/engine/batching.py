@@ -67,10 +67,10 @@ def check_batch_fits(plan: BatchPlan, num_images: int, source: str) -> None:
     if micro_batches >= plan.accumulation:
         return
     largest = (num_images // plan.num_processes) * plan.num_processes
-    fix = (f"set --set optim.total_batch_size=<at most {largest}, a multiple of {plan.num_processes}>"
-           if largest >= plan.num_processes else
-           f"use at most {num_images} process(es), or add images")
+    multiple = f", a multiple of {plan.num_processes}" if plan.num_processes > 1 else ""
+    fix = (f"set --set optim.total_batch_size=<at most {largest}{multiple}>" if largest >= plan.num_processes
+           else f"use at most {num_images} process(es), or add images")
     raise SharedUserError(
         f"optim.total_batch_size={plan.effective} is larger than the training set of {source} ({num_images} "
-        f"images): one optimizer step needs {plan.effective} images ({plan.describe()}); {fix}"
+        f"image(s)): one optimizer step needs {plan.effective} images ({plan.describe()}); {fix}"
     )

@@ -15,7 +15,9 @@ import sys
 from dino.config import add_override_argument
 from dino.data import prepare_dataset, split_paths
 from dino.data.check import check_split, format_report
+from dino.engine.preflight import training_problems
 from dino.engine.recipe import load_recipe
+from dino.errors import UserError
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +32,16 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads reading images (default: %(default)s)")
     parser.add_argument("--max-listed", type=int, default=20, metavar="N",
                         help="list at most N problems (default: %(default)s); the table counts them all")
+    parser.add_argument("--num-processes", type=int, default=int(os.environ.get("WORLD_SIZE", "1")), metavar="N",
+                        help="the number of training processes to check the batch plan for (default: %(default)s, "
+                        "accelerate launch's WORLD_SIZE or 1)")
 
 
 def run_check(args: argparse.Namespace) -> int:
+    for flag, value, low in (("--workers", args.workers, 1), ("--max-listed", args.max_listed, 0),
+                             ("--num-processes", args.num_processes, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
     cfg = load_recipe(args.recipe, args.overrides)
     prepare_dataset(cfg.data)  # dataset="shapes": generated first, as training would
     reports = []
@@ -41,7 +50,14 @@ def run_check(args: argparse.Namespace) -> int:
         reports.append(check_split(split, images, annotations, fast=args.fast,
                                    skip_unreadable=cfg.data.skip_unreadable, workers=args.workers,
                                    progress=sys.stderr.isatty()))
-    print(format_report(reports, limit=max(args.max_listed, 0)))
+    if "train" in (r.split for r in reports):
+        # What training refuses before its first step, by the same code (dino.engine.preflight), with the train split.
+        found = training_problems(cfg, args.num_processes, args.recipe,
+                                  frozenset(r.split for r in reports if r.fatal()))
+        by_split = {r.split: r for r in reports}
+        for split, problems in found.items():
+            by_split.get(split, by_split["train"]).problems.extend(problems)
+    print(format_report(reports, limit=args.max_listed))
     fatal = [p for r in reports for p in r.fatal()]
     if fatal:
         unreadable = any(p.kind == "unreadable image" for p in fatal)

@@ -21,6 +21,7 @@ from accelerate.utils import (
 
 from dino.config import ModelConfig, Recipe
 from dino.data import fit_num_classes
+from dino.data.check import dataset_notes
 from dino.engine.checkpoint import check_keep
 from dino.engine.recipe import iter_fields
 from dino.errors import UserError
@@ -123,8 +124,12 @@ def build_model(model_cfg: ModelConfig, weights_follow: bool) -> torch.nn.Module
 
 def fit_classes_to(cfg: Recipe, dataset) -> None:
     """Sizes ``cfg.model``'s class head and denoising label book to ``dataset`` (labels are category ids), in place;
-    values the recipe set are checked instead (:func:`dino.data.fit_num_classes`)."""
+    values the recipe set are checked instead (:func:`dino.data.fit_num_classes`). Logs what the data implies and
+    ``dino data check`` also lists (:func:`dino.data.check.dataset_notes`): a head larger than the number of
+    categories, images with more boxes than the model has queries."""
     fit_num_classes(cfg.model, dataset.num_classes, str(dataset.annotations_file))
+    for note in dataset_notes(dataset, cfg.model.transformer.num_queries):
+        logger.info("%s: %s", note.file, note.detail)
 
 
 def resolved_recipe(cfg: Recipe) -> dict:

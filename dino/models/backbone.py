@@ -21,7 +21,8 @@ _TIMM_PREFIX = "timm:"
 
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone.pretrained: no such file {path!r}")
+        raise UserError(f"model.backbone.pretrained: no such file {path!r}; give an existing weights file, or "
+                        "none for random weights")
     if path.endswith(".safetensors"):
         import safetensors.torch
 
@@ -29,12 +30,12 @@ def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors come in many types
-        raise ValueError(f"backbone.pretrained: cannot load {path!r} as a state dict: {err}") from None
+        raise UserError(f"model.backbone.pretrained: cannot load {path!r} as a state dict: {err}") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise ValueError(f"backbone.pretrained: {path!r} does not hold a state dict")
+        raise UserError(f"model.backbone.pretrained: {path!r} does not hold a state dict")
     return sd
 
 
@@ -43,11 +44,11 @@ def _load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], path: str
     own = module.state_dict()
     matched = {k: v for k, v in state_dict.items() if k in own}
     if not matched:
-        raise ValueError(f"backbone.pretrained: {path!r} shares no keys with the backbone (e.g. {next(iter(own))!r})")
+        raise UserError(f"model.backbone.pretrained: {path!r} shares no keys with the backbone (e.g. {next(iter(own))!r})")
     for k, v in matched.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(
-                f"backbone.pretrained: {path!r} key {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+            raise UserError(
+                f"model.backbone.pretrained: {path!r} key {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
             )
     module.load_state_dict(matched, strict=False)
 
@@ -63,7 +64,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.return_levels = tuple(cfg.return_levels)
         if not self.return_levels or any(i not in (0, 1, 2, 3) for i in self.return_levels):
-            raise ValueError(f"backbone.return_levels must be indices in 0..3, got {cfg.return_levels!r}")
+            raise UserError(f"model.backbone.return_levels must be indices in 0..3, got {cfg.return_levels!r}")
         self.is_timm = cfg.name.startswith(_TIMM_PREFIX)
         self.is_swin = cfg.name in SWIN_VARIANTS
         self.gradient_checkpointing = cfg.gradient_checkpointing
@@ -76,9 +77,9 @@ class Backbone(nn.Module):
 
     def _build_torchvision(self, cfg: BackboneConfig) -> None:
         if not cfg.name.startswith("resnet") or not hasattr(torchvision.models, cfg.name):
-            raise ValueError(f"backbone.name: unknown torchvision ResNet {cfg.name!r} (e.g. 'resnet50', or 'timm:NAME')")
+            raise UserError(f"model.backbone.name: unknown torchvision ResNet {cfg.name!r} (e.g. 'resnet50', or 'timm:NAME')")
         if cfg.pretrained == "timm":
-            raise ValueError(f"backbone.pretrained='timm' needs a timm backbone, got name {cfg.name!r}")
+            raise UserError(f"model.backbone.pretrained='timm' needs a timm backbone, got name {cfg.name!r}")
         # IMAGENET1K_V1: the weights the official DINO runs started from (torchvision's pretrained=True).
         weights = torchvision.models.get_model_weights(cfg.name).IMAGENET1K_V1 if cfg.pretrained == "torchvision" else None
         net = getattr(torchvision.models, cfg.name)(weights=weights, norm_layer=FrozenBatchNorm2d)
@@ -121,8 +122,9 @@ class Backbone(nn.Module):
         name = cfg.name[len(_TIMM_PREFIX):]
         if cfg.pretrained not in (None, "timm") and not os.path.isfile(str(cfg.pretrained)):
             if cfg.pretrained == "torchvision":
-                raise ValueError(f"backbone.pretrained='torchvision' needs a torchvision ResNet, got {cfg.name!r}")
-            raise FileNotFoundError(f"backbone.pretrained: no such file {cfg.pretrained!r}")
+                raise UserError(f"model.backbone.pretrained='torchvision' needs a torchvision ResNet, got {cfg.name!r}")
+            raise UserError(f"model.backbone.pretrained: no such file {cfg.pretrained!r}; give an existing weights "
+                            "file, or none for random weights")
         self.body = timm.create_model(name, pretrained=cfg.pretrained == "timm", features_only=True,
                                       out_indices=self.return_levels, **cfg.timm_kwargs)
         if cfg.pretrained not in (None, "timm"):

@@ -56,16 +56,22 @@ class DINO(nn.Module):
         self.num_queries = t.num_queries
         self.num_feature_levels = t.num_feature_levels
         hidden = t.hidden_dim
+        counts = {"hidden_dim": 1, "nheads": 1, "enc_layers": 0, "dec_layers": 1, "dim_feedforward": 1,
+                  "num_queries": 1, "num_feature_levels": 1, "enc_n_points": 1, "dec_n_points": 1}
+        for name, low in counts.items():  # a smaller count would fail deep inside the first forward (or divide by 0)
+            if getattr(t, name) < low:
+                raise UserError(f"model.transformer.{name} must be >= {low}, got {getattr(t, name)}")
         if hidden % 32 != 0:
-            raise ValueError(f"transformer.hidden_dim must be a multiple of 32 (GroupNorm(32)), got {hidden}")
+            raise UserError(f"model.transformer.hidden_dim must be a multiple of 32 (GroupNorm(32)), got {hidden}")
         if hidden % 2 != 0 or hidden % t.nheads != 0:
-            raise ValueError(f"transformer.hidden_dim {hidden} must be divisible by nheads {t.nheads}")
+            raise UserError(f"model.transformer.hidden_dim {hidden} must be divisible by model.transformer.nheads "
+                            f"{t.nheads}")
 
         self.backbone = Backbone(cfg.backbone)
         n_backbone = len(self.backbone.num_channels)
         if t.num_feature_levels < n_backbone:
-            raise ValueError(
-                f"transformer.num_feature_levels ({t.num_feature_levels}) < backbone levels "
+            raise UserError(
+                f"model.transformer.num_feature_levels ({t.num_feature_levels}) < backbone levels "
                 f"({n_backbone}, backbone.return_levels={cfg.backbone.return_levels})"
             )
         self.position_encoding = PositionEmbeddingSine(hidden // 2, t.pe_temperature, normalize=True)
