@@ -2,8 +2,8 @@
 
 Each backend is prepared once (export / compile time is reported separately), warmed up, then timed per call with
 CUDA synchronisation; the table gives median and p90 latency, images per second, and the largest box and score
-difference from eager float32 PyTorch. Where a backend returns its per-query outputs (eager, AOTInductor) that is
-every query's box and class scores with eager float32 rerun on the backend's own query selection
+difference from eager float32 PyTorch. Where a backend returns its per-query outputs (eager, AOTInductor, OpenVINO)
+that is every query's box and class scores with eager float32 rerun on the backend's own query selection
 (:func:`dino_export.query_check.check_outputs`): a reduced precision that ranks near-tied proposals differently is
 measured by its precision error, not by the reordering. Elsewhere (ONNX Runtime, torch.compile, TensorRT) it is the
 detections matched by query (:func:`dino_export.query_check.compare_detections`, so rank swaps of near-tied scores do
@@ -30,7 +30,8 @@ from dino_export.deploy_model import DeployModel, WithQueryOutputs
 from dino_export.query_check import FP16_TOLERANCE, check_outputs, compare_detections
 from dino_export.tracing import check_inputs
 
-ALL_BACKENDS = ("eager_fp32", "eager_bf16", "eager_fp16", "compile", "aoti", "ort_cpu", "ort_cuda", "tensorrt")
+ALL_BACKENDS = ("eager_fp32", "eager_bf16", "eager_fp16", "compile", "aoti", "ort_cpu", "ort_cuda", "openvino_cpu",
+                "openvino_cpu_bf16", "tensorrt")
 
 
 @dataclasses.dataclass
@@ -148,6 +149,33 @@ class _Backends:
     def _make_ort_cuda(self):
         return self._ort("CUDAExecutionProvider")
 
+    def _openvino(self, precision: str):
+        """The ONNX graph in OpenVINO's CPU plugin at ``precision`` with the per-query outputs, so its row's error is
+        every query's (as for AOTInductor). Threads: torch's count, as the eager rows."""
+        if importlib.util.find_spec("openvino") is None:
+            raise _Unavailable("openvino is not installed")
+        from dino_export.deploy_model import OUTPUT_NAMES, QUERY_OUTPUT_NAMES
+        from dino_export.openvino_export import checkable_model, convert_onnx
+        from dino_export.openvino_runtime import check_precision, compile_cpu, run_compiled
+
+        try:
+            check_precision(precision)
+        except UserError as why:
+            raise _Unavailable(str(why).split(" Use --precision")[0]) from None
+        compiled = compile_cpu(checkable_model(convert_onnx(self._onnx_file())), precision, torch.get_num_threads())
+        names = [*OUTPUT_NAMES, *QUERY_OUTPUT_NAMES]
+
+        def run(images, mask):
+            return tuple(torch.from_numpy(o) for o in run_compiled(compiled, images, mask, names))
+
+        return run
+
+    def _make_openvino_cpu(self):
+        return self._openvino("f32")
+
+    def _make_openvino_cpu_bf16(self):
+        return self._openvino("bf16")
+
     def _make_tensorrt(self):
         if importlib.util.find_spec("tensorrt") is None:
             raise _Unavailable("the tensorrt Python package is not installed")
@@ -262,12 +290,12 @@ def run_bench(
 def format_table(rows: list[BenchRow], header: str) -> str:
     """A plain-text table: timed rows first, then the unavailable backends with their reasons."""
     lines = [header, "",
-             f"{'backend':<11} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} {'max|dbox| px':>13} "
+             f"{'backend':<17} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'img/s':>8} {'max|dbox| px':>13} "
              f"{'max|dscore|':>12} {'setup s':>8}"]
     lines.append("-" * len(lines[-1]))
     for r in rows:
         if r.unavailable is None:
-            lines.append(f"{r.backend:<11} {r.batch:>5} {r.median_ms:>10.1f} {r.p90_ms:>9.1f} {r.fps:>8.2f} "
+            lines.append(f"{r.backend:<17} {r.batch:>5} {r.median_ms:>10.1f} {r.p90_ms:>9.1f} {r.fps:>8.2f} "
                          f"{r.max_box_diff_px:>13.3g} {r.max_score_diff:>12.3g} {r.setup_s:>8.1f}")
     missing = [r for r in rows if r.unavailable is not None]
     if missing:

@@ -75,6 +75,20 @@ def register(subparsers) -> None:
     aoti_p.add_argument("--output", default="model.pt2")
     aoti_p.set_defaults(func=_cmd_export_aoti)
 
+    ov_p = targets.add_parser("openvino", help="OpenVINO IR (model.xml + model.bin) for the CPU, converted from the "
+                                               "checked standard ONNX graph")
+    _add_model_args(ov_p, checkpoint_required=True)
+    ov_p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis")
+    ov_p.add_argument("--max-batch", type=int, default=32, help="upper bound of the dynamic batch (default 32)")
+    ov_p.add_argument("--precision", choices=("f32", "bf16"), default="f32",
+                      help="arithmetic the IR runs at, recorded in it (INFERENCE_PRECISION_HINT): f32 (default) or "
+                           "bf16 (CPUs with avx512_bf16 or AMX; checked at the bf16 tolerance)")
+    ov_p.add_argument("--no-verify", action="store_true",
+                      help="skip the checks against PyTorch and write the IR unchecked (allows --precision bf16 on a "
+                           "CPU without it)")
+    ov_p.add_argument("--output", default="model.xml", help="the IR's .xml; its weights go beside it in .bin")
+    ov_p.set_defaults(func=_cmd_export_openvino)
+
     from dino_export.bench import ALL_BACKENDS
 
     bench = subparsers.add_parser("bench", help="latency of every available inference backend on the same inputs")
@@ -176,6 +190,20 @@ def _cmd_export_aoti(args) -> int:
                                verify=not args.no_verify, labels=_labels(model, args))
     _print_checks(checks, [] if checks else ["not checked against eager PyTorch (--no-verify): written unchecked"])
     print(f"wrote {path} ({desc}; {size[0]}x{size[1]} on {args.device})")
+    return 0
+
+
+def _cmd_export_openvino(args) -> int:
+    from dino_export.openvino_export import export_openvino, weights_path
+
+    model, desc, size = _load(args)
+    result = export_openvino(model, args.output, size, args.dynamic_batch, args.max_batch, args.precision,
+                             verify=not args.no_verify, labels=_labels(model, args))
+    _print_checks(result.checks, result.notes)
+    batch = f"dynamic batch 1..{args.max_batch}" if result.dynamic_batch else "batch 1"
+    checked = "checked against PyTorch" if result.checks else "NOT checked (--no-verify)"
+    print(f"wrote {result.path} and {weights_path(result.path)} ({desc}; {size[0]}x{size[1]}, {batch}, precision "
+          f"{result.precision}); {checked}")
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Exported artifacts as ``dino predict`` backends: ONNX Runtime, AOTInductor packages, TensorRT engines.
+"""Exported artifacts as ``dino predict`` backends: ONNX Runtime, OpenVINO IRs, AOTInductor packages, TensorRT
+engines.
 
 Each implements the backend interface of :mod:`dino.predict.backend` on the deploy-graph contract (docs/ARCHITECTURE.md,
 CONTRACTS item 4): ``run(images (B,3,H,W) float32, mask (B,H,W) bool) -> boxes (B,K,4) xyxy pixels of each image's
 valid region, scores (B,K), labels (B,K) int64``, plus ``device``, ``input_size`` (the graph's fixed (H, W), or
-None) and ``max_batch`` (a static batch axis, or None). ONNX Runtime and TensorRT are imported only when used.
+None) and ``max_batch`` (a static batch axis, or None). ONNX Runtime, OpenVINO and TensorRT are imported only when
+used.
 ``labels`` is the artifact's recorded classes (:class:`dino.predict.labels.ArtifactLabels`), or None for an artifact
 exported before they were recorded (:mod:`dino_export.artifact_labels`).
 """
@@ -18,7 +20,7 @@ import torch
 from dino.errors import UserError
 from dino.predict.labels import read_label_metadata
 from dino_export.aoti import IMAGE_SIZE_KEY
-from dino_export.artifact_labels import read_engine_sidecar
+from dino_export.artifact_labels import LABEL_KEYS, read_engine_sidecar
 
 INPUT_NAMES = ("images", "mask")
 OUTPUT_NAMES = ("boxes", "scores", "labels")
@@ -74,6 +76,46 @@ class OnnxRuntimeBackend:
         values = dict(zip(self._outputs, self.session.run(self._outputs, feed)))
         names = OUTPUT_NAMES if set(OUTPUT_NAMES) <= set(values) else self._outputs[:3]
         return tuple(torch.from_numpy(values[n]) for n in names)  # type: ignore[return-value]
+
+
+class OpenVinoBackend:
+    """An OpenVINO IR (``dino export openvino``) on the CPU, compiled at the precision recorded in it (f32 or bf16;
+    refused on a CPU without it) with the LATENCY hint and ``threads`` inference threads (None: every core)."""
+
+    name = "openvino"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        from dino_export.openvino_runtime import compile_cpu, core, read_metadata, recorded_precision
+
+        path = _existing(path, "OpenVINO IR")
+        if path.suffix != ".xml":
+            raise UserError(f"--openvino {path}: give the IR's .xml file (its weights are read from the .bin beside "
+                            "it)")
+        try:
+            model = core().read_model(str(path))
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError with a long log for bad files
+            raise UserError(f"OpenVINO cannot read {path}: {str(err).strip().splitlines()[-1][:300]}") from None
+        self.precision = recorded_precision(model, path)
+        self.device = torch.device("cpu")
+        inputs = {i.get_any_name(): i for i in model.inputs}
+        if set(inputs) != set(INPUT_NAMES):
+            raise UserError(f"{path} takes inputs {sorted(inputs)}; dino predict needs an IR taking "
+                            f"{list(INPUT_NAMES)}")
+        shape = inputs["images"].get_partial_shape()
+        if shape[2].is_dynamic or shape[3].is_dynamic:
+            raise UserError(f"{path}: the IR's image size {shape} is not fixed")
+        self.input_size = (shape[2].get_length(), shape[3].get_length())
+        self.max_batch = None if shape[0].is_dynamic else shape[0].get_length()
+        self.labels = read_label_metadata(read_metadata(model, LABEL_KEYS), str(path))
+        self.compiled = compile_cpu(model, self.precision, threads)
+
+    def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from dino_export.openvino_runtime import run_compiled
+
+        boxes, scores, labels = run_compiled(self.compiled, images, mask, OUTPUT_NAMES)
+        return torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels)
 
 
 class AotiBackend:

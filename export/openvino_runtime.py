@@ -1,0 +1,103 @@
+"""OpenVINO on the CPU: the precision an IR runs at, compiling it at exactly that precision, running it.
+
+An OpenVINO IR (``model.xml`` + ``model.bin``, :mod:`dino_export.openvino_export`) stores float32 weights; the
+arithmetic precision is a property of the compiled model (``INFERENCE_PRECISION_HINT``). OpenVINO's own default on
+the CPU is bf16 wherever the CPU has it (avx512_bf16 or AMX) and f32 elsewhere, so the same file silently gives other
+numbers on another machine. Here the precision is explicit: it is recorded in the IR (``rt_info`` key
+:data:`PRECISION_KEY`), every compile sets it, and a CPU without it is refused instead of falling back (OpenVINO
+itself compiles a bf16 hint to f32 without a word on such CPUs). ``openvino`` is imported only when used.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from dino.errors import UserError
+
+PRECISIONS = ("f32", "bf16")
+# OPTIMIZATION_CAPABILITIES entry a CPU must list for each precision (f32 is always there).
+_CAPABILITY = {"f32": "FP32", "bf16": "BF16"}
+PRECISION_KEY = "dino.precision"
+
+
+def openvino():
+    """The ``openvino`` module; UserError with the install line when it is missing."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError("OpenVINO is not installed: pip install 'dino[export]' (or openvino)") from None
+    return ov
+
+
+def core():
+    return openvino().Core()
+
+
+def cpu_capabilities() -> list[str]:
+    """The CPU plugin's OPTIMIZATION_CAPABILITIES, e.g. ``['FP32', 'INT8', 'BIN', 'EXPORT_IMPORT']`` (no BF16)."""
+    return list(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def check_precision(precision: str) -> None:
+    """UserError when ``precision`` is unknown or this CPU cannot compute in it."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    capabilities = cpu_capabilities()
+    if _CAPABILITY[precision] not in capabilities:
+        raise UserError(f"--precision {precision}: this CPU has no {_CAPABILITY[precision]} (OpenVINO CPU "
+                        f"capabilities: {', '.join(capabilities)}); {precision} needs avx512_bf16 or AMX. Use "
+                        "--precision f32")
+
+
+def compile_cpu(model, precision: str, threads: int | None = None):
+    """``model`` (an ``openvino.Model``) compiled for the CPU at ``precision`` with the LATENCY hint (one stream,
+    for one request at a time) and ``threads`` inference threads (None: OpenVINO's default, every core).
+
+    Raises UserError when this CPU lacks the precision, and RuntimeError when OpenVINO compiled another one.
+    """
+    check_precision(precision)
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = core().compile_model(model, "CPU", config)
+    got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # an openvino.Type, e.g. 'f32'
+    if got != precision:
+        raise RuntimeError(f"OpenVINO compiled the model at {got}, not the requested {precision}")
+    return compiled
+
+
+def run_compiled(compiled, images: torch.Tensor, mask: torch.Tensor, names: list[str] | tuple[str, ...]
+                 ) -> list[np.ndarray]:
+    """The outputs ``names`` of ``compiled`` on ``images (B, 3, H, W)`` float32 and ``mask (B, H, W)`` bool."""
+    feeds = {"images": images.detach().cpu().float().numpy(),
+             "mask": mask.detach().cpu().numpy().astype(np.bool_)}
+    result = compiled(feeds)
+    return [result[compiled.output(name)] for name in names]
+
+
+def set_precision(model, precision: str) -> None:
+    model.set_rt_info(precision, [PRECISION_KEY])
+
+
+def recorded_precision(model, source: str | os.PathLike) -> str:
+    """The precision recorded in an IR; UserError naming ``source`` when it has none or an unknown one."""
+    if not model.has_rt_info([PRECISION_KEY]):
+        raise UserError(f"{source} records no {PRECISION_KEY}: not an IR written by dino export openvino "
+                        "(re-export it)")
+    precision = model.get_rt_info([PRECISION_KEY]).astype(str)
+    if precision not in PRECISIONS:
+        raise UserError(f"{source}: unknown {PRECISION_KEY} {precision!r} (expected one of {', '.join(PRECISIONS)})")
+    return precision
+
+
+def set_metadata(model, metadata: dict[str, str]) -> None:
+    """Stores string ``metadata`` (e.g. :func:`dino_export.artifact_labels.model_labels`) in the IR's rt_info."""
+    for key, value in metadata.items():
+        model.set_rt_info(value, [key])
+
+
+def read_metadata(model, keys: tuple[str, ...]) -> dict[str, str]:
+    """The IR's rt_info values of ``keys`` that it has, as strings."""
+    return {key: model.get_rt_info([key]).astype(str) for key in keys if model.has_rt_info([key])}
