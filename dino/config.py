@@ -169,6 +169,10 @@ class TrainConfig:
     skip_nonfinite_steps: bool = False
     # DDP's per-step search for parameters without gradient; not needed by DINO (every parameter is used each step).
     find_unused_parameters: bool = False
+    # Signals that end a run with a checkpoint: the current optimizer step finishes, every process saves at the same
+    # step, and the process exits with status 75 (docs/training.md, "Clusters, time limits and preemption"). SIGTERM
+    # is what Slurm and Kubernetes send; SIGUSR1 is what recipes/slurm_multinode.sh asks for ahead of the time limit.
+    termination_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
 
 
 @dataclass
@@ -203,7 +207,7 @@ def describe_type(tp: Any) -> str:
 
 
 def _plural(tp: Any) -> str:
-    return {int: "integers", float: "numbers"}.get(tp, describe_type(tp))
+    return {int: "integers", float: "numbers", str: "strings"}.get(tp, describe_type(tp))
 
 
 def _literal(text: str) -> Any:
@@ -254,7 +258,10 @@ def parse_typed(text: str, tp: Any) -> Any:
         if value is _INVALID and tp is float and text.lower().lstrip("+-") in ("inf", "nan"):
             value = float(text)
     elif origin is tuple:
-        value = _tuple(_literal(text), args)
+        parsed = _literal(text)
+        if parsed is _INVALID and set(args) - {Ellipsis} == {str}:  # bare words: SIGTERM,SIGUSR1
+            parsed = tuple(word.strip() for word in text.strip("()[]").split(",") if word.strip())
+        value = _tuple(parsed, args)
     elif origin is dict:
         parsed = _literal(text)
         value = parsed if isinstance(parsed, dict) else _INVALID

@@ -6,8 +6,10 @@ exposes ``register(subparsers)``, which adds its subparser(s) and sets ``func``.
 Errors: :class:`dino.errors.UserError` (a missing or corrupt file, a bad recipe field or ``--set`` value, a bad image)
 is printed as one line ``dino <command>: error: <message>`` with exit status 2, like argparse's own usage errors.
 Ctrl-C (KeyboardInterrupt) is one line ``dino <command>: interrupted; <where the last checkpoint is and how to
-resume>`` with exit status 130 (128 + SIGINT, the shell's convention). Every other exception (CUDA out of memory,
-real bugs) propagates with its traceback.
+resume>`` with exit status 130 (128 + SIGINT, the shell's convention). A termination signal during training
+(``train.termination_signals``: SIGTERM, SIGUSR1) is one line ``dino train: terminated by SIGTERM at step N; saved
+<checkpoint>; ...`` with exit status 75 (EX_TEMPFAIL), after the checkpoint. Every other exception (CUDA out of
+memory, real bugs) propagates with its traceback.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from dino import convert
 from dino.engine import cli as engine_cli
 from dino.engine import data_cli
+from dino.engine.termination import TERMINATED_EXIT_CODE, Terminated
 from dino.errors import SharedUserError, UserError
 from dino_cli import predict as predict_cli
 from dino_export import cli as export_cli
@@ -60,6 +63,10 @@ def _run(args: argparse.Namespace, error_prefix: str) -> int:
         _close_progress_bars()
         print(f"{error_prefix}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
         return 130
+    except Terminated as err:  # train.termination_signals: the checkpoint is saved; the rerun resumes from it
+        _close_progress_bars()
+        print(f"{error_prefix}: {err}", file=sys.stderr)
+        return TERMINATED_EXIT_CODE
     return int(rc or 0)
 
 

@@ -4,7 +4,7 @@ from, or (``data.skip_unreadable``) count the skipped images for the epoch's log
 Under several processes the stop is agreed: a process that cannot load its micro-batch used to exit alone, and the
 others died in their next collective with a "Connection closed by peer" traceback that buried the one line. Each
 micro-batch now costs one all-reduce of one number (could every process load it?), and every process raises the same
-message at the same micro-batch.
+message at the same micro-batch. In training the same all-reduce also carries the termination signal (termination.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from dino.data import ImageError, UnreadableImageError
 from dino.engine.checkpoint import latest_checkpoint
 from dino.engine.checkpointer import Progress
-from dino.engine.nonfinite import any_process
+from dino.engine.termination import TerminationSignals, agree
 from dino.errors import UserError
 
 
@@ -42,9 +42,12 @@ def stop_on_bad_image(output_dir: str | Path, progress: Progress) -> Iterator[No
         raise UserError(f"{err}; training stopped at step {progress.global_step}; {where}; {fix}") from None
 
 
-def agreed_batches(accelerator, batches) -> Iterator:
+def agreed_batches(accelerator, batches, termination: TerminationSignals | None = None) -> Iterator:
     """``batches``, fetched in step on every process: when any process's fetch raises an
-    :class:`~dino.data.ImageError`, every process raises one with the messages of all those that failed."""
+    :class:`~dino.data.ImageError`, every process raises one with the messages of all those that failed.
+
+    With ``termination`` (training), the same all-reduce says whether any process got a termination signal; then
+    every process ends the iteration before the same micro-batch (``termination.agreed`` says why)."""
     iterator = iter(batches)
     while True:
         try:
@@ -53,8 +56,10 @@ def agreed_batches(accelerator, batches) -> Iterator:
             return  # the shards have equal lengths: every process ends here at once
         except ImageError as err:
             batch, error = None, err
-        if any_process(accelerator, error is not None):
+        if agree(accelerator, error is not None, termination):
             raise _shared_error(accelerator, error)
+        if termination is not None and termination.agreed:
+            return
         yield batch
 
 

@@ -17,6 +17,7 @@ from dino.engine.optim import check_schedule
 from dino.errors import UserError
 from dino.engine.recipe import available_recipes, iter_fields, load_recipe
 from dino.engine.resume import interrupted_message
+from dino.engine.termination import TerminationSignals
 
 def _fields_epilog() -> str:
     lines = [f"  {path} = {value!r}" for path, value in iter_fields(Recipe())]
@@ -88,8 +89,10 @@ def run_train(args: argparse.Namespace) -> int:
     from dino.engine.train import train
 
     try:
-        train(cfg, resume=args.resume, finetune_from=args.finetune_from, ignore_keys=args.ignore_keys,
-              resume_anyway=args.resume_anyway)
+        # train.termination_signals (SIGTERM...): a checkpoint, then Terminated (exit 75, dino_cli); not Ctrl-C.
+        with TerminationSignals(cfg.train.termination_signals) as termination:
+            train(cfg, resume=args.resume, finetune_from=args.finetune_from, ignore_keys=args.ignore_keys,
+                  resume_anyway=args.resume_anyway, termination=termination)
     except KeyboardInterrupt:
         hint = None if cfg.train.auto_resume else "resume with --resume <that folder>"
         raise KeyboardInterrupt(interrupted_message(cfg.train.output_dir, hint)) from None

@@ -27,6 +27,7 @@ from dino.engine.bad_images import agreed_batches
 from dino.engine.checkpointer import Checkpointer, Progress
 from dino.engine.nonfinite import NonFiniteStepError, any_process, describe, nonfinite_terms
 from dino.engine.optim import scaled_lr, warmup_factor
+from dino.engine.termination import TerminationSignals
 from dino.matcher import NonFinitePredictionError
 
 logger = logging.getLogger("dino.engine")
@@ -131,18 +132,23 @@ def train_one_epoch(
     accumulation: int,
     ema=None,
     checkpointer: Checkpointer | None = None,
+    termination: TerminationSignals | None = None,
 ) -> EpochResult:
     """Trains from ``progress.batches_in_epoch`` to ``per_epoch`` micro-batches (or ``train.max_steps``).
 
     Updates ``progress`` in place; writes mid-epoch checkpoints every ``train.checkpoint_every_steps`` and when
     ``train.max_steps`` stops the run mid-epoch. A non-finite loss (any process) or gradient norm raises
     :class:`NonFiniteStepError` on every process, or skips the step everywhere with ``train.skip_nonfinite_steps``.
+    With ``termination``, a signal seen by any process ends the epoch at a step boundary: a checkpoint there, then
+    :class:`~dino.engine.termination.Terminated`.
     """
     model.train()
     criterion.train()
     start = progress.batches_in_epoch
     # An image a process cannot load stops every process at the same micro-batch (ImageError, bad_images.py).
-    batches = agreed_batches(accelerator, accelerator.skip_first_batches(loader, start) if start else loader)
+    # A termination signal (any process) ends the iteration before the same micro-batch everywhere (termination.py).
+    batches = agreed_batches(accelerator, accelerator.skip_first_batches(loader, start) if start else loader,
+                             termination)
     bar = tqdm(total=per_epoch, initial=start, desc=f"epoch {progress.epoch + 1}/{cfg.optim.epochs}", unit="batch",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     meter = Meter()
@@ -198,6 +204,8 @@ def train_one_epoch(
                 stopped = True
                 break
     bar.close()
+    if termination is not None and termination.agreed and progress.batches_in_epoch < per_epoch:
+        termination.stop(checkpointer, progress)  # saves on every process, raises Terminated
     return EpochResult(meter.means(), progress.batches_in_epoch - start, time.perf_counter() - started, stopped)
 
 

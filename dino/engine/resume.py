@@ -24,6 +24,7 @@ RUN_CONTROL = frozenset({
     "train.keep_checkpoints", "train.log_every_steps", "train.eval_every_epochs", "train.tracker",
     "train.process_group_timeout_s", "train.skip_nonfinite_steps", "train.find_unused_parameters", "data.num_workers",
     "data.skip_unreadable",  # a run stopped by an unreadable image is resumed with it set
+    "train.termination_signals",
 })
 
 
