@@ -31,7 +31,7 @@ class FakeAccelerator:
 
 
 def _save(out, step, value, keep=2):
-    return save_training_state(FakeAccelerator(), out, {"global_step": step, "value": value},
+    return save_training_state(FakeAccelerator(), out, {"epoch": 0, "batches_in_epoch": 0, "global_step": step, "value": value},
                                {"model.safetensors": {"w": torch.full((2,), float(value))}}, keep=keep)
 
 
@@ -191,7 +191,7 @@ def test_disk_full_writing_the_final_weights_is_one_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpointer, "save_weights", no_space)
-    saver = checkpointer.Checkpointer(Acc(), tmp_path, torch.nn.Linear(2, 2), None, None, 2, {}, {})
+    saver = checkpointer.Checkpointer(Acc(), tmp_path, torch.nn.Linear(2, 2), None, None, 2, {}, {}, scheduler=None)
     with pytest.raises(UserError, match=f"^no space left on device while writing {tmp_path / 'model.safetensors'};"):
         saver.save_final()
     assert list(tmp_path.iterdir()) == []

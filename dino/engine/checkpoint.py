@@ -3,8 +3,13 @@
 Layout of an output folder::
 
     model.safetensors            latest weights (model_ema.safetensors too when EMA is on)
-    checkpoints/step_00001234/   accelerator.save_state() + progress.json + model.safetensors
+    checkpoints/step_00001234/   a checkpoint: the files below
     log.jsonl                    one JSON line per epoch
+
+A checkpoint folder holds Accelerate's ``save_state`` files (``optimizer.bin``, ``random_states_<process>.pkl``,
+``scaler.pt`` with fp16) and the project's own: ``progress.json``, ``model.safetensors`` (and
+``model_ema.safetensors``), ``scheduler.json`` (and ``ema.json``). Nothing in it is ever unpickled freely: how each
+file is read back is :mod:`dino.engine.restore`'s docstring.
 
 A checkpoint is written as ``checkpoints/.tmp-step_...``, fsynced, and renamed into place, so a folder named
 ``step_*`` is always complete. Folders are never deleted in place: a folder being replaced is first renamed to
@@ -28,6 +33,8 @@ from dino.weights import save_weights
 
 CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"
+SCHEDULER = "scheduler.json"  # the LR scheduler's state_dict as JSON (milestones as [[epoch, count], ...])
+EMA_STATE = "ema.json"  # {"n_averaged": N}: the EMA's update count (its weights are model_ema.safetensors)
 # step_<global step>, plus "_end" for the checkpoint taken at an epoch's end (after the LR scheduler's step).
 _STEP_DIR = re.compile(r"^(\.replaced-)?step_(\d+)(_end)?$")
 _TMP, _REPLACED, _TRASH = ".tmp-", ".replaced-", ".trash-"
@@ -58,10 +65,53 @@ def latest_checkpoint(path: str | os.PathLike) -> Path | None:
 
 
 def read_progress(checkpoint: str | os.PathLike) -> dict:
+    """``progress.json`` of ``checkpoint``: where the run stands (``epoch``, ``batches_in_epoch``, ``global_step``) and
+    its recipe; UserError (:func:`invalid_file`) when it cannot be read or lacks those counts."""
     path = Path(checkpoint) / PROGRESS
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no {PROGRESS})")
-    return json.loads(path.read_text())
+    try:
+        progress = json.loads(path.read_bytes())
+        if not isinstance(progress, dict):
+            raise ValueError(f"a JSON {type(progress).__name__}, not an object")
+        for key in ("epoch", "batches_in_epoch", "global_step"):
+            if type(progress.get(key)) is not int or progress[key] < 0:
+                raise ValueError(f"{key!r} is {progress.get(key)!r}, not a count")
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError included
+        raise invalid_file(checkpoint, PROGRESS, "progress record", err) from None
+    return progress
+
+
+def invalid_file(checkpoint: str | os.PathLike, name: str, what: str, reason: BaseException | str,
+                 what_to_do: str | None = None) -> UserError:
+    """The one line for a checkpoint file ``name`` that cannot be used: ``cannot resume from <checkpoint>: <name> is
+    not a valid <what> (<reason>); <what to do>`` (default: an earlier checkpoint, or fine-tuning from its weights)."""
+    if isinstance(reason, BaseException):
+        reason = describe_error(reason)
+    what_to_do = what_to_do or f"the file is damaged or was not written by dino: {ways_on(checkpoint, name)}"
+    return UserError(f"cannot resume from {checkpoint}: {name} is not a valid {what} ({reason}); {what_to_do}")
+
+
+def describe_error(err: BaseException) -> str:
+    """``Type: first line`` of a reading error; for torch's refusal of a pickle, the global it refused."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]  # torch's refusal: what it refused comes after this
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "").split(". Please")[0]
+    return f"{type(err).__name__}: {line[:200]}" if line else type(err).__name__
+
+
+def ways_on(checkpoint: str | os.PathLike, name: str) -> str:
+    """How to go on when the file ``name`` of ``checkpoint`` is unusable: resume the checkpoint before it (if any),
+    start a new run from its weights (unless those are the bad file), or start over."""
+    checkpoint = Path(checkpoint)
+    earlier = []
+    if checkpoint.parent.name == CHECKPOINTS:
+        found = checkpoint_dirs(checkpoint.parent.parent)
+        earlier = found[:found.index(checkpoint)] if checkpoint in found else []
+    options = [f"resume the checkpoint before it with --resume {earlier[-1]}"] if earlier else []
+    if name != "model.safetensors" and (checkpoint / "model.safetensors").is_file():
+        options.append(f"start a new run from its weights with --finetune-from {checkpoint / 'model.safetensors'}")
+    options.append("start over in another train.output_dir")
+    return ", or ".join(options)
 
 
 def check_keep(keep: int) -> None:
@@ -77,12 +127,14 @@ def save_training_state(
     keep: int = 2,
     epoch_end: bool = False,
     metadata: dict[str, str] | None = None,
+    documents: dict[str, dict] | None = None,
 ) -> Path:
     """Saves the full training state of every process into ``checkpoints/step_<global_step>[_end]`` atomically.
 
     ``weights`` maps file names (``model.safetensors``...) to state dicts written next to the state, with the
-    safetensors ``metadata``. All processes must call this (each saves its own RNG state). Older checkpoints beyond the
-    newest ``keep`` (>= 1) are removed.
+    safetensors ``metadata``; ``documents`` maps file names (``scheduler.json``...) to objects written as JSON. All
+    processes must call this (each saves its own RNG state). Older checkpoints beyond the newest ``keep`` (>= 1) are
+    removed.
     """
     check_keep(keep)
     root = Path(output_dir) / CHECKPOINTS
@@ -98,6 +150,8 @@ def save_training_state(
         if accelerator.is_main_process:
             for name, state in weights.items():
                 save_weights(state, tmp / name, metadata)
+            for name, document in (documents or {}).items():
+                write_json(document, tmp / name)
             write_json(progress, tmp / PROGRESS)
             install_checkpoint(tmp, final)
     if accelerator.is_main_process:

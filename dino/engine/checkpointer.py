@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dino.durable import no_space_error
 from dino.engine.batching import BatchPlan
-from dino.engine.checkpoint import save_training_state
+from dino.engine.checkpoint import EMA_STATE, SCHEDULER, save_training_state
 from dino.weights import save_weights
 
 logger = logging.getLogger("dino.engine")
@@ -31,10 +31,10 @@ class Checkpointer:
     """Writes training-state checkpoints and the final weights of one run, with the weights' metadata."""
 
     def __init__(self, accelerator, output_dir: Path, model, ema, plan: BatchPlan, keep: int, recipe: dict,
-                 metadata: dict[str, str]) -> None:
+                 metadata: dict[str, str], *, scheduler) -> None:
         self.accelerator, self.output_dir, self.model, self.ema = accelerator, Path(output_dir), model, ema
         self.plan, self.keep, self.recipe, self.metadata = plan, keep, recipe, metadata
-        self.last_saved: tuple[dict, Path] | None = None  # (progress as a dict, folder) of the latest save
+        self.scheduler = scheduler
 
     def _weights(self) -> dict[str, dict]:
         weights = {"model.safetensors": self.accelerator.unwrap_model(self.model).state_dict()}
@@ -42,14 +42,21 @@ class Checkpointer:
             weights["model_ema.safetensors"] = self.ema.module.state_dict()
         return weights
 
+    def _documents(self) -> dict[str, dict]:
+        """The LR scheduler's and the EMA's state as JSON, written by the project rather than Accelerate's
+        ``register_for_checkpointing``, whose pickles ``load_state`` unpickles without restriction."""
+        documents = {SCHEDULER: scheduler_state(self.scheduler)}
+        if self.ema is not None:
+            documents[EMA_STATE] = {"n_averaged": int(self.ema.n_averaged)}
+        return documents
+
     def save(self, progress: Progress, epoch_end: bool) -> Path:
         """A checkpoint of the whole training state (every process must call it)."""
         record = {**asdict(progress), "batch_plan": [self.plan.per_device, self.plan.num_processes],
                   "recipe": self.recipe}
         path = save_training_state(self.accelerator, self.output_dir, record, self._weights(), keep=self.keep,
-                                   epoch_end=epoch_end, metadata=self.metadata)
+                                   epoch_end=epoch_end, metadata=self.metadata, documents=self._documents())
         logger.info("saved %s", path)
-        self.last_saved = (asdict(progress), path)
         return path
 
     def save_final(self) -> None:
@@ -63,3 +70,11 @@ class Checkpointer:
                     if user_error is None:
                         raise
                     raise user_error from None
+
+
+def scheduler_state(scheduler) -> dict:
+    """MultiStepLR's ``state_dict`` as JSON: its ``milestones`` Counter as ``[[epoch, count], ...]``, the rest (lrs,
+    counters, flags) as they are; floats survive JSON exactly (shortest round-trip repr)."""
+    state = dict(scheduler.state_dict())
+    state["milestones"] = sorted([int(epoch), int(count)] for epoch, count in state["milestones"].items())
+    return state

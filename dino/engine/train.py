@@ -30,7 +30,8 @@ from dino.engine.finetune import load_finetune_weights
 from dino.engine.one_epoch import EpochResult, train_one_epoch
 from dino.engine.optim import build_optimizer, build_scheduler
 from dino.engine.recipe import flat_config
-from dino.engine.resume import apply_optim_config, check_recipe, check_unfinished, find_checkpoint
+from dino.engine.restore import restore
+from dino.engine.resume import check_recipe, check_unfinished, find_checkpoint
 from dino.engine.seeding import EpochSeededDataset
 from dino.engine.setup import (
     build_accelerator,
@@ -40,8 +41,7 @@ from dino.engine.setup import (
     resolved_recipe,
     weights_metadata,
 )
-from dino.engine.termination import TerminationSignals
-from dino.errors import UserError
+from dino.run_lock import run_lock
 
 logger = logging.getLogger("dino.engine")
 
@@ -91,26 +91,7 @@ def build_ema(accelerator, model, cfg: Recipe) -> AveragedModel | None:
         return None
     ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
                         use_buffers=True)
-    accelerator.register_for_checkpointing(ema)
     return ema
-
-
-def restore(accelerator, checkpoint: Path, plan: BatchPlan, optimizer, scheduler, cfg: Recipe,
-            differences: dict) -> Progress:
-    """Loads the full training state of ``checkpoint``; a changed recipe (``differences``, accepted) then applies."""
-    saved = read_progress(checkpoint)
-    progress = Progress.from_dict(saved)
-    if progress.batches_in_epoch and saved.get("batch_plan") != [plan.per_device, plan.num_processes]:
-        raise UserError(
-            f"{checkpoint} stopped mid-epoch with per-device batch x processes = {saved.get('batch_plan')}; "
-            f"resume it with the same number of processes (now {plan.per_device} x {plan.num_processes})"
-        )
-    accelerator.load_state(str(checkpoint))
-    if any(k.startswith("optim.") for k in differences):
-        apply_optim_config(optimizer, scheduler, cfg.optim)
-    logger.info("resumed from %s: epoch %d, batch %d, step %d", checkpoint, progress.epoch + 1,
-                progress.batches_in_epoch, progress.global_step)
-    return progress
 
 
 def starting_checkpoint(cfg: Recipe, out: Path, resume: str | None, recipe: dict,
@@ -131,7 +112,6 @@ def train(
     finetune_from: str | None = None,
     ignore_keys: Iterable[str] = (),
     resume_anyway: bool = False,
-    termination: TerminationSignals | None = None,
 ) -> dict:
     """Trains ``cfg`` in this process (one of ``accelerate launch``'s processes, or alone).
 
@@ -139,16 +119,22 @@ def train(
     ``train.auto_resume``, the latest checkpoint in ``train.output_dir`` is resumed; a recipe that differs from the
     checkpoint's is refused unless ``resume_anyway``. ``finetune_from`` loads weights (safetensors or an official .pth)
     before training, dropping class heads and label book when the class count differs and keys matching the
-    ``ignore_keys`` regexes (a run that finds a checkpoint to resume resumes instead). ``termination`` (entered by
-    ``dino train``): a signal it records ends the run after the current step with a checkpoint on every process,
-    raising :class:`~dino.engine.termination.Terminated` (not after the last epoch, which finishes).
+    ``ignore_keys`` regexes (a run that finds a checkpoint to resume resumes instead).
     Returns ``{"global_step", "epoch", "eval"}`` (eval stats on the main process, else None).
     """
     accelerator = build_accelerator(cfg)
     out = Path(cfg.train.output_dir)
-    plan = plan_batches(cfg.optim.total_batch_size, accelerator.num_processes, cfg.optim.batch_size_per_device)
     if accelerator.is_main_process:
         make_output_dir(out, "train.output_dir")
+    # One run writes a folder: the main process holds its lock from here to the end (the others pay nothing).
+    with run_lock(out, "train.output_dir", hold=accelerator.is_main_process):
+        return _train(accelerator, cfg, out, resume, finetune_from, ignore_keys, resume_anyway)
+
+
+def _train(accelerator, cfg: Recipe, out: Path, resume: str | None, finetune_from: str | None,
+           ignore_keys: Iterable[str], resume_anyway: bool) -> dict:
+    plan = plan_batches(cfg.optim.total_batch_size, accelerator.num_processes, cfg.optim.batch_size_per_device)
+    if accelerator.is_main_process:
         logger.info("recipe %s: %s", cfg.name, plan.describe())
     recipe = resolved_recipe(cfg)
     checkpoint, differences = starting_checkpoint(cfg, out, resume, recipe, resume_anyway)
@@ -168,18 +154,18 @@ def train(
     val_loader = build_val_loader(parts.val_set, cfg)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     parts.criterion.to(accelerator.device)
-    accelerator.register_for_checkpointing(scheduler)
     ema = build_ema(accelerator, model, cfg)
     # Official: seed + rank from here on, so each process draws its own denoising noise (a resume restores the states).
     set_seed(cfg.train.seed, device_specific=True)
 
     progress = Progress()
     if checkpoint is not None:
-        progress = restore(accelerator, checkpoint, plan, optimizer, scheduler, cfg, differences)
+        progress = restore(accelerator, checkpoint, plan, model, optimizer, scheduler, ema, cfg, differences,
+                           resume_anyway)
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers(cfg.name, config=flat_config(cfg))
     checkpointer = Checkpointer(accelerator, out, model, ema, plan, cfg.train.keep_checkpoints, recipe,
-                                weights_metadata(cfg, dataset_categories(parts.train_set)))
+                                weights_metadata(cfg, dataset_categories(parts.train_set)), scheduler=scheduler)
 
     per_epoch = _micro_batches_per_epoch(train_loader, plan, cfg)
     last_eval = None
@@ -191,26 +177,21 @@ def train(
         train_loader.dataset.set_epoch(progress.epoch)
         with stop_on_bad_image(out, progress):  # an image that cannot be used: one line, where to resume from
             result = train_one_epoch(accelerator, model, parts.criterion, train_loader, optimizer, progress, cfg,
-                                     per_epoch, plan.accumulation, ema, checkpointer,
-                                     termination=termination)
+                                     per_epoch, plan.accumulation, ema, checkpointer)
         if result.stopped:
             logger.info("stopped at step %d (train.max_steps=%s)", progress.global_step, cfg.train.max_steps)
             break
         scheduler.step()
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
         checkpointer.save(progress, epoch_end=True)
-        # A signal agreed at the epoch's last fetch: the epoch is logged, its evaluation skipped, the run stopped.
-        terminating = termination is not None and termination.agreed and progress.epoch < cfg.optim.epochs
         record = _epoch_record(progress, optimizer, result, plan)
         record["skipped_images"] = skipped.since_last()  # data.skip_unreadable: unreadable images skipped
-        if _eval_due(cfg, progress.epoch) and not terminating:
+        if _eval_due(cfg, progress.epoch):
             with stop_on_bad_image(out, progress):
                 record.update(evaluate_epoch(accelerator, model, ema, parts.postprocess, val_loader, parts.val_set,
                                              out, progress.epoch))
             last_eval = record.get("eval")
         _log_epoch(accelerator, out, record, progress.global_step)
-        if terminating:
-            termination.stop(checkpointer, progress)  # the epoch-end checkpoint is the one named
 
     checkpointer.save_final()
     accelerator.wait_for_everyone()

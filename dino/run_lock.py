@@ -1,0 +1,141 @@
+"""One writer per run folder: a run holds an OS file lock on the folder it writes for its whole life.
+
+Two runs writing one folder (a resubmitted job, a second terminal) would write the same checkpoints, weights and
+logs over each other. The first run to start holds ``<folder>/.dino-run.lock`` (:class:`filelock.FileLock`, an
+``flock`` the kernel releases when the process ends however it ends) and records who it is in
+``<folder>/.dino-run.json`` (pid, host, start time, command). A second run stops at once, before writing anything,
+with one line naming the folder, the holder's pid and host, and what to do.
+
+A run that was killed leaves its record behind (and, on a file system without ``flock``, its lock file): the next
+run takes the lock over and says so. Under a soft lock the record's process must be gone from this host; a record
+from another host is never taken over (its process cannot be checked from here).
+
+Used by training (``train.output_dir``), ``dino eval --output-dir``, ``dino predict --output`` and the shapes
+generator (``data.root``), on the main process only: the other processes of a launch do not touch it. A process
+may take the lock of a folder it already holds again (quickstart trains, evaluates and predicts into one folder).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
+
+from dino.durable import write_json
+from dino.errors import UserError
+
+logger = logging.getLogger("dino")
+
+LOCK_FILE = ".dino-run.lock"
+OWNER_FILE = ".dino-run.json"
+# How long a refused run waits for the holder's record (the holder writes it just after taking the lock).
+_RECORD_WAIT_S = 2.0
+
+# Folders this process holds: realpath -> (lock, depth), so that nested holds of one folder share one lock.
+_held: dict[str, tuple[FileLock, int]] = {}
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike, what: str, hold: bool = True, lock_dir: str | os.PathLike | None = None
+             ) -> Iterator[None]:
+    """Holds the one-writer lock of ``folder`` for the ``with`` block; UserError (one line) if another run holds it.
+
+    ``what``: the flag or field that named the folder (``train.output_dir``), for the message. ``hold=False`` (the
+    other processes of a launch) does nothing. ``lock_dir``: where the lock and its record live, when not in
+    ``folder`` itself (the shapes generator replaces ``data.root`` whole, so its lock sits beside it).
+    """
+    if not hold:
+        yield
+        return
+    folder = Path(folder)
+    where = Path(lock_dir) if lock_dir is not None else folder
+    key = os.path.realpath(where / LOCK_FILE)
+    if key in _held:
+        lock, depth = _held[key]
+        _held[key] = (lock, depth + 1)
+        try:
+            yield
+        finally:
+            _held[key] = (lock, _held[key][1] - 1)
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    lock = _acquire(where, folder, what)
+    _held[key] = (lock, 1)
+    try:
+        yield
+    finally:
+        del _held[key]
+        (where / OWNER_FILE).unlink(missing_ok=True)  # a record left behind means the run did not end this way
+        lock.release()
+
+
+def _acquire(where: Path, folder: Path, what: str) -> FileLock:
+    lock = FileLock(where / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        record = _holder_record(where)
+        if not _gone(record):
+            raise UserError(_busy_message(folder, what, record)) from None
+        # Left by a killed run on a file system without flock (or still held by an orphan of its processes).
+        (where / LOCK_FILE).unlink(missing_ok=True)
+        lock = FileLock(where / LOCK_FILE)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(_busy_message(folder, what, _read_record(where))) from None
+    stale = _read_record(where)
+    if stale is not None:
+        logger.warning("%s %s: took over the lock of run pid %s on %s (started %s), which ended without releasing "
+                       "it (killed?)", what, folder, stale.get("pid"), stale.get("host"), stale.get("started"))
+    write_json({"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv)[:500]}, where / OWNER_FILE)
+    return lock
+
+
+def _read_record(where: Path) -> dict | None:
+    try:
+        record = json.loads((where / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _holder_record(where: Path) -> dict | None:
+    """The record of the run holding the lock: waits briefly while it is missing or belongs to a process that is
+    gone (the holder took the lock a moment ago and has not yet replaced its predecessor's record)."""
+    deadline = time.monotonic() + _RECORD_WAIT_S
+    while True:
+        record = _read_record(where)
+        if (record is not None and not _gone(record)) or time.monotonic() > deadline:
+            return record
+        time.sleep(0.05)
+
+
+def _gone(record: dict | None) -> bool:
+    """Whether ``record``'s process has ended (known only for a process of this host)."""
+    if record is None or record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+def _busy_message(folder: Path, what: str, record: dict | None) -> str:
+    holder = ("pid unknown: no readable record in the folder" if record is None
+              else f"pid {record.get('pid')} on {record.get('host')}, started {record.get('started')}")
+    return (f"{what} {folder} is in use by another run ({holder}); only one run may write a folder: wait for that run "
+            f"to end (or stop it), or choose another {what}")
