@@ -24,11 +24,12 @@ from dino.engine import cli as engine_cli
 from dino.engine import data_cli
 from dino.engine.termination import TERMINATED_EXIT_CODE, Terminated
 from dino.errors import SharedUserError, UserError
+from dino_cli import plot as plot_cli
 from dino_cli import predict as predict_cli
 from dino_export import cli as export_cli
 
 # Modules that contribute subcommands, in help order.
-COMMAND_MODULES = (convert, engine_cli, data_cli, export_cli, predict_cli)
+COMMAND_MODULES = (convert, engine_cli, data_cli, export_cli, predict_cli, plot_cli)
 
 
 def _build(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

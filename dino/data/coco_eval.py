@@ -136,21 +136,58 @@ def _per_category_ap(evaluator: Any, names: dict[int, str]) -> dict[str, float |
     return out
 
 
+# The categories drawn apart in the precision-recall curves: those with the most ground-truth boxes.
+PR_CATEGORIES = 5
+
+
+def _pr_curves(precision: np.ndarray, params: Any, names: dict[int, str], counts: dict[int, int]) -> dict:
+    """Precision against recall at IoU 0.5 and 0.75 (area "all", 100 detections) from the accumulated ``precision``
+    ``(T iou, R recall, K categories, A areas, M max dets)``::
+
+        {"recall": [R thresholds], "ious": [0.5, 0.75], "ground_truth": {name: boxes of every category},
+         "all": [[R precisions] per IoU], "categories": {name: [[R precisions] per IoU]}}
+
+    "all" is the mean over the categories with ground truth at each recall (its mean over recall is AP50 / AP75);
+    None where no category has ground truth. "categories" holds the :data:`PR_CATEGORIES` categories with the most
+    ground-truth boxes, most first."""
+    ious = [0.5, 0.75]
+    area, dets = params.areaRngLbl.index("all"), params.maxDets.index(100)
+    rows = [int(np.argmin(np.abs(np.asarray(params.iouThrs) - iou))) for iou in ious]
+    cat_ids = [int(c) for c in params.catIds]
+    largest = sorted((c for c in cat_ids if counts.get(c, 0) > 0), key=lambda c: -counts[c])[:PR_CATEGORIES]
+
+    def curves(columns: list[int]) -> list[list[float | None]]:
+        out = []
+        for t in rows:
+            values = np.asarray(precision[t, :, :, area, dets], dtype=float)[:, columns]  # (R, K')
+            valid = values > -1  # pycocotools' -1: the category has no ground truth
+            mean = np.where(valid, values, 0.0).sum(1) / np.maximum(valid.sum(1), 1)
+            out.append([float(v) if ok else None for v, ok in zip(mean, valid.any(1))])
+        return out
+
+    return {"recall": [float(r) for r in params.recThrs], "ious": ious,
+            "ground_truth": {names[c]: counts.get(c, 0) for c in cat_ids},
+            "all": curves(list(range(len(cat_ids)))),
+            "categories": {names[c]: curves([cat_ids.index(c)]) for c in largest}}
+
+
 def evaluate_coco(
     coco_gt: Any,
     predictions: Sequence[dict],
     image_ids: Sequence[int] | None = None,
     verbose: bool = False,
+    pr_curves: bool = False,
 ) -> dict[str, Any]:
     """Box AP of COCO result dicts against ``coco_gt``: the 12 stats named in :data:`STAT_NAMES` and
-    ``"per_category"``, ``{category name: AP at IoU .50:.95, area all, 100 detections, or None without ground truth}``.
+    ``"per_category"``, ``{category name: AP at IoU .50:.95, area all, 100 detections, or None without ground truth}``;
+    with ``pr_curves`` also ``"pr_curves"``, the precision-recall curves at IoU 0.5 and 0.75 (:func:`_pr_curves`).
 
     ``image_ids`` restricts evaluation to those images (e.g. when only part of the val set was run); default all.
     Empty predictions give all zeros (and 0.0 for each category with ground truth). pycocotools' prints are silenced
     unless ``verbose``. A stat with no ground truth in its area range is -1, as pycocotools reports it; when the
     evaluated images have no ground truth at all, a warning says so.
     """
-    from pycocotools.cocoeval import COCOeval
+    from pycocotools.cocoeval import COCOeval, Params
 
     counts = ground_truth_counts(coco_gt, image_ids)
     if not any(counts.values()):
@@ -159,7 +196,15 @@ def evaluate_coco(
     names = _category_names(coco_gt)
     if not predictions:
         per_category = {names[cid]: (0.0 if n else None) for cid, n in sorted(counts.items())}
-        return {**{name: 0.0 for name in STAT_NAMES}, "per_category": per_category}
+        stats = {**{name: 0.0 for name in STAT_NAMES}, "per_category": per_category}
+        if pr_curves:  # no detection: precision 0 at every recall for each category with ground truth
+            params = Params(iouType="bbox")
+            params.catIds = sorted(counts)
+            shape = (len(params.iouThrs), len(params.recThrs), len(params.catIds), len(params.areaRng),
+                     len(params.maxDets))
+            precision = np.zeros(shape) - np.array([counts[c] == 0 for c in params.catIds])[None, None, :, None, None]
+            stats["pr_curves"] = _pr_curves(precision, params, names, counts)
+        return stats
     known = set(coco_gt.getImgIds())
     unknown = {p["image_id"] for p in predictions} - known
     if unknown:
@@ -175,7 +220,10 @@ def evaluate_coco(
         evaluator.accumulate()
         evaluator.summarize()
     stats = {name: float(v) for name, v in zip(STAT_NAMES, np.asarray(evaluator.stats, dtype=float))}
-    return {**stats, "per_category": _per_category_ap(evaluator, names)}
+    stats["per_category"] = _per_category_ap(evaluator, names)
+    if pr_curves:
+        stats["pr_curves"] = _pr_curves(evaluator.eval["precision"], evaluator.params, names, counts)
+    return stats
 
 
 def format_ap_table(stats: Mapping[str, float]) -> str:

@@ -22,6 +22,7 @@ from dino.engine.bad_images import agreed_batches
 from dino.engine.setup import build_accelerator, fit_classes_to
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint
+from dino.plots.pr_curves import PR_CURVES_PNG, plot_pr_curves
 
 logger = logging.getLogger("dino.engine")
 
@@ -84,12 +85,14 @@ def evaluate(
     loader,
     dataset: Dataset,
     output_dir: str | Path | None = None,
+    pr_curves: bool = False,
 ) -> dict | None:
     """COCO box AP of ``model`` on ``dataset`` (whose prepared loader is ``loader``); call on every process.
 
     Returns the 12 stats (``AP``, ``AP50``, ... as named by ``dino.data.STAT_NAMES``), ``per_category`` ({name: AP or
     None}) and ``num_images`` on the main process, None elsewhere. With ``output_dir``, the main process writes
-    ``results.json`` (stats) and ``predictions.json`` (COCO-format detections of every image) there.
+    ``results.json`` (stats) and ``predictions.json`` (COCO-format detections of every image) there. ``pr_curves``:
+    the stats also hold the precision-recall curves (``pr_curves``, see :func:`dino.data.evaluate_coco`).
     """
     from dino.data import coco_gt, evaluate_coco, label_to_category, predictions_to_coco
 
@@ -98,12 +101,14 @@ def evaluate(
     if accelerator.is_main_process:
         ids = [r["image_id"] for r in records]
         detections = predictions_to_coco(records, ids, label_to_category(dataset))
-        stats = {**evaluate_coco(coco_gt(dataset), detections, image_ids=ids), "num_images": len(ids)}
+        stats = {**evaluate_coco(coco_gt(dataset), detections, image_ids=ids, pr_curves=pr_curves),
+                 "num_images": len(ids)}
         if len(ids) != len(dataset):
             logger.warning("evaluated %d images but the validation set has %d", len(ids), len(dataset))
         if output_dir is not None:
             output_dir = Path(output_dir)
-            write_json(stats, output_dir / "results.json")
+            # The curves' 1,300 numbers are drawn (pr_curves.png), not written: results.json stays readable.
+            write_json({k: v for k, v in stats.items() if k != "pr_curves"}, output_dir / "results.json")
             _write_predictions(detections, output_dir / "predictions.json")
     accelerator.wait_for_everyone()
     return stats
@@ -137,7 +142,8 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
 
     The backbone is built without pretrained weights: the checkpoint replaces them, so nothing is downloaded.
     Prints the 12-line COCO AP table and the AP of each category on the main process and returns the stats there
-    (None elsewhere). A validation set without ground-truth boxes is refused (every AP would be undefined).
+    (None elsewhere); with ``output_dir``, draws ``pr_curves.png`` beside ``results.json``. A validation set without
+    ground-truth boxes is refused (every AP would be undefined).
     """
     from dino.data import build_dataset, format_ap_table, format_per_category, ground_truth_counts
     from dino.postprocess import PostProcess
@@ -151,11 +157,15 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
     fit_classes_to(cfg, dataset)
     model = build_model_from_checkpoint(cfg.model, weights)  # never downloads backbone weights
     model, loader = accelerator.prepare(model, build_val_loader(dataset, cfg))
-    stats = evaluate(accelerator, model, PostProcess(cfg.model.num_select), loader, dataset, output_dir)
+    stats = evaluate(accelerator, model, PostProcess(cfg.model.num_select), loader, dataset, output_dir,
+                     pr_curves=True)
     if accelerator.is_main_process:
         print(f"{weights} on {stats['num_images']} images of {cfg.data.root} ({cfg.data.val_annotations}):")
         print(format_ap_table(stats))
         print(format_per_category(stats["per_category"]))
         if output_dir is not None:
-            print(f"results: {Path(output_dir) / 'results.json'}")
+            pictures = plot_pr_curves(stats["pr_curves"], Path(output_dir) / PR_CURVES_PNG,
+                                      f"{weights} on {stats['num_images']} images of {cfg.data.root}")
+            print(f"results: {Path(output_dir) / 'results.json'}; precision-recall curves (all categories and the "
+                  f"{len(pictures.categories)} largest): {Path(output_dir) / PR_CURVES_PNG}")
     return stats

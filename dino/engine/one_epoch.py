@@ -27,6 +27,7 @@ from dino.engine.bad_images import agreed_batches
 from dino.engine.checkpointer import Checkpointer, Progress
 from dino.engine.nonfinite import NonFiniteStepError, any_process, describe, nonfinite_terms
 from dino.engine.optim import scaled_lr, warmup_factor
+from dino.engine.step_log import StepLog
 from dino.engine.termination import TerminationSignals
 from dino.matcher import NonFinitePredictionError
 
@@ -132,6 +133,7 @@ def train_one_epoch(
     accumulation: int,
     ema=None,
     checkpointer: Checkpointer | None = None,
+    step_log: StepLog | None = None,
     termination: TerminationSignals | None = None,
 ) -> EpochResult:
     """Trains from ``progress.batches_in_epoch`` to ``per_epoch`` micro-batches (or ``train.max_steps``).
@@ -139,7 +141,8 @@ def train_one_epoch(
     Updates ``progress`` in place; writes mid-epoch checkpoints every ``train.checkpoint_every_steps`` and when
     ``train.max_steps`` stops the run mid-epoch. A non-finite loss (any process) or gradient norm raises
     :class:`NonFiniteStepError` on every process, or skips the step everywhere with ``train.skip_nonfinite_steps``.
-    With ``termination``, a signal seen by any process ends the epoch at a step boundary: a checkpoint there, then
+    ``step_log`` (main process) gets a record every ``train.log_every_steps`` steps. With ``termination``, a signal
+    seen by any process ends the epoch at a step boundary: a checkpoint there, then
     :class:`~dino.engine.termination.Terminated`.
     """
     model.train()
@@ -152,6 +155,7 @@ def train_one_epoch(
     bar = tqdm(total=per_epoch, initial=start, desc=f"epoch {progress.epoch + 1}/{cfg.optim.epochs}", unit="batch",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     meter = Meter()
+    window = Meter()  # since the last step record
     group_failure, group_ids = None, []
     stopped = False
     started = time.perf_counter()
@@ -177,7 +181,9 @@ def train_one_epoch(
                     accelerator.backward(sum(t.sum() for t in _output_tensors(outputs)) * 0.0)
                 else:
                     accelerator.backward(weighted["loss"] / len(group))
-                    meter.update({k: v.item() for k, v in weighted.items()})
+                    values = {k: v.item() for k, v in weighted.items()}
+                    meter.update(values)
+                    window.update(values)
             progress.batches_in_epoch += 1
             bar.update(1)
         group_failure = _optimizer_step(accelerator, model, optimizer, progress, cfg, group_failure, group_ids)
@@ -194,6 +200,9 @@ def train_one_epoch(
                 loss = weighted["loss"].item()
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
                 accelerator.log({"train/loss": loss, "train/lr": lr}, step=progress.global_step)
+                if step_log is not None:
+                    step_log.append(progress.global_step, progress.epoch + 1, lr, window.means())
+                window = Meter()
         group_failure, group_ids = None, []
         at_max = cfg.train.max_steps is not None and progress.global_step >= cfg.train.max_steps
         every = cfg.train.checkpoint_every_steps

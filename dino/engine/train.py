@@ -25,6 +25,7 @@ from dino.engine.bad_images import SkippedImages, stop_on_bad_image
 from dino.engine.batching import BatchPlan, check_batch_fits, plan_batches
 from dino.engine.checkpoint import read_progress
 from dino.engine.checkpointer import Checkpointer, Progress
+from dino.engine.epoch_line import RunClock, epoch_line
 from dino.engine.evaluate import build_val_loader, evaluate
 from dino.engine.finetune import load_finetune_weights
 from dino.engine.one_epoch import EpochResult, train_one_epoch
@@ -41,6 +42,9 @@ from dino.engine.setup import (
     resolved_recipe,
     weights_metadata,
 )
+from dino.engine.step_log import StepLog
+from dino.errors import UserError
+from dino.plots.curves import plot_run
 from dino.run_lock import run_lock
 
 logger = logging.getLogger("dino.engine")
@@ -168,6 +172,8 @@ def _train(accelerator, cfg: Recipe, out: Path, resume: str | None, finetune_fro
                                 weights_metadata(cfg, dataset_categories(parts.train_set)), scheduler=scheduler)
 
     per_epoch = _micro_batches_per_epoch(train_loader, plan, cfg)
+    step_log = StepLog(out, progress.global_step, accelerator.is_main_process)  # cut back to a resumed step
+    clock = RunClock(progress.epoch + progress.batches_in_epoch / per_epoch, cfg.optim.epochs)
     last_eval = None
     skipped = SkippedImages(accelerator, parts.train_set)
     while progress.epoch < cfg.optim.epochs and not _at_max_steps(progress, cfg):
@@ -177,7 +183,7 @@ def _train(accelerator, cfg: Recipe, out: Path, resume: str | None, finetune_fro
         train_loader.dataset.set_epoch(progress.epoch)
         with stop_on_bad_image(out, progress):  # an image that cannot be used: one line, where to resume from
             result = train_one_epoch(accelerator, model, parts.criterion, train_loader, optimizer, progress, cfg,
-                                     per_epoch, plan.accumulation, ema, checkpointer)
+                                     per_epoch, plan.accumulation, ema, checkpointer, step_log)
         if result.stopped:
             logger.info("stopped at step %d (train.max_steps=%s)", progress.global_step, cfg.train.max_steps)
             break
@@ -191,9 +197,12 @@ def _train(accelerator, cfg: Recipe, out: Path, resume: str | None, finetune_fro
                 record.update(evaluate_epoch(accelerator, model, ema, parts.postprocess, val_loader, parts.val_set,
                                              out, progress.epoch))
             last_eval = record.get("eval")
-        _log_epoch(accelerator, out, record, progress.global_step)
+        record["eta_s"] = clock.eta_s(progress.epoch)
+        _log_epoch(accelerator, out, record, progress.global_step, cfg.optim.epochs)
 
     checkpointer.save_final()
+    if accelerator.is_main_process:
+        _draw_curves(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": progress.global_step, "epoch": progress.epoch + (progress.batches_in_epoch > 0),
@@ -237,15 +246,28 @@ def _epoch_record(progress: Progress, optimizer, result: EpochResult, plan: Batc
     }
 
 
-def _log_epoch(accelerator, out: Path, record: dict, global_step: int) -> None:
+def _log_epoch(accelerator, out: Path, record: dict, global_step: int, epochs: int) -> None:
     if not accelerator.is_main_process:
         return
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    logger.info("epoch %d: %s", record["epoch"], json.dumps(_rounded(record)))
+    logger.info("%s", epoch_line(record, epochs))
+    logger.debug("epoch %d: %s", record["epoch"], json.dumps(_rounded(record)))
+    if record.get("eval"):
+        _draw_curves(out)
     scalars = {f"train/{k}": v for k, v in record["train"].items()}
     scalars.update({f"eval/{k}": v for k, v in (record.get("eval") or {}).items() if isinstance(v, (int, float))})
     accelerator.log({**scalars, "epoch": record["epoch"], "images_per_s": record["images_per_s"]}, step=global_step)
+
+
+def _draw_curves(out: Path) -> None:
+    """``curves.png`` of the run so far; a failure to draw is a warning, never the end of a training run."""
+    try:
+        plot_run(out)
+    except UserError as err:  # nothing logged yet (e.g. train.max_steps before the first record)
+        logger.debug("no curves drawn: %s", err)
+    except Exception:
+        logger.warning("could not draw %s", out / "curves.png", exc_info=True)
 
 
 def _rounded(obj):
