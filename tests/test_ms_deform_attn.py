@@ -119,11 +119,11 @@ def test_explicit_backward_matches_autograd_of_pytorch_path():
 
 def test_custom_op_on_cpu_equals_pytorch_path_and_gradchecks():
     value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 3)], B=2, M=2, D=2, Q=3, P=2)
-    torch.testing.assert_close(
+    torch.testing.assert_close(  # the CPU kernel where it builds: other rounding
         torch.ops.dino.ms_deform_attn(value, shapes, starts, loc, attn),
         ms_deform_attn_pytorch(value, shapes, starts, loc, attn),
-        rtol=0,
-        atol=0,
+        rtol=1e-12,
+        atol=1e-14,
     )
     args = [t.clone().requires_grad_() for t in (value, loc, attn)]
     assert torch.autograd.gradcheck(
@@ -139,9 +139,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dino.ms_deform_attn.default, (value, shapes, starts, loc, attn))
 
 
-def test_seam_uses_pytorch_path_on_cpu_and_logs_once(caplog, monkeypatch):
+def test_seam_uses_pytorch_path_on_cpu_without_the_kernel_and_logs_once(caplog, monkeypatch):
     # The package attribute ms_deform_attn is the function; the module itself comes from importlib.
     monkeypatch.setattr(importlib.import_module("dino.ops.ms_deform_attn"), "_logged_paths", set())
+    monkeypatch.setattr(kernel, "_cpu_module", None)  # as after a failed build
+    monkeypatch.delenv("DINO_REQUIRE_KERNEL", raising=False)
     value, shapes, starts, loc, attn = make_inputs([(3, 4)], dtype=torch.float32)
     with caplog.at_level(logging.INFO, logger="dino.ops"):
         out = ms_deform_attn(value, shapes, starts, loc, attn)
@@ -279,5 +281,5 @@ def test_kernel_input_check_names_the_bad_argument():
         check_kernel_inputs(value, shapes, starts, loc[:, :, :1], attn)
     with pytest.raises(ValueError, match="spatial_shapes must be"):
         check_kernel_inputs(value, shapes[:1], starts, loc, attn)
-    with pytest.raises(ValueError, match="same CUDA device"):
+    with pytest.raises(ValueError, match="same device"):
         check_kernel_inputs(value, shapes.to("meta"), starts, loc, attn)

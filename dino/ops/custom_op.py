@@ -1,7 +1,8 @@
 """``torch.library`` custom ops ``dino::ms_deform_attn`` and ``dino::ms_deform_attn_backward``.
 
-Registered on import, on every machine: the default (CPU and any other device) implementation is the PyTorch path,
-the CUDA implementation is the compiled kernel when it builds, else the PyTorch path again. Fake (meta) kernels make
+Registered on import, on every machine: the default (any device) implementation is the PyTorch path; the CUDA and
+CPU implementations are the compiled kernels when they build (the CPU one for float32 / float64), else the PyTorch
+path again. Fake (meta) kernels make
 the ops traceable by ``torch.compile(fullgraph=True)`` and ``torch.export``; the export code maps the op to a
 TensorRT plugin node.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dino.ops.kernel import load_kernel
-from dino.ops.ms_deform_attn import level_views, ms_deform_attn_pytorch
+from dino.ops.kernel import load_cpu_kernel, load_kernel
+from dino.ops.ms_deform_attn import CPU_KERNEL_DTYPES, level_views, ms_deform_attn_pytorch
 
 _BILINEAR, _ZEROS = 0, 0  # aten grid_sampler enums: interpolation_mode, padding_mode
 
@@ -98,13 +99,25 @@ def check_kernel_inputs(value, spatial_shapes, level_start_index, sampling_locat
                          f"{tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}")
     devices = {t.device for t in (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)}
     if len(devices) != 1:
-        raise ValueError(f"ms_deform_attn: all inputs must be on the same CUDA device, got {sorted(map(str, devices))}")
+        raise ValueError(f"ms_deform_attn: all inputs must be on the same device, got {sorted(map(str, devices))}")
 
 
 @ms_deform_attn_op.register_kernel("cuda")
 def _forward_cuda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     check_kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     ext = load_kernel()
+    if ext is None:
+        dt = value.dtype
+        return ms_deform_attn_pytorch(
+            value, spatial_shapes, level_start_index, sampling_locations.to(dt), attention_weights.to(dt)
+        )
+    return ext.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@ms_deform_attn_op.register_kernel("cpu")
+def _forward_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    check_kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    ext = load_cpu_kernel() if value.dtype in CPU_KERNEL_DTYPES else None
     if ext is None:
         dt = value.dtype
         return ms_deform_attn_pytorch(
@@ -137,6 +150,18 @@ def ms_deform_attn_backward_op(
 @ms_deform_attn_backward_op.register_kernel("cuda")
 def _backward_cuda(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     ext = load_kernel()
+    if ext is None:
+        return ms_deform_attn_backward_pytorch(
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return tuple(
+        ext.backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    )
+
+
+@ms_deform_attn_backward_op.register_kernel("cpu")
+def _backward_cpu(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    ext = load_cpu_kernel() if value.dtype in CPU_KERNEL_DTYPES else None
     if ext is None:
         return ms_deform_attn_backward_pytorch(
             grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights

@@ -1,10 +1,12 @@
-"""Builds and loads the CUDA extension of ``csrc/`` on first use.
+"""Builds and loads the kernel extensions of ``csrc/`` on first use: CUDA (``load_kernel``) and CPU
+(``load_cpu_kernel``), two separate builds so that a CPU-only machine compiles only the small C++ one.
 
-The build is attempted only when CUDA is usable (``torch.cuda.is_available()`` and an ``nvcc``); it goes into a cache
-directory keyed by a hash of the sources, the torch and CUDA versions and the GPU architecture, under an exclusive
-file lock so that concurrent processes never load a half-built module. A failed build logs one warning and the
-callers fall back to the PyTorch path, unless ``DINO_REQUIRE_KERNEL=1`` makes it an error. ``DINO_DISABLE_KERNEL=1``
-skips the kernel altogether (the PyTorch path everywhere; benchmarks use it to measure the kernel's effect).
+The CUDA build is attempted only when CUDA is usable (``torch.cuda.is_available()`` and an ``nvcc``), the CPU build
+when a C++ compiler is found (``$CXX`` or ``c++``). Each goes into a cache directory keyed by a hash of its sources,
+the torch and CUDA versions and the GPU architecture, under an exclusive file lock so that concurrent processes never
+load a half-built module. A failed build logs one warning and the callers fall back to the PyTorch path, unless
+``DINO_REQUIRE_KERNEL=1`` makes it an error. ``DINO_DISABLE_KERNEL=1`` skips both kernels altogether (the PyTorch
+path everywhere; benchmarks use it to measure the kernels' effect).
 """
 from __future__ import annotations
 
@@ -26,10 +28,14 @@ CSRC = resource_dir("csrc")  # the repository's csrc/, or its copy inside an ins
 KERNEL_DIR = CSRC / "ms_deform_attn"
 BINDING_DIR = CSRC / "torch"
 EXTENSION_NAME = "dino_msda_ext"
+CPU_DIR = CSRC / "cpu"
+CPU_EXTENSION_NAME = "dino_msda_cpu_ext"
 
 _UNSET = object()
 _module: object = _UNSET  # ModuleType once loaded, None after a failed or impossible build
 _failure: str | None = None
+_cpu_module: object = _UNSET  # the same for the CPU extension
+_cpu_failure: str | None = None
 
 
 def kernel_sources() -> list[Path]:
@@ -74,10 +80,21 @@ def cache_dir(source_dirs: tuple[Path, ...] | None = None) -> Path:
     return root / h.hexdigest()[:16]
 
 
-def build_extension(name: str, sources: list[Path], source_dirs: tuple[Path, ...]) -> ModuleType:
+def build_extension(name: str, sources: list[Path], source_dirs: tuple[Path, ...],
+                    openmp: bool = False) -> ModuleType:
     """JIT-builds (or loads the cached build of) a PyTorch extension from ``sources``, with headers from
-    ``source_dirs``, whose files key the cache."""
-    from torch.utils.cpp_extension import load
+    ``source_dirs``, whose files key the cache. ``openmp``: compile and link with ``-fopenmp``, without which
+    ``at::parallel_for`` (inlined from the ATen headers) runs on one thread; the module then shares torch's
+    already-loaded ``libgomp.so.1``."""
+    # Without CUDA, importing cpp_extension warns "No CUDA runtime is found" on every run: noise for a CPU build.
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    if not torch.cuda.is_available():
+        cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        cpp_logger.setLevel(level)
 
     missing = [str(p) for p in sources if not p.exists()]
     if missing:
@@ -89,7 +106,8 @@ def build_extension(name: str, sources: list[Path], source_dirs: tuple[Path, ...
             name=name,
             sources=[str(p) for p in sources],
             extra_include_paths=[str(d) for d in source_dirs],
-            extra_cflags=["-O3"],
+            extra_cflags=["-O3"] + (["-fopenmp"] if openmp else []),
+            extra_ldflags=["-fopenmp"] if openmp else [],
             extra_cuda_cflags=["-O3", "-std=c++17"],
             build_directory=str(build_dir),
             verbose=os.environ.get("DINO_KERNEL_VERBOSE", "") not in ("", "0"),
@@ -130,3 +148,45 @@ def kernel_available() -> bool:
 def kernel_state() -> bool | None:
     """True/False once :func:`load_kernel` has run, None before (never triggers a build)."""
     return None if _module is _UNSET else _module is not None
+
+
+def cpu_kernel_sources() -> list[Path]:
+    """The one C++ file of the CPU extension (no CUDA, no framework-free split: nothing else builds it)."""
+    return [CPU_DIR / "ms_deform_attn_cpu.cpp"]
+
+
+def _cxx() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def load_cpu_kernel() -> ModuleType | None:
+    """The compiled CPU extension (``forward``, ``backward``; float32 and float64), or None when it cannot be built.
+
+    Raises:
+        RuntimeError: the build failed or is impossible and ``DINO_REQUIRE_KERNEL=1`` is set.
+    """
+    global _cpu_module, _cpu_failure
+    if _cpu_module is _UNSET:
+        if _disabled():
+            _cpu_module, _cpu_failure = None, "DINO_DISABLE_KERNEL is set"
+        elif _cxx() is None:
+            _cpu_module, _cpu_failure = None, f"no C++ compiler found ({os.environ.get('CXX', 'c++')}; set CXX)"
+            logger.warning("ms_deform_attn CPU kernel unavailable (%s); using the PyTorch path", _cpu_failure)
+        else:
+            try:
+                _cpu_module = build_extension(CPU_EXTENSION_NAME, cpu_kernel_sources(), (CPU_DIR,), openmp=True)
+                logger.info("ms_deform_attn CPU kernel loaded from %s", cache_dir((CPU_DIR,)))
+            except Exception as exc:  # noqa: BLE001 - any build error means: fall back
+                # The compiler's output is in the exception; the first line names the failed step.
+                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                _cpu_module, _cpu_failure = None, f"build failed: {first_line}"
+                logger.warning("ms_deform_attn CPU kernel unavailable (%s); using the PyTorch path", _cpu_failure)
+    if _cpu_module is None and _require():
+        raise RuntimeError(
+            f"DINO_REQUIRE_KERNEL is set but the ms_deform_attn CPU kernel is unavailable: {_cpu_failure}")
+    return _cpu_module  # type: ignore[return-value]
+
+
+def cpu_kernel_state() -> bool | None:
+    """True/False once :func:`load_cpu_kernel` has run, None before (never triggers a build)."""
+    return None if _cpu_module is _UNSET else _cpu_module is not None

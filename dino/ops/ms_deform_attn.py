@@ -1,7 +1,8 @@
 """The multi-scale deformable attention core op.
 
 ``ms_deform_attn`` is the only place the model touches the sampling: the CUDA kernel (``csrc/``) plugs in here
-for CUDA tensors when it is built; everywhere else the pure-PyTorch path below computes the same function.
+for CUDA tensors when it is built, the CPU kernel (``csrc/cpu``) for float32 / float64 CPU tensors when it is built;
+everywhere else the pure-PyTorch path below computes the same function.
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from dino.ops.kernel import kernel_available, kernel_state
+from dino.ops.kernel import cpu_kernel_state, kernel_available, kernel_state, load_cpu_kernel
 
 logger = logging.getLogger("dino.ops")
+
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # the CPU kernel's; others (bf16 autocast) take the PyTorch path
 
 
 def level_views(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor):
@@ -68,14 +71,15 @@ def ms_deform_attn(
 ) -> torch.Tensor:
     """Multi-scale deformable attention; same arguments and result as :func:`ms_deform_attn_pytorch`.
 
-    Dispatches to the custom op ``dino::ms_deform_attn`` (the CUDA kernel) for CUDA tensors when the kernel is built,
-    to the PyTorch path otherwise; inside :func:`use_custom_op` always to the custom op, inside
-    :func:`use_pytorch_path` always to the PyTorch path, on any device (the innermost block decides).
+    Dispatches to the custom op ``dino::ms_deform_attn`` for CUDA tensors when the CUDA kernel is built and for
+    float32 / float64 CPU tensors when the CPU kernel is built, to the PyTorch path otherwise; inside
+    :func:`use_custom_op` always to the custom op, inside :func:`use_pytorch_path` always to the PyTorch path, on any
+    device (the innermost block decides).
     """
     forced = _forced_paths[-1] if _forced_paths else None
-    if forced == "custom_op" or (forced is None and value.is_cuda and _cuda_kernel_usable()):
+    if forced == "custom_op" or (forced is None and _kernel_usable(value)):
         if not torch.compiler.is_compiling():
-            _log_path_once("custom op dino::ms_deform_attn" + (" (CUDA kernel)" if value.is_cuda else ""))
+            _log_path_once("custom op dino::ms_deform_attn" + _kernel_label(value))
         return torch.ops.dino.ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
@@ -111,6 +115,30 @@ def use_pytorch_path() -> contextlib.AbstractContextManager[None]:
     with the kernel built: for an exported graph that must not depend on this project's op (ONNX standard graph,
     an AOTInductor package that loads without ``dino.ops``)."""
     return _force("pytorch")
+
+
+def _kernel_usable(value: torch.Tensor) -> bool:
+    if value.is_cuda:
+        return _cuda_kernel_usable()
+    if value.device.type == "cpu" and value.dtype in CPU_KERNEL_DTYPES:
+        return _cpu_kernel_usable()
+    return False
+
+
+def _kernel_label(value: torch.Tensor) -> str:
+    if value.is_cuda:
+        return " (CUDA kernel)"
+    if value.device.type == "cpu" and value.dtype in CPU_KERNEL_DTYPES and cpu_kernel_state():
+        return " (CPU kernel)"
+    return ""
+
+
+def _cpu_kernel_usable() -> bool:
+    if torch.compiler.is_compiling():
+        # No build while tracing; an unknown state routes to the op, whose CPU implementation falls back by itself.
+        state = cpu_kernel_state()
+        return True if state is None else state
+    return load_cpu_kernel() is not None
 
 
 def _cuda_kernel_usable() -> bool:
