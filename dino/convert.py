@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from dino.config import ModelConfig
+from dino.durable import check_output_file
 from dino.errors import UserError
 from dino.models.swin import SWIN_VARIANTS, relative_position_index
 from dino.weights import load_pth_state_dict, save_weights
@@ -158,7 +159,13 @@ def convert_official_checkpoint(in_path: str, out_path: str, preset: str = "dino
 
 
 def _run(args: argparse.Namespace) -> int:
-    sd = convert_official_checkpoint(args.input, args.output, args.preset, args.trust_checkpoint)
+    check_output_file(args.output, "output", "model.safetensors", inputs=(args.input,))  # before a long load
+    try:
+        sd = convert_official_checkpoint(args.input, args.output, args.preset, args.trust_checkpoint)
+    except UserError:
+        raise
+    except ValueError as err:  # the converter's key and shape checks: the file is not this preset's checkpoint
+        raise UserError(f"{args.input}: {err}") from None
     print(f"wrote {len(sd)} tensors ({sum(v.numel() for v in sd.values()):,} values) for preset "
           f"{args.preset} to {args.output}")
     return 0

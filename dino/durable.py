@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from dino.errors import UserError
@@ -94,6 +95,31 @@ def make_output_dir(path: str | os.PathLike, what: str) -> Path:
         raise UserError(f"{what} {path} cannot be created ({err.strerror}); choose a writable folder") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path} is not writable (read-only folder or file system); choose a writable folder")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str, example: str, inputs: tuple = ()) -> Path:
+    """Refuses, before any work, an output file that cannot be written: ``path`` is a folder (``example``: a file
+    name to suggest in it, e.g. "model.onnx"), a parent is a file, the nearest existing folder is not writable, or
+    ``path`` is one of the command's ``inputs`` (which the output would replace). UserError names ``flag`` and says
+    what to give instead; returns ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give the file to write, e.g. {flag} {path / example}")
+    existing = next((p for p in path.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+    try:  # the one sure test (os.access says yes to root on a read-only file system or in /sys)
+        fd, probe = tempfile.mkstemp(prefix=".dino-write-test.", dir=existing)
+    except OSError as err:
+        raise UserError(f"{flag} {path} cannot be written: {existing} is not writable ({err.strerror}); choose a "
+                        "writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
+    for given in inputs:
+        if given is not None and path.exists() and Path(given).exists() and path.samefile(given):
+            raise UserError(f"{flag} {path} is also this command's input: writing it would replace that input; "
+                            f"choose another {flag}")
     return path
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from dino.box_ops import box_cxcywh_to_xyxy
+from dino.errors import UserError
 
 
 def postprocess(
@@ -55,7 +56,7 @@ class PostProcess(nn.Module):
     def __init__(self, num_select: int = 300):
         super().__init__()
         if num_select < 1:
-            raise ValueError(f"num_select must be >= 1, got {num_select}")
+            raise UserError(f"model.num_select must be >= 1 (detections kept per image), got {num_select}")
         self.num_select = num_select
 
     @torch.no_grad()

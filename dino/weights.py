@@ -46,6 +46,11 @@ def load_pth_state_dict(path: str | os.PathLike, trust_checkpoint: bool = False)
     path = str(path)
     if not os.path.isfile(path):
         raise UserError(f"no such checkpoint file: {path!r}")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (or, legacy, a pickle)
+        raise UserError(f"{path!r} is not a PyTorch checkpoint (.pth): it is neither a zip archive nor a pickle; give "
+                        "a .pth or .safetensors checkpoint")
     try:
         if trust_checkpoint:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -53,7 +58,9 @@ def load_pth_state_dict(path: str | os.PathLike, trust_checkpoint: bool = False)
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling raises many types
-        raise UserError(f"cannot load {path!r} with torch.load(weights_only=True): {err}. If you trust the file, "
+        text = str(err).strip()
+        reason = text.splitlines()[0] if text else type(err).__name__
+        raise UserError(f"cannot load {path!r} with torch.load(weights_only=True): {reason} If you trust the file, "
                          "convert it with `dino convert-official --trust-checkpoint`.") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         ckpt = ckpt["model"]

@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace, error_prefix: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Runs one ``dino`` command; returns its exit status (2 for a :class:`UserError` or a usage error)."""
     args = build_parser().parse_args(argv)
-    target = getattr(args, "target", None)
+    target = getattr(args, "target", None) or getattr(args, "data_command", None)  # dino export onnx, dino data check
     return _run(args, f"dino {args.command}" + (f" {target}" if target else ""))
 
 

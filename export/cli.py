@@ -9,8 +9,8 @@ import torch
 
 from dino.config import add_override_argument
 from dino.device import check_device
+from dino.durable import check_output_file
 from dino.errors import UserError
-from dino_export.files import check_output_file
 
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool, recipe_required: bool = True) -> None:
@@ -160,7 +160,8 @@ def _cmd_export_trt(args) -> int:
     if args.recipe is not None and args.checkpoint is None:
         raise UserError("dino export trt --recipe needs --checkpoint (the weights to build the engine from)")
     if args.onnx is not None and not Path(args.onnx).is_file():
-        raise UserError(f"ONNX file {args.onnx} does not exist")
+        raise UserError(f"ONNX file {args.onnx} " + ("is a folder; give the .onnx file" if Path(args.onnx).is_dir()
+                                                     else "does not exist"))
     if args.output is not None:
         check_output_file(args.output, "--output", "model.engine", inputs=(args.onnx, args.checkpoint))
     version = require_tensorrt()  # before a long ONNX export

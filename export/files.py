@@ -10,27 +10,6 @@ from pathlib import Path
 from typing import Iterator
 
 from dino.durable import fsync_path, give_new_file_mode
-from dino.errors import UserError
-
-
-def check_output_file(path: str | os.PathLike, flag: str, example: str, inputs: tuple = ()) -> Path:
-    """Refuses, before any work, an output file that cannot be written: ``path`` is a folder (``example``: a file
-    name to suggest in it, e.g. "model.onnx"), a parent is a file, the nearest existing folder is not writable, or
-    ``path`` is one of the command's ``inputs`` (which the output would replace). UserError names ``flag`` and says
-    what to give instead; returns ``path``."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; give the file to write, e.g. {flag} {path / example}")
-    existing = next((p for p in path.parents if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path} cannot be written: {existing} is not writable; choose a writable folder")
-    for given in inputs:
-        if given is not None and path.exists() and Path(given).exists() and path.samefile(given):
-            raise UserError(f"{flag} {path} is also this command's input: writing it would replace that input; "
-                            f"choose another {flag}")
-    return path
 
 
 def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -100,7 +100,7 @@ def test_cli_exit_status(tmp_path, capsys):
     rc, out, _ = _check(capsys, "--set", f"data.root={root}", "data.skip_unreadable=true", "--split", "val")
     assert rc == 0 and out.splitlines()[0].split() == ["val"]
     rc, out, err = _check(capsys, "--set", "data.nope=1")
-    assert rc == 2 and out == "" and err == "dino data: error: override 'data.nope=1': no field 'nope' in DataConfig\n"
+    assert rc == 2 and out == "" and err == "dino data check: error: override 'data.nope=1': no field 'nope' in DataConfig\n"
 
 
 def test_cli_missing_annotations_file_is_a_problem_not_a_traceback(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import subprocess
 
@@ -135,7 +136,7 @@ def test_export_into_a_read_only_folder_is_refused(tmp_path, capsys):
                           tmp_path / "no.safetensors", "--output", folder / "m.onnx")
     finally:
         folder.chmod(0o755)
-    assert rc == 2 and f"cannot be written: {folder} is not writable" in err
+    assert rc == 2 and f"cannot be written: {folder} is not writable (Permission denied)" in err
 
 
 # --- item 5: the smallest export size comes from the model's levels and queries ---------------------------------
@@ -209,6 +210,12 @@ REFUSALS = {
     "label book": (["model.denoising.labelbook_size=2"], "model.denoising.labelbook_size=2 is smaller than"),
     "eval batch": (["train.eval_batch_size=0"], "train.eval_batch_size must be >= 1, got 0"),
     "model": (["model.transformer.num_feature_levels=1"], "transformer.num_feature_levels (1) < backbone levels"),
+    "lr": (["optim.lr=-1"], "optim.lr must be a finite number >= 0, got -1.0"),
+    "seed": (["train.seed=-1"], "train.seed must be in [0, 2**32), got -1"),
+    "scales": (["data.train_scales=0"], "data.train_scales must be a non-empty list of positive ints, got (0,)"),
+    "workers": (["data.num_workers=-1"], "data.num_workers must be >= 0"),
+    "num_select": (["model.num_select=0"], "model.num_select must be >= 1"),
+    "denoising": (["model.denoising.label_noise_ratio=2"], "model.denoising: dn_number must be >= 0"),
 }
 
 
@@ -260,3 +267,103 @@ def test_data_check_reports_images_too_small_for_the_queries(tmp_path, capsys):
     assert [line.split() for line in out.splitlines() if line.startswith("image too small")] == [
         ["image", "too", "small", "for", "the", "model", "*", "8", "5"]]
     assert "84 encoder tokens, fewer than its 200 queries" in out
+
+
+# --- the sweep: each case fixed here (docs/user_errors.md lists every case tried) --------------------------------
+
+def test_recipe_that_is_a_folder_a_text_file_or_does_not_parse(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("optim.lr = 1")
+    (tmp_path / "broken.py").write_text("def recipe(:\n")
+    cases = {
+        tmp_path: f"recipe file {tmp_path} is a folder; give a recipe's .py file",
+        tmp_path / "notes.txt": f"recipe file {tmp_path / 'notes.txt'} is not a Python file (.py); a recipe is a .py "
+                                "file defining `def recipe() -> Recipe:`",  # was: AttributeError traceback
+        tmp_path / "broken.py": f"recipe file {tmp_path / 'broken.py'}, line 1: invalid syntax: 'def recipe(:'",
+    }
+    for recipe, message in cases.items():
+        rc, _, err = _cli(capsys, "train", recipe)
+        assert rc == 2 and err == f"dino train: error: {message}\n"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("optim.lr", -1, "optim.lr must be a finite number >= 0, got -1.0"),  # was: torch's ValueError traceback
+    ("optim.lr_backbone", -1, "optim.lr_backbone must be a finite number >= 0, got -1.0"),  # was: trained
+    ("optim.weight_decay", -1, "optim.weight_decay must be a finite number >= 0, got -1.0"),
+    ("optim.lr_drop_factor", 0, "optim.lr_drop_factor must be a finite number > 0"),
+    ("train.max_steps", -1, "train.max_steps must be >= 1 (none: no limit), got -1"),  # was: untrained weights
+    ("train.max_steps_per_epoch", 0, "train.max_steps_per_epoch must be >= 1 (none: whole epochs), got 0"),
+    ("train.checkpoint_every_steps", -1, "train.checkpoint_every_steps must be >= 0"),  # was: every step
+    ("train.eval_every_epochs", -1, "train.eval_every_epochs must be >= 0"),
+    ("train.log_every_steps", 0, "train.log_every_steps must be >= 1"),
+    ("train.ema_decay", 2, "train.ema_decay must be in [0, 1]"),
+])
+def test_run_settings_out_of_range_are_refused_before_anything_is_built(field, value, message):
+    from dino.engine.optim import check_schedule
+    from dino.engine.setup import check_train_config
+
+    cfg = load_recipe(TINY, [f"{field}={value}"])
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        check_schedule(cfg.optim)
+        check_train_config(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.transformer.nheads=0", "model.transformer.nheads must be >= 1, got 0"),  # was: ZeroDivisionError
+    ("model.transformer.num_queries=0", "model.transformer.num_queries must be >= 1, got 0"),
+    ("model.transformer.hidden_dim=33", "model.transformer.hidden_dim must be a multiple of 32"),  # was: ValueError
+    ("model.backbone.return_levels=0,9", "model.backbone.return_levels must be indices in 0..3"),
+])
+def test_model_settings_are_one_line(override, message):
+    cfg = load_recipe(TINY, [override])
+    with torch.device("meta"), pytest.raises(UserError, match=f"^{message}"):
+        dino.build_model(cfg.model)
+
+
+def test_backbone_weights_file_missing_is_one_line(tmp_path):
+    cfg = load_recipe(TINY, [f"model.backbone.pretrained={tmp_path / 'nope.pth'}"])
+    with pytest.raises(UserError, match=r"^model.backbone.pretrained: no such file"):  # was: FileNotFoundError
+        dino.build_model(cfg.model)
+
+
+def test_shapes_root_that_cannot_be_written_is_one_line(tmp_path):
+    from dino.data import generate_shapes_dataset
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match=r"^data.root .*: the shapes dataset cannot be written there"):
+        generate_shapes_dataset(blocker / "sub" / "shapes", 2, 2, 32)  # was: a FileExistsError traceback
+    assert blocker.read_text() == ""
+
+
+def test_a_text_file_given_as_a_pth_checkpoint(tmp_path):
+    from dino.weights import load_pth_state_dict
+
+    (tmp_path / "notes.pth").write_text("hello")
+    with pytest.raises(UserError, match=r"notes.pth' is not a PyTorch checkpoint \(.pth\)"):  # was: "...: 101."
+        load_pth_state_dict(tmp_path / "notes.pth")
+
+
+def test_convert_output_paths_and_another_models_pth(tmp_path, capsys):
+    source = tmp_path / "other.pth"
+    torch.save({"model": {"a": torch.zeros(1)}}, source)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = {
+        tmp_path / "adir": f"output {tmp_path / 'adir'} is a folder; give the file to write, e.g. output "
+                           f"{tmp_path / 'adir' / 'model.safetensors'}",
+        tmp_path / "afile" / "m.safetensors": f"output {tmp_path / 'afile' / 'm.safetensors'}: {tmp_path / 'afile'} "
+                                              "is a file, not a folder; choose another output",
+        source: f"output {source} is also this command's input: writing it would replace that input; choose "
+                "another output",
+        tmp_path / "m.safetensors": f"{source}: not a DINO checkpoint: no 'transformer.*' or 'backbone.0.*' keys",
+    }
+    for output, message in cases.items():
+        rc, _, err = _cli(capsys, "convert-official", source, output)
+        assert rc == 2 and err.startswith(f"dino convert-official: error: {message}"), err
+    assert torch.load(source)["model"]["a"].shape == (1,)  # the input is intact
+
+
+def test_data_check_counts_are_checked_and_errors_name_the_subcommand(capsys):
+    for flag, value, low in (("--workers", "0", 1), ("--max-listed", "-1", 0), ("--num-processes", "0", 1)):
+        rc, _, err = _cli(capsys, "data", "check", "--recipe", TINY, flag, value)
+        assert rc == 2 and err == f"dino data check: error: {flag} must be >= {low}, got {value}\n"

@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from dino.config import DataConfig
+from dino.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,16 +164,22 @@ def _check_scales(data_cfg: DataConfig) -> None:
     for name in ("train_scales", "crop_resize_scales"):
         value = getattr(data_cfg, name)
         if not isinstance(value, (tuple, list)) or not value or not _positive_ints(value):
-            raise ValueError(f"data.{name} must be a non-empty list of positive ints, got {value!r}")
+            raise UserError(f"data.{name} must be a non-empty list of positive ints, got {value!r}")
     crop = data_cfg.crop_size
     if not isinstance(crop, (tuple, list)) or len(crop) != 2 or not _positive_ints(crop) or crop[0] > crop[1]:
-        raise ValueError(f"data.crop_size must be (min, max) positive ints with min <= max, got {crop!r}")
+        raise UserError(f"data.crop_size must be (min, max) positive ints with min <= max, got {crop!r}")
     for name in ("train_max_size", "val_scale", "val_max_size"):
         value = getattr(data_cfg, name)
         if name != "val_scale" and value is None:
             continue
         if not _positive_ints([value]):
-            raise ValueError(f"data.{name} must be a positive int, got {value!r}")
+            raise UserError(f"data.{name} must be a positive int, got {value!r}")
+    # Used per batch (collate) and by the DataLoader: refused here, by name, instead of a traceback from inside them.
+    if not _positive_ints([data_cfg.size_divisibility]):
+        raise UserError(f"data.size_divisibility must be a positive int (1: no rounding up), got "
+                        f"{data_cfg.size_divisibility!r}")
+    if data_cfg.num_workers < 0:
+        raise UserError(f"data.num_workers must be >= 0 (0: load in the main process), got {data_cfg.num_workers}")
 
 
 def build_transforms(data_cfg: DataConfig, split: str) -> v2.Compose:

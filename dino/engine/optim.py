@@ -1,6 +1,8 @@
 """AdamW with the official parameter groups, the step learning-rate schedule and an optional linear warm-up."""
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -51,6 +53,13 @@ def check_schedule(cfg: OptimConfig) -> None:
     """UserError for a schedule that cannot run: warm-up < 0, an LR drop outside the epochs, no epoch at all."""
     if cfg.epochs < 1:
         raise UserError(f"optim.epochs must be >= 1, got {cfg.epochs}")
+    for name in ("lr", "lr_backbone", "weight_decay"):  # torch's AdamW would refuse them with a traceback
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"optim.{name} must be a finite number >= 0, got {value}")
+    if not math.isfinite(cfg.lr_drop_factor) or cfg.lr_drop_factor <= 0:
+        raise UserError(f"optim.lr_drop_factor must be a finite number > 0 (0.1: a tenth of the rate after each drop), "
+                        f"got {cfg.lr_drop_factor}")
     if cfg.warmup_steps < 0:
         raise UserError(f"optim.warmup_steps must be >= 0, got {cfg.warmup_steps}")
     bad = [e for e in cfg.lr_drop_epochs if not 0 < e <= cfg.epochs]

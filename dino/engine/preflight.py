@@ -4,7 +4,8 @@ calls, run on the same recipe, each refusal collected as a problem instead of st
 Training calls, in order: :func:`~dino.engine.optim.check_schedule` (``dino train``), the run controls and
 precision of :func:`~dino.engine.setup.build_accelerator` (:func:`~dino.engine.setup.check_train_config`,
 :func:`~dino.engine.setup.resolve_mixed_precision`), :func:`~dino.engine.batching.plan_batches`, the datasets,
-:func:`~dino.engine.setup.fit_classes_to`, the model (:func:`~dino.engine.setup.build_model`),
+:func:`~dino.engine.setup.fit_classes_to`, the model (:func:`~dino.engine.setup.build_model`), the criterion and
+the post-processing,
 :func:`~dino.engine.batching.check_batch_fits` and :func:`~dino.engine.evaluate.build_val_loader`.
 ``tests/test_user_errors_sweep.py`` checks that each refusal training gives is also reported here.
 
@@ -22,15 +23,17 @@ from typing import Callable, Iterator
 import torch
 
 from dino.config import Recipe
+from dino.criterion import build_criterion
 from dino.data import build_dataset
 from dino.data.check import Problem, dataset_notes
-from dino.data.transforms import resized_size
+from dino.data.transforms import build_transforms, resized_size
 from dino.engine.batching import check_batch_fits, plan_batches
 from dino.engine.evaluate import build_val_loader
 from dino.engine.optim import check_schedule
 from dino.engine.setup import build_model, check_train_config, fit_classes_to, resolve_mixed_precision
 from dino.errors import UserError
 from dino.models.levels import image_size_problem
+from dino.postprocess import PostProcess
 
 __all__ = ["training_problems"]
 
@@ -60,29 +63,37 @@ def training_problems(cfg: Recipe, num_processes: int, recipe: str,
     attempt(recipe, lambda: resolve_mixed_precision(cfg))
     _, plan = attempt(recipe, lambda: plan_batches(cfg.optim.total_batch_size, num_processes,
                                                    cfg.optim.batch_size_per_device))
-    with _quiet("dino.data"):  # check_split already reported the dropped boxes
-        train_ok, train_set = attempt(recipe, lambda: build_dataset(cfg.data, "train"))
-        if not train_ok and "train" in reported:
-            problems.pop()
-        val_ok, val_set = attempt(recipe, lambda: build_dataset(cfg.data, "val"))
-        if not val_ok and "val" in reported:
-            problems.pop()
     found = {"train": problems, "val": []}
-    if not train_ok:  # its problems are check_split's: nothing below can be checked without it
+    if not attempt(recipe, lambda: build_transforms(cfg.data, "train"))[0]:
+        return found  # the data.* settings: no dataset can be built with them
+
+    def dataset(split: str):
+        try:
+            with _quiet("dino.data"):  # check_split already reported the dropped boxes
+                return build_dataset(cfg.data, split)
+        except UserError as err:  # a problem of the data: check_split lists it unless it missed it
+            if split not in reported:
+                problems.append(Problem(SETUP, recipe, str(err)))
+            return None
+
+    train_set, val_set = dataset("train"), dataset("val")
+    if train_set is None:  # nothing below can be checked without it
         return found
     source = str(train_set.annotations_file)
     if not attempt(source, lambda: fit_classes_to(cfg, train_set))[0]:
         return found  # the model cannot be sized to the data
     if plan is not None:
         attempt(source, lambda: check_batch_fits(plan, len(train_set), source))
-    if val_ok:
+    if val_set is not None:
         attempt(recipe, lambda: build_val_loader(val_set, cfg))
     with torch.device("meta"):  # the config and its feature levels; no memory, no download
         model_ok, model = attempt(recipe, lambda: build_model(cfg.model, weights_follow=True))
+        attempt(recipe, lambda: build_criterion(cfg.model))
+    attempt(recipe, lambda: PostProcess(cfg.model.num_select))
     problems += dataset_notes(train_set, cfg.model.transformer.num_queries)
     if model_ok:
         problems += _small_images(model, train_set, cfg, "train")
-        if val_ok:
+        if val_set is not None:
             found["val"] = _small_images(model, val_set, cfg, "val")
     return found
 

@@ -36,8 +36,13 @@ def recipe_path(spec: str) -> Path:
     separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
     if spec.endswith(".py") or any(sep in spec for sep in separators):
         path = Path(spec)
+        if path.is_dir():
+            raise UserError(f"recipe file {spec} is a folder; give a recipe's .py file")
         if not path.is_file():
             raise UserError(f"recipe file {spec} does not exist")
+        if path.suffix != ".py":
+            raise UserError(f"recipe file {spec} is not a Python file (.py); a recipe is a .py file defining "
+                            "`def recipe() -> Recipe:`")
         return path
     path = RECIPES_DIR / f"{spec}.py"
     if not spec or spec.startswith(("_", ".")) or not path.is_file():
@@ -57,6 +62,8 @@ def load_recipe(spec: str, overrides: list[str] | None = None) -> Recipe:
     sys.path.insert(0, str(path.parent))  # lets a recipe import its base recipe
     try:
         module_spec.loader.exec_module(module)
+    except SyntaxError as err:  # the user's file does not parse: where, not a traceback through importlib
+        raise UserError(f"recipe file {path}, line {err.lineno}: {err.msg}: {(err.text or '').strip()!r}") from None
     finally:
         sys.path.remove(str(path.parent))
     build = getattr(module, "recipe", None)

@@ -52,11 +52,32 @@ def resolve_mixed_precision(cfg: Recipe) -> tuple[str, str]:
     return "no", "the recipe's train.mixed_precision"
 
 
+# Run-control counts: (field, smallest value, what the smallest or None means), refused below it: a negative
+# train.max_steps stopped before the first step and wrote untrained weights; a negative checkpoint interval saved every
+# step.
+_TRAIN_COUNTS = (
+    ("max_steps", 1, "none: no limit"),
+    ("max_steps_per_epoch", 1, "none: whole epochs"),
+    ("checkpoint_every_steps", 0, "0: only at the end of each epoch"),
+    ("eval_every_epochs", 0, "0: no evaluation during training"),
+    ("log_every_steps", 1, "1: every step"),
+)
+
+
 def check_train_config(cfg: Recipe) -> None:
     """Rejects run-control values that would only fail (or misbehave) later."""
     check_keep(cfg.train.keep_checkpoints)
     if cfg.train.process_group_timeout_s <= 0:
         raise UserError(f"train.process_group_timeout_s must be positive, got {cfg.train.process_group_timeout_s}")
+    for name, low, meaning in _TRAIN_COUNTS:
+        value = getattr(cfg.train, name)
+        if value is not None and value < low:
+            raise UserError(f"train.{name} must be >= {low} ({meaning}), got {value}")
+    if not 0 <= cfg.train.seed < 2**32:  # numpy's seeds
+        raise UserError(f"train.seed must be in [0, 2**32), got {cfg.train.seed}")
+    if not 0 <= cfg.train.ema_decay <= 1:
+        raise UserError(f"train.ema_decay must be in [0, 1] (ema = decay x ema + (1 - decay) x weights), got "
+                        f"{cfg.train.ema_decay}")
 
 
 def build_accelerator(cfg: Recipe, use_trackers: bool = True) -> Accelerator:

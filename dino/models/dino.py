@@ -61,6 +61,10 @@ class DINO(nn.Module):
         for name, low in counts.items():  # a smaller count would fail deep inside the first forward (or divide by 0)
             if getattr(t, name) < low:
                 raise UserError(f"model.transformer.{name} must be >= {low}, got {getattr(t, name)}")
+        dn = cfg.denoising
+        if dn.dn_number < 0 or not 0 <= dn.label_noise_ratio <= 1 or dn.box_noise_scale < 0:
+            raise UserError(f"model.denoising: dn_number must be >= 0 (got {dn.dn_number}), label_noise_ratio in "
+                            f"[0, 1] (got {dn.label_noise_ratio}), box_noise_scale >= 0 (got {dn.box_noise_scale})")
         if hidden % 32 != 0:
             raise UserError(f"model.transformer.hidden_dim must be a multiple of 32 (GroupNorm(32)), got {hidden}")
         if hidden % 2 != 0 or hidden % t.nheads != 0:
