@@ -1,7 +1,8 @@
 """``python -m dino.quickstart``: generate the shapes dataset, train the quickstart recipe on this machine, evaluate.
 
 Prints the 12-line COCO AP table and the wall time, writes ``outputs/quickstart/model.safetensors``, draws the
-detections on a few validation images, and exits with status 1 when AP50 is below ``--min-ap50`` (0.5).
+detections on a few validation images, names the training curves (``curves.png``, drawn by training), and exits
+with status 1 when AP50 is below ``--min-ap50`` (0.5).
 Rerunning resumes an interrupted run (Ctrl-C: one line, exit 130) from its last epoch-end checkpoint; a finished
 run is not trained again, its weights are evaluated again. A user error is one line with exit status 2.
 """

@@ -5,6 +5,8 @@ Layout of an output folder::
     model.safetensors            latest weights (model_ema.safetensors too when EMA is on)
     checkpoints/step_00001234/   a checkpoint: the files below
     log.jsonl                    one JSON line per epoch
+    steps.jsonl                  one JSON line every train.log_every_steps steps (dino.engine.step_log)
+    curves.png                   losses, lr and AP drawn from both (dino.plots.curves)
 
 A checkpoint folder holds Accelerate's ``save_state`` files (``optimizer.bin``, ``random_states_<process>.pkl``,
 ``scaler.pt`` with fp16) and the project's own: ``progress.json``, ``model.safetensors`` (and
