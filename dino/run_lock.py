@@ -11,8 +11,8 @@ run takes the lock over and says so. Under a soft lock the record's process must
 from another host is never taken over (its process cannot be checked from here).
 
 Used by training (``train.output_dir``), ``dino eval --output-dir``, ``dino predict --output`` and the shapes
-generator (``data.root``), on the main process only: the other processes of a launch do not touch it. A process
-may take the lock of a folder it already holds again (quickstart trains, evaluates and predicts into one folder).
+generator (``data.root``, while it writes it), on the main process only: the other processes of a launch do not
+touch it. A process may take the lock of a folder it already holds again.
 """
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ from dino.errors import UserError
 
 logger = logging.getLogger("dino")
 
-LOCK_FILE = ".dino-run.lock"
-OWNER_FILE = ".dino-run.json"
+LOCK_FILE = ".dino-run.lock"  # in the folder; its record is the same name with .json
 # How long a refused run waits for the holder's record (the holder writes it just after taking the lock).
 _RECORD_WAIT_S = 2.0
 
@@ -43,21 +42,30 @@ _RECORD_WAIT_S = 2.0
 _held: dict[str, tuple[FileLock, int]] = {}
 
 
+def first_process() -> bool:
+    """Whether this process is the first of its launch (or runs alone), from the rank its launcher set (torchrun,
+    MPI): for commands that take a lock before Accelerate has started the process group."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(name, "").strip():
+            return os.environ[name].strip() == "0"
+    return True
+
+
 @contextmanager
-def run_lock(folder: str | os.PathLike, what: str, hold: bool = True, lock_dir: str | os.PathLike | None = None
+def run_lock(folder: str | os.PathLike, what: str, hold: bool = True, lock_file: str | os.PathLike | None = None
              ) -> Iterator[None]:
     """Holds the one-writer lock of ``folder`` for the ``with`` block; UserError (one line) if another run holds it.
 
     ``what``: the flag or field that named the folder (``train.output_dir``), for the message. ``hold=False`` (the
-    other processes of a launch) does nothing. ``lock_dir``: where the lock and its record live, when not in
-    ``folder`` itself (the shapes generator replaces ``data.root`` whole, so its lock sits beside it).
+    other processes of a launch) does nothing. ``lock_file``: the lock, when not ``folder/.dino-run.lock`` (the shapes
+    generator replaces ``data.root`` whole, so its lock sits beside it); its record is ``lock_file`` with ``.json``.
     """
     if not hold:
         yield
         return
     folder = Path(folder)
-    where = Path(lock_dir) if lock_dir is not None else folder
-    key = os.path.realpath(where / LOCK_FILE)
+    path = Path(lock_file) if lock_file is not None else folder / LOCK_FILE
+    key = os.path.realpath(path)
     if key in _held:
         lock, depth = _held[key]
         _held[key] = (lock, depth + 1)
@@ -66,56 +74,57 @@ def run_lock(folder: str | os.PathLike, what: str, hold: bool = True, lock_dir: 
         finally:
             _held[key] = (lock, _held[key][1] - 1)
         return
-    where.mkdir(parents=True, exist_ok=True)
-    lock = _acquire(where, folder, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _acquire(path, folder, what)
     _held[key] = (lock, 1)
     try:
         yield
     finally:
         del _held[key]
-        (where / OWNER_FILE).unlink(missing_ok=True)  # a record left behind means the run did not end this way
+        path.with_suffix(".json").unlink(missing_ok=True)  # a record left behind means the run did not end this way
         lock.release()
 
 
-def _acquire(where: Path, folder: Path, what: str) -> FileLock:
-    lock = FileLock(where / LOCK_FILE)
+def _acquire(path: Path, folder: Path, what: str) -> FileLock:
+    lock = FileLock(path)
+    record_file = path.with_suffix(".json")
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        record = _holder_record(where)
+        record = _holder_record(record_file)
         if not _gone(record):
             raise UserError(_busy_message(folder, what, record)) from None
         # Left by a killed run on a file system without flock (or still held by an orphan of its processes).
-        (where / LOCK_FILE).unlink(missing_ok=True)
-        lock = FileLock(where / LOCK_FILE)
+        path.unlink(missing_ok=True)
+        lock = FileLock(path)
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            raise UserError(_busy_message(folder, what, _read_record(where))) from None
-    stale = _read_record(where)
+            raise UserError(_busy_message(folder, what, _read_record(record_file))) from None
+    stale = _read_record(record_file)
     if stale is not None:
         logger.warning("%s %s: took over the lock of run pid %s on %s (started %s), which ended without releasing "
                        "it (killed?)", what, folder, stale.get("pid"), stale.get("host"), stale.get("started"))
     write_json({"pid": os.getpid(), "host": socket.gethostname(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join(sys.argv)[:500]}, where / OWNER_FILE)
+                "command": " ".join(sys.argv)[:500]}, record_file)
     return lock
 
 
-def _read_record(where: Path) -> dict | None:
+def _read_record(record_file: Path) -> dict | None:
     try:
-        record = json.loads((where / OWNER_FILE).read_text())
+        record = json.loads(record_file.read_text())
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
 
 
-def _holder_record(where: Path) -> dict | None:
+def _holder_record(record_file: Path) -> dict | None:
     """The record of the run holding the lock: waits briefly while it is missing or belongs to a process that is
     gone (the holder took the lock a moment ago and has not yet replaced its predecessor's record)."""
     deadline = time.monotonic() + _RECORD_WAIT_S
     while True:
-        record = _read_record(where)
+        record = _read_record(record_file)
         if (record is not None and not _gone(record)) or time.monotonic() > deadline:
             return record
         time.sleep(0.05)

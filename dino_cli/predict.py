@@ -23,6 +23,7 @@ from dino.predict.files import predict_files
 from dino.predict.paths import check_output_dir, list_inputs
 from dino.predict.labels import LabelNames
 from dino.presets import PRESETS, get_preset
+from dino.run_lock import run_lock
 from dino_export.predict_backends import AotiBackend, OnnxRuntimeBackend, TensorRTBackend
 
 
@@ -97,8 +98,9 @@ def run_predict(args: argparse.Namespace) -> int:
     artifact = args.onnx or args.aoti or args.engine
     names = _label_names(args, cfg, backend, artifact)
     print(f"dino predict: {len(files)} file(s), {description} on {backend.device}; labels: {names.source}")
-    summary = predict_files(backend, files, cfg.data, names, args.output, args.batch_size, args.score_threshold,
-                            args.max_detections, progress=bool(folders), description=description)
+    with run_lock(args.output, "--output"):  # one dino predict writes a folder
+        summary = predict_files(backend, files, cfg.data, names, args.output, args.batch_size, args.score_threshold,
+                                args.max_detections, progress=bool(folders), description=description)
     count = sum(len(r["detections"]) for r in summary.images)
     pictures = len(summary.images) - len(summary.pictures_not_saved)
     print(f"wrote {summary.json_path} ({len(summary.images)} image(s), {count} detections) and {pictures} "

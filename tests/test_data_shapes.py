@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +88,8 @@ def test_generation_is_idempotent_and_regenerates_on_new_parameters(tmp_path):
     generate_shapes_dataset(tmp_path / "ds", 5, 2, SIZE)
     assert len(list((root / "train").glob("*.png"))) == 5
     assert len(json.loads((root / "annotations" / "train.json").read_text())["images"]) == 5
-    # no temporary folders left behind (the lock file stays)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "ds"]
+    # no temporary folders left behind (the lock files stay, the one-writer lock's record goes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.dino-run.lock", ".ds.lock", "ds"]
 
 
 def test_stamp_lists_every_file_made(tmp_path):
@@ -147,14 +148,15 @@ def test_bad_parameters_are_named(tmp_path, kwargs, field):
         generate_shapes_dataset(tmp_path / "ds", **args)
 
 
-def _generate_in_child(root):
+def _generate_in_child(root, rank):
+    os.environ["RANK"] = str(rank)  # as torchrun sets it: only rank 0 takes data.root's one-writer lock
     generate_shapes_dataset(root, 6, 2, SIZE, seed=1)
 
 
 def test_concurrent_generation_yields_one_complete_dataset(tmp_path):
     """The processes of one launch all call build_dataset at once: each must end up with the same full dataset."""
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_generate_in_child, args=(tmp_path / "ds",)) for _ in range(3)]
+    procs = [ctx.Process(target=_generate_in_child, args=(tmp_path / "ds", rank)) for rank in range(3)]
     for p in procs:
         p.start()
     for p in procs:

@@ -15,6 +15,7 @@ from dino.config import Recipe, add_override_argument
 from dino.durable import make_output_dir
 from dino.engine.optim import check_schedule
 from dino.errors import UserError
+from dino.run_lock import first_process, run_lock
 from dino.engine.recipe import available_recipes, iter_fields, load_recipe
 from dino.engine.resume import interrupted_message
 from dino.engine.termination import TerminationSignals
@@ -106,7 +107,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     output_dir = args.output_dir or Path(cfg.train.output_dir) / "eval" / Path(args.checkpoint).stem
     make_output_dir(output_dir, "--output-dir" if args.output_dir else "train.output_dir")
-    evaluate_checkpoint(cfg, args.checkpoint, output_dir)
+    with run_lock(output_dir, "--output-dir", hold=first_process()):  # one evaluation writes a folder
+        evaluate_checkpoint(cfg, args.checkpoint, output_dir)
     return 0
 
 
