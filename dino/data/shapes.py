@@ -278,11 +278,17 @@ def generate_shapes_dataset(
     params = {"version": _VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
     if _settings(_read_stamp(root)) == params:
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
+    lock = root.parent / f".{root.name}.lock"
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch(exist_ok=True)  # the lock file is the first write: an unwritable place fails here, in one line
+    except OSError as err:
+        raise UserError(f"data.root {root}: the shapes dataset cannot be written there ({err.strerror}: "
+                        f"{err.filename}); choose a writable data.root") from None
     # Another run generating into data.root is refused at once (dino.run_lock); the processes of one launch, of
     # which only the first holds that lock, wait for each other on the FileLock and generate once.
     with run_lock(root, "data.root", hold=first_process(), lock_file=root.parent / f".{root.name}.dino-run.lock"), \
-            FileLock(root.parent / f".{root.name}.lock"):
+            FileLock(lock):
         if _settings(_read_stamp(root)) != params:  # another process may have generated it while we waited
             _generate(root, params)
     return root
