@@ -35,6 +35,7 @@ class Checkpointer:
         self.accelerator, self.output_dir, self.model, self.ema = accelerator, Path(output_dir), model, ema
         self.plan, self.keep, self.recipe, self.metadata = plan, keep, recipe, metadata
         self.scheduler = scheduler
+        self.last_saved: tuple[dict, Path] | None = None  # (progress as a dict, folder) of the latest save
 
     def _weights(self) -> dict[str, dict]:
         weights = {"model.safetensors": self.accelerator.unwrap_model(self.model).state_dict()}
@@ -57,6 +58,7 @@ class Checkpointer:
         path = save_training_state(self.accelerator, self.output_dir, record, self._weights(), keep=self.keep,
                                    epoch_end=epoch_end, metadata=self.metadata, documents=self._documents())
         logger.info("saved %s", path)
+        self.last_saved = (asdict(progress), path)
         return path
 
     def save_final(self) -> None:

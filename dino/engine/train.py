@@ -43,6 +43,7 @@ from dino.engine.setup import (
     weights_metadata,
 )
 from dino.engine.step_log import StepLog
+from dino.engine.termination import TerminationSignals
 from dino.errors import UserError
 from dino.plots.curves import plot_run
 from dino.run_lock import run_lock
@@ -116,6 +117,7 @@ def train(
     finetune_from: str | None = None,
     ignore_keys: Iterable[str] = (),
     resume_anyway: bool = False,
+    termination: TerminationSignals | None = None,
 ) -> dict:
     """Trains ``cfg`` in this process (one of ``accelerate launch``'s processes, or alone).
 
@@ -123,7 +125,9 @@ def train(
     ``train.auto_resume``, the latest checkpoint in ``train.output_dir`` is resumed; a recipe that differs from the
     checkpoint's is refused unless ``resume_anyway``. ``finetune_from`` loads weights (safetensors or an official .pth)
     before training, dropping class heads and label book when the class count differs and keys matching the
-    ``ignore_keys`` regexes (a run that finds a checkpoint to resume resumes instead).
+    ``ignore_keys`` regexes (a run that finds a checkpoint to resume resumes instead). ``termination`` (entered by
+    ``dino train``): a signal it records ends the run after the current step with a checkpoint on every process,
+    raising :class:`~dino.engine.termination.Terminated` (not after the last epoch, which finishes).
     Returns ``{"global_step", "epoch", "eval"}`` (eval stats on the main process, else None).
     """
     accelerator = build_accelerator(cfg)
@@ -132,11 +136,11 @@ def train(
         make_output_dir(out, "train.output_dir")
     # One run writes a folder: the main process holds its lock from here to the end (the others pay nothing).
     with run_lock(out, "train.output_dir", hold=accelerator.is_main_process):
-        return _train(accelerator, cfg, out, resume, finetune_from, ignore_keys, resume_anyway)
+        return _train(accelerator, cfg, out, resume, finetune_from, ignore_keys, resume_anyway, termination)
 
 
 def _train(accelerator, cfg: Recipe, out: Path, resume: str | None, finetune_from: str | None,
-           ignore_keys: Iterable[str], resume_anyway: bool) -> dict:
+           ignore_keys: Iterable[str], resume_anyway: bool, termination: TerminationSignals | None) -> dict:
     plan = plan_batches(cfg.optim.total_batch_size, accelerator.num_processes, cfg.optim.batch_size_per_device)
     if accelerator.is_main_process:
         logger.info("recipe %s: %s", cfg.name, plan.describe())
@@ -183,22 +187,27 @@ def _train(accelerator, cfg: Recipe, out: Path, resume: str | None, finetune_fro
         train_loader.dataset.set_epoch(progress.epoch)
         with stop_on_bad_image(out, progress):  # an image that cannot be used: one line, where to resume from
             result = train_one_epoch(accelerator, model, parts.criterion, train_loader, optimizer, progress, cfg,
-                                     per_epoch, plan.accumulation, ema, checkpointer, step_log)
+                                     per_epoch, plan.accumulation, ema, checkpointer, step_log,
+                                     termination=termination)
         if result.stopped:
             logger.info("stopped at step %d (train.max_steps=%s)", progress.global_step, cfg.train.max_steps)
             break
         scheduler.step()
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
         checkpointer.save(progress, epoch_end=True)
+        # A signal agreed at the epoch's last fetch: the epoch is logged, its evaluation skipped, the run stopped.
+        terminating = termination is not None and termination.agreed and progress.epoch < cfg.optim.epochs
         record = _epoch_record(progress, optimizer, result, plan)
         record["skipped_images"] = skipped.since_last()  # data.skip_unreadable: unreadable images skipped
-        if _eval_due(cfg, progress.epoch):
+        if _eval_due(cfg, progress.epoch) and not terminating:
             with stop_on_bad_image(out, progress):
                 record.update(evaluate_epoch(accelerator, model, ema, parts.postprocess, val_loader, parts.val_set,
                                              out, progress.epoch))
             last_eval = record.get("eval")
         record["eta_s"] = clock.eta_s(progress.epoch)
         _log_epoch(accelerator, out, record, progress.global_step, cfg.optim.epochs)
+        if terminating:
+            termination.stop(checkpointer, progress)  # the epoch-end checkpoint is the one named
 
     checkpointer.save_final()
     if accelerator.is_main_process:
