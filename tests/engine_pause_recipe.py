@@ -24,8 +24,12 @@ def _signal_recorded() -> bool:
     return bool(getattr(getattr(handler, "__self__", None), "received", 0))
 
 
-def _wait_until(condition) -> None:
+def _wait_until(condition, timeout_s: float = 600) -> None:
+    """Polls ``condition``; a test that never sends what it waits for fails here instead of leaving it waiting."""
+    deadline = time.monotonic() + timeout_s
     while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"engine_pause_recipe: nothing came in {timeout_s} s")
         time.sleep(0.01)
 
 

@@ -42,12 +42,44 @@ def overrides(data_root, out, *more) -> list[str]:
     return [f"data.root={data_root}", f"train.output_dir={out}", "train.checkpoint_every_steps=0", *more]
 
 
-def start(cmd, tmp_path, log_name="log", env_extra=None, **kwargs) -> tuple[subprocess.Popen, Path]:
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (torchrun's workers run in sessions of their own: a process group misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.fixture
+def started():
+    """Runs started by a test; whatever is left of them (a failing test's paused processes) is killed after it."""
+    runs: list[subprocess.Popen] = []
+    yield runs
+    for proc in runs:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
+def start(started, cmd, tmp_path, log_name="log", env_extra=None) -> tuple[subprocess.Popen, Path]:
     """Starts ``cmd`` with its output in a file (a pipe nobody reads could fill and block the run)."""
     log = tmp_path / log_name
     env = {**launch_env(), **(env_extra or {})}
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, **kwargs)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    started.append(proc)
     return proc, log
 
 
@@ -99,11 +131,12 @@ def test_termination_signals_are_checked_and_leave_ctrl_c_alone():
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_sigterm_saves_a_checkpoint_a_second_signal_does_not_break_it_and_the_rerun_resumes(data_root, tmp_path):
+def test_sigterm_saves_a_checkpoint_a_second_signal_does_not_break_it_and_the_rerun_resumes(
+        data_root, tmp_path, started):
     out, pause = tmp_path / "out", tmp_path / "pause"
     cmd = [sys.executable, "-m", "dino_cli", "train", PAUSE, "--set", *overrides(data_root, out)]
     # 1. SIGTERM after step 1; a second SIGTERM while the checkpoint's weights are being written.
-    run, log = start(cmd, tmp_path, env_extra=pause_env(pause, DINO_PAUSE_SAVE="1"))
+    run, log = start(started, cmd, tmp_path, env_extra=pause_env(pause, DINO_PAUSE_SAVE="1"))
     wait_for([pause / "paused_0"], run, log)
     run.send_signal(signal.SIGTERM)
     wait_for([pause / "saving"], run, log)
@@ -120,7 +153,7 @@ def test_sigterm_saves_a_checkpoint_a_second_signal_does_not_break_it_and_the_re
 
     # 2. The rerun is killed (SIGKILL) while writing its next checkpoint: that folder is never a checkpoint.
     (pause / "saving").unlink()
-    run, log = start(cmd, tmp_path, "log2", env_extra={"DINO_PAUSE_DIR": str(pause), "DINO_PAUSE_SAVE": "1"})
+    run, log = start(started, cmd, tmp_path, "log2", env_extra={"DINO_PAUSE_DIR": str(pause), "DINO_PAUSE_SAVE": "1"})
     wait_for([pause / "saving"], run, log)
     run.send_signal(signal.SIGKILL)
     finish(run, log)
@@ -148,10 +181,10 @@ def uninterrupted(data_root, tmp_path_factory):
 
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_saves_one_checkpoint_and_the_rerun_equals_an_uninterrupted_run(
-        data_root, uninterrupted, tmp_path):
+        data_root, uninterrupted, tmp_path, started):
     out, pause = tmp_path / "out", tmp_path / "pause"
     cmd = launch_command(*two_processes(free_port()), recipe=PAUSE, overrides=overrides(data_root, out))
-    run, log = start(cmd, tmp_path, env_extra=pause_env(pause))
+    run, log = start(started, cmd, tmp_path, env_extra=pause_env(pause))
     wait_for([pause / "paused_0", pause / "paused_1"], run, log)
     run.send_signal(signal.SIGTERM)  # torchrun's agent sends it on to each process's group
     text = finish(run, log)
@@ -172,10 +205,10 @@ def test_sigterm_to_the_launcher_saves_one_checkpoint_and_the_rerun_equals_an_un
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step(data_root, uninterrupted, tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step(data_root, uninterrupted, tmp_path, started):
     out, pause = tmp_path / "out", tmp_path / "pause"
     cmd = launch_command(*two_processes(free_port()), recipe=PAUSE, overrides=overrides(data_root, out))
-    run, log = start(cmd, tmp_path, env_extra=pause_env(pause))
+    run, log = start(started, cmd, tmp_path, env_extra=pause_env(pause))
     wait_for([pause / "paused_0", pause / "paused_1"], run, log)
     os.kill(int((pause / "paused_1").read_text()), signal.SIGTERM)
     (pause / "go").touch()  # process 0 goes on without a signal; the next micro-batch's all-reduce tells it
@@ -201,7 +234,7 @@ STUBS = {
 
 @pytest.mark.slow
 def test_slurm_script_forwards_usr1_saves_and_requeues_and_the_requeued_job_resumes(
-        data_root, uninterrupted, tmp_path):
+        data_root, uninterrupted, tmp_path, started):
     stubs = tmp_path / "bin"
     stubs.mkdir()
     for name, body in STUBS.items():
@@ -212,7 +245,7 @@ def test_slurm_script_forwards_usr1_saves_and_requeues_and_the_requeued_job_resu
            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1", "GPUS_PER_NODE": "2",
            "MAIN_PROCESS_PORT": str(free_port())}
     cmd = ["bash", str(SLURM_SCRIPT), PAUSE, "--set", *overrides(data_root, out)]
-    job, log = start(cmd, tmp_path, env_extra={**env, **pause_env(pause)})
+    job, log = start(started, cmd, tmp_path, env_extra={**env, **pause_env(pause)})
     wait_for([pause / "paused_0", pause / "paused_1"], job, log)
     job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@<grace> sends the batch shell before the time limit
     text = finish(job, log)
@@ -226,8 +259,9 @@ def test_slurm_script_forwards_usr1_saves_and_requeues_and_the_requeued_job_resu
     # The requeued job runs the same script and arguments: it resumes, finishes and does not requeue again.
     calls.unlink()
     env["MAIN_PROCESS_PORT"] = str(free_port())
-    job, log = start(cmd, tmp_path, "log2", env_extra=env)
+    job, log = start(started, cmd, tmp_path, "log2", env_extra=env)
     text = finish(job, log)
     assert job.returncode == 0, text[-4000:]
-    assert [c.split()[:2] for c in calls.read_text().splitlines()] == [["scontrol", "show"], ["srun", "--kill-on-bad-exit=1"]]
+    assert [c.split()[:2] for c in calls.read_text().splitlines()] == [["scontrol", "show"],
+                                                                      ["srun", "--kill-on-bad-exit=1"]]  # no requeue
     assert_same_tensors(out / "model.safetensors", uninterrupted / "model.safetensors")
