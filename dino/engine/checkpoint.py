@@ -95,9 +95,11 @@ def invalid_file(checkpoint: str | os.PathLike, name: str, what: str, reason: Ba
 
 
 def describe_error(err: BaseException) -> str:
-    """``Type: first line`` of a reading error; for torch's refusal of a pickle, the global it refused."""
-    text = str(err).split("WeightsUnpickler error:", 1)[-1]  # torch's refusal: what it refused comes after this
-    line = next((s.strip() for s in text.splitlines() if s.strip()), "").split(". Please")[0]
+    """``Type: first line`` of a reading error; for torch's refusal of a pickle, the line saying what it refused."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    line = next((s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith(boilerplate)), "")
+    line = line.split(". Please")[0].rstrip(".")  # "... not an allowed global by default. Please use ..."
     return f"{type(err).__name__}: {line[:200]}" if line else type(err).__name__
 
 
