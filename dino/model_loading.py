@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import re
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
@@ -40,6 +41,25 @@ def _existing_file(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a file")
     return path
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The weights file ``path`` names: the file itself, or the ``model.safetensors`` of a training run's folder
+    (``outputs/quickstart``) or of one of its checkpoint folders (``checkpoints/step_..._end``), named on stderr.
+
+    UserError when ``path`` does not exist, or is a folder without ``model.safetensors`` (naming the run's latest
+    checkpoint folder when it has one: a run still training has no final weights yet).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return _existing_file(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        latest = sorted(p for p in path.glob("checkpoints/step_*") if (p / "model.safetensors").is_file())
+        raise UserError(f"checkpoint {path} is a folder without model.safetensors (the weights of a finished run or of "
+                        "one of its checkpoint folders)" + (f"; its latest checkpoint is {latest[-1]}" if latest else ""))
+    print(f"checkpoint {path} is a folder: using {weights}", file=sys.stderr)
+    return weights
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -106,16 +106,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _predict_examples(cfg, weights_path: Path, count: int = 4) -> None:
     """Runs ``dino predict``'s pipeline on the first ``count`` validation images and says where the pictures are."""
-    from dino.model_loading import build_model_from_checkpoint, read_categories
-    from dino.predict.backend import ModelBackend
+    from dino.predict.detector import Detector
     from dino.predict.files import predict_files
-    from dino.predict.labels import LabelNames
 
     files = sorted((Path(cfg.data.root) / cfg.data.val_images).glob("*"))[:count]
     output_dir = Path(cfg.train.output_dir) / "predict"
-    backend = ModelBackend(build_model_from_checkpoint(cfg.model, weights_path), cfg.model.num_select)
-    names = LabelNames.build(cfg.model.num_classes, read_categories(weights_path))
-    summary = predict_files(backend, files, cfg.data, names, output_dir, batch_size=count)
+    summary = predict_files(Detector.load(weights_path, cfg, "cpu"), files, output_dir, batch_size=count)
     print(f"detections drawn on {len(summary.images)} validation images: {output_dir} (predictions.json and pictures); "
           f"the same with `dino predict --recipe quickstart --checkpoint {weights_path} IMAGES...`")
 

@@ -11,6 +11,7 @@ from dino.config import add_override_argument
 from dino.device import check_device
 from dino.durable import check_output_file
 from dino.errors import UserError
+from dino.model_loading import checkpoint_file
 
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool, recipe_required: bool = True) -> None:
@@ -111,6 +112,8 @@ def _load(args, half: bool = False):
     from dino_export.deploy_model import build_deploy_model, check_canvas_fits, check_image_size
 
     size = check_image_size(args.image_size)
+    if args.checkpoint is not None:  # a run's or checkpoint's folder: its model.safetensors (named on stderr)
+        args.checkpoint = str(checkpoint_file(args.checkpoint))
     model, desc = build_deploy_model(args.recipe, args.checkpoint, half=half, overrides=args.overrides)
     check_canvas_fits(model.model, size)
     return model, desc, size

@@ -20,6 +20,7 @@ from dino.model_loading import build_model_from_checkpoint
 from dino.models.dino import build_model
 from dino.postprocess import PostProcess, postprocess
 from dino.predict.backend import ModelBackend, valid_sizes
+from dino.predict.detector import Detector
 from dino.predict.files import predict_files
 from dino.predict.preprocess import Preprocessor
 from dino.predict.draw import MIN_DRAW_SIDE, draw_detections
@@ -65,10 +66,12 @@ def test_folder_with_bad_files_matches_eval_and_names_the_bad_ones(tiny_setup, t
                       "--batch-size", "2")
     err = capsys.readouterr().err
     assert rc == 1
-    assert "notes.txt: not a readable image" in err and "truncated.png: not a readable image" in err
+    # A folder gives its image files: notes.txt is left out (one line), a broken image is a failure.
+    assert "left out 1 file(s) that are not images by their name (notes.txt)" in err
+    assert "truncated.png: not a readable image" in err and "notes.txt: not a readable" not in err
     result = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert [Path(r["file"]).name for r in result["images"]] == [p.name for p in images]
-    assert sorted(Path(f["file"]).name for f in result["failed"]) == ["notes.txt", "truncated.png"]
+    assert [Path(f["file"]).name for f in result["failed"]] == ["truncated.png"]
     for record in result["images"]:
         assert (tmp_path / "out" / record["picture"]).is_file()
         assert (record["width"], record["height"]) == (64, 64)
@@ -113,7 +116,7 @@ def test_missing_input_and_bad_options_are_one_line_errors(tiny_setup, tmp_path,
     assert _predict_cli(cfg, checkpoint, [image], tmp_path / "out", "--batch-size", "0") == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
     assert _predict_cli(cfg, checkpoint, [image], tmp_path / "out", "--onnx", "a.onnx", "--aoti", "b.pt2") == 2
-    assert "give one of --onnx, --aoti, --engine" in capsys.readouterr().err
+    assert "give one of --onnx, --openvino, --aoti, --engine (got --onnx, --aoti)" in capsys.readouterr().err
 
 
 def test_engine_without_tensorrt_is_a_one_line_error(tiny_setup, tmp_path, capsys, monkeypatch):
@@ -178,10 +181,10 @@ def test_onnx_backend_gives_the_pytorch_predictions(tmp_path):
     files = sorted(folder.iterdir())
     onnx_backend = OnnxRuntimeBackend(graph, "cpu")
     assert onnx_backend.input_size == (64, 64) and onnx_backend.max_batch == 1
-    got = predict_files(onnx_backend, files, data, names, tmp_path / "onnx", batch_size=3, score_threshold=0)
+    got = predict_files(Detector(onnx_backend, data, names), files, tmp_path / "onnx", batch_size=3, score_threshold=0)
     # PyTorch on the same letterboxed 64x64 inputs, one image per batch as the static-batch graph runs.
-    ref = predict_files(_Letterboxed(ModelBackend(detector, 8), (64, 64)), files, data, names, tmp_path / "torch",
-                        batch_size=1, score_threshold=0)
+    ref = predict_files(Detector(_Letterboxed(ModelBackend(detector, 8), (64, 64)), data, names), files,
+                        tmp_path / "torch", batch_size=1, score_threshold=0)
     for a, b in zip(got.images, ref.images):
         assert (a["width"], a["height"]) == (b["width"], b["height"])
         assert [d["label"] for d in a["detections"]] == [d["label"] for d in b["detections"]]
@@ -267,8 +270,8 @@ def test_a_failing_batch_keeps_its_traceback_and_what_was_done(tmp_path):
         PIL.Image.new("RGB", (64, 64), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
     files = sorted(tmp_path.glob("*.png"))
     with pytest.raises(RuntimeError, match="out of memory"):
-        predict_files(_FailsOnSecondBatch(), files, DataConfig(val_scale=64, val_max_size=64),
-                      LabelNames.build(3, None), tmp_path / "out")
+        predict_files(Detector(_FailsOnSecondBatch(), DataConfig(val_scale=64, val_max_size=64),
+                               LabelNames.build(3, None)), files, tmp_path / "out")
     result = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert result["complete"] is False and [Path(r["file"]).name for r in result["images"]] == ["0.png"]
     assert result["images"][0]["detections"] == [{"box": [1.0, 2.0, 30.0, 40.0], "score": 0.9, "label": 0,

@@ -17,6 +17,7 @@ from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint
 from dino.models.dino import build_model
 from dino.predict.backend import ModelBackend
+from dino.predict.detector import Detector
 from dino.predict.files import predict_files
 from dino.predict.preprocess import Preprocessor
 from dino.predict.draw import MAX_DRAW_SIDE, draw_detections
@@ -206,8 +207,8 @@ def test_same_size_batch_equals_images_run_alone(checkpoint):
 def test_predict_files_refuses_an_output_folder_holding_an_input(tmp_path):
     _noise(64, 64).save(tmp_path / "a.png")
     with pytest.raises(UserError, match="holds the input"):
-        predict_files(ModelBackend(torch.nn.Identity(), 1), [tmp_path / "a.png"], DataConfig(),
-                      LabelNames.build(3, None), tmp_path)
+        predict_files(Detector(ModelBackend(torch.nn.Identity(), 1), DataConfig(), LabelNames.build(3, None)),
+                      [tmp_path / "a.png"], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
 
@@ -220,3 +221,20 @@ def test_an_earlier_run_s_outputs_are_not_read_as_inputs(checkpoint, tmp_path, c
     err = capsys.readouterr().err
     assert f"{first} holds an earlier run's outputs: left out its predictions.json and the 1 picture(s)" in err
     assert list(_records(tmp_path / "second")) == ["dog.png"]
+
+
+def test_a_folder_gives_its_image_files_and_a_named_text_file_stays_an_error(checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _noise(64, 64).save(photos / "a.png")
+    (photos / "readme.txt").write_text("holiday photos")
+    assert _predict(checkpoint, [photos], tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert f"{photos}: left out 1 file(s) that are not images by their name (readme.txt)" in err
+    assert list(_records(tmp_path / "out")) == ["a.png"]
+    # Named explicitly, the text file is still tried, and fails.
+    assert _predict(checkpoint, [photos / "readme.txt"], tmp_path / "out2") == 1
+    assert "readme.txt: not a readable image" in capsys.readouterr().err
+    (photos / "a.png").unlink()
+    _one_line_error(capsys, _predict(checkpoint, [photos], tmp_path / "out3"),
+                    f"input folder {photos} holds no image files (only 1 other file(s))")

@@ -17,10 +17,12 @@ pycocotools and the official code read them), so ``dino.data`` keeps the stored 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import torch
 from PIL import ImageOps
 
 from dino.errors import UserError
@@ -53,12 +55,17 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
+def upright_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A decoded Pillow image as a viewer shows it: EXIF orientation applied, then RGB (:func:`to_rgb`)."""
+    upright = ImageOps.exif_transpose(image)
+    return to_rgb(upright if upright is not None else image)
+
+
 def open_image(path: str | Path) -> PIL.Image.Image:
     """The image at ``path`` decoded, upright (EXIF orientation applied) and RGB. Pillow's errors propagate."""
     with PIL.Image.open(path) as image:
         image.load()  # decodes fully: a truncated file fails here, not later
-        upright = ImageOps.exif_transpose(image)
-        return to_rgb(upright if upright is not None else image)
+        return upright_rgb(image)
 
 
 def read_image(path: Path) -> PIL.Image.Image:
@@ -68,3 +75,42 @@ def read_image(path: Path) -> PIL.Image.Image:
         return open_image(path)
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
         raise UserError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+def _from_array(array: np.ndarray, what: str) -> PIL.Image.Image:
+    """An (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA uint8 array as a Pillow image (alpha kept for to_rgb)."""
+    if array.dtype != np.uint8:
+        raise UserError(f"{what}: dtype {array.dtype}, expected uint8 (0..255)")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)) or 0 in array.shape[:2]:
+        raise UserError(f"{what}: shape {tuple(array.shape)}, expected (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) gray")
+    return PIL.Image.fromarray(np.ascontiguousarray(array))
+
+
+def as_picture(image: "PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike") -> PIL.Image.Image:
+    """Any image the Python API takes, as the upright RGB Pillow image ``dino predict`` would predict on.
+
+    - a path (str or PathLike): read as ``dino predict`` reads files (:func:`read_image`);
+    - a Pillow image: EXIF orientation applied, then converted as a file of its mode would be (:func:`upright_rgb`);
+    - a numpy array ``(H, W, 3)`` RGB, ``(H, W, 4)`` RGBA (alpha composited on white) or ``(H, W)`` gray, uint8;
+    - a tensor ``(3, H, W)`` (or ``(1|4, H, W)``) RGB, uint8 0..255 or floating point 0..1 (as torchvision's
+      ``to_tensor`` gives: scaled by 255 and rounded).
+
+    UserError saying what was given when it is none of these.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(Path(image))
+    if isinstance(image, PIL.Image.Image):
+        return upright_rgb(image)
+    if isinstance(image, np.ndarray):
+        return to_rgb(_from_array(image, "numpy image"))
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.ndim != 3:
+            raise UserError(f"tensor image: shape {tuple(tensor.shape)}, expected (3, H, W)")
+        if tensor.is_floating_point():
+            tensor = (tensor.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+        return to_rgb(_from_array(tensor.permute(1, 2, 0).numpy(), "tensor image"))
+    raise UserError(f"not an image: {type(image).__name__}; give a path, a PIL image, a numpy (H, W, 3) uint8 array "
+                    "or a (3, H, W) tensor")

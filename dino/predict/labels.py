@@ -97,3 +97,24 @@ def read_label_metadata(meta: Mapping[str, str], source: str) -> ArtifactLabels 
         raise UserError(f"{source}: malformed class metadata {NUM_CLASSES_KEY}/{CATEGORIES_KEY} "
                         f"({type(err).__name__}: {err}); re-export it") from None
     return ArtifactLabels(num_classes, categories)
+
+
+def artifact_label_names(recorded: ArtifactLabels | None, num_classes: int, recipe_name: str,
+                         categories: list[dict] | None, artifact: str) -> LabelNames:
+    """Names of an exported artifact's labels: its own recorded classes (refusing a recipe of another class count),
+    else ``categories`` (of the checkpoint it was exported from), else COCO's or numbers by the recipe's class count.
+
+    ``artifact`` names it in messages (its path).
+    """
+    if recorded is None:
+        names = LabelNames.build(num_classes, categories)
+        names.source += (f" (by --recipe {recipe_name}: {artifact} records no classes, re-export it to have them "
+                         "checked)")
+        return names
+    if recorded.num_classes != num_classes:
+        raise UserError(f"{artifact} was exported for {recorded.num_classes} classes but --recipe {recipe_name} has "
+                        f"model.num_classes={num_classes}: give the recipe the model was exported from")
+    names = LabelNames.build(recorded.num_classes, recorded.categories or categories)
+    if recorded.categories:
+        names.source = f"{len(recorded.categories)} category names recorded in {artifact}"
+    return names

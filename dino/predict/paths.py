@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import PIL.Image
+
 from dino.errors import UserError
 
 PICTURE_SUFFIX = ".jpg"
@@ -24,13 +26,22 @@ def earlier_outputs(folder: Path) -> set[str]:
     return {"predictions.json", *(str(p) for p in pictures)}
 
 
-def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
-    """Files to predict on: the given files, and every non-hidden file of the given folders (sorted, not recursive),
-    except an earlier ``dino predict``'s outputs there (:func:`earlier_outputs`, left out with a line on stderr).
+def image_suffixes() -> frozenset[str]:
+    """The file name suffixes (lower case, ``.jpg``) of the image formats Pillow can open here."""
+    extensions = PIL.Image.registered_extensions()  # loads Pillow's format plugins, which fill PIL.Image.OPEN
+    return frozenset(ext for ext, fmt in extensions.items() if fmt in PIL.Image.OPEN)
 
-    Returns (files, the folders given). UserError for a path that does not exist or an empty folder.
+
+def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """Files to predict on: the given files, and the image files of the given folders (non-hidden, with the suffix
+    of a format Pillow opens, :func:`image_suffixes`; sorted, not recursive), except an earlier ``dino predict``'s
+    outputs there (:func:`earlier_outputs`). What a folder's listing leaves out is said in one line on stderr; a file
+    given by name is always taken (and reported as failed if it is not a readable image).
+
+    Returns (files, the folders given). UserError for a path that does not exist or a folder without image files.
     """
     files, folders = [], []
+    suffixes = image_suffixes()
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
@@ -41,9 +52,16 @@ def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[Path]
                 found = [p for p in found if p.name not in outputs]
                 print(f"dino predict: {path} holds an earlier run's outputs: left out its predictions.json and the "
                       f"{len(outputs) - 1} picture(s) it lists", file=sys.stderr)
-            if not found:
-                raise UserError(f"input folder {path} holds no files")
-            files.extend(found)
+            images = [p for p in found if p.suffix.lower() in suffixes]
+            others = [p for p in found if p.suffix.lower() not in suffixes]
+            if not images:
+                raise UserError(f"input folder {path} holds no image files"
+                                + (f" (only {len(others)} other file(s))" if others else ""))
+            if others:
+                shown = ", ".join(p.name for p in others[:5]) + (", ..." if len(others) > 5 else "")
+                print(f"dino predict: {path}: left out {len(others)} file(s) that are not images by their name "
+                      f"({shown}); name a file to predict on it anyway", file=sys.stderr)
+            files.extend(images)
         elif path.is_file():
             files.append(path)
         else:
