@@ -111,6 +111,8 @@ def register(subparsers) -> None:
 def _load(args, half: bool = False):
     from dino_export.deploy_model import build_deploy_model, check_canvas_fits, check_image_size
 
+    if getattr(args, "max_batch", 1) < 1:  # torch.export's batch Dim would fail with an AssertionError
+        raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
     size = check_image_size(args.image_size)
     if args.checkpoint is not None:  # a run's or checkpoint's folder: its model.safetensors (named on stderr)
         args.checkpoint = str(checkpoint_file(args.checkpoint))

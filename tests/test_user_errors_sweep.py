@@ -367,3 +367,16 @@ def test_data_check_counts_are_checked_and_errors_name_the_subcommand(capsys):
     for flag, value, low in (("--workers", "0", 1), ("--max-listed", "-1", 0), ("--num-processes", "0", 1)):
         rc, _, err = _cli(capsys, "data", "check", "--recipe", TINY, flag, value)
         assert rc == 2 and err == f"dino data check: error: {flag} must be >= {low}, got {value}\n"
+
+
+@pytest.mark.parametrize("target", ["onnx", "aoti"])
+def test_export_max_batch_below_one_is_one_line(tmp_path, capsys, target):
+    rc, _, err = _cli(capsys, "export", target, "--recipe", "dino_quickstart", "--checkpoint",
+                      tmp_path / "model.safetensors", "--image-size", "64", "64", "--output", tmp_path / "m.out",
+                      "--dynamic-batch", "--max-batch", "0", *(["--device", "cpu"] if target == "aoti" else []))
+    assert rc == 2 and err == f"dino export {target}: error: --max-batch must be >= 1, got 0\n"  # was: AssertionError
+
+
+def test_trt_onnx_that_is_a_folder(tmp_path, capsys):
+    rc, _, err = _cli(capsys, "export", "trt", "--onnx", tmp_path)
+    assert rc == 2 and err == f"dino export trt: error: ONNX file {tmp_path} is a folder; give the .onnx file\n"
