@@ -131,8 +131,11 @@ def _holder_record(record_file: Path) -> dict | None:
 
 
 def _gone(record: dict | None) -> bool:
-    """Whether ``record``'s process has ended (known only for a process of this host)."""
+    """Whether ``record``'s process has ended (known only for a process of this host, and not on Windows, where
+    ``os.kill(pid, 0)`` would end the process; its locks end with their process anyway)."""
     if record is None or record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    if os.name == "nt":
         return False
     try:
         os.kill(record["pid"], 0)
