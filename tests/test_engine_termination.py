@@ -183,7 +183,10 @@ def uninterrupted(data_root, tmp_path_factory):
 def test_sigterm_to_the_launcher_saves_one_checkpoint_and_the_rerun_equals_an_uninterrupted_run(
         data_root, uninterrupted, tmp_path, started):
     out, pause = tmp_path / "out", tmp_path / "pause"
-    cmd = launch_command(*two_processes(free_port()), recipe=PAUSE, overrides=overrides(data_root, out))
+    # A data worker is in its process's group, which torchrun signals: it must not die of it (the main process
+    # decides). The rerun loads in the main process again (data.num_workers is run control).
+    cmd = launch_command(*two_processes(free_port()), recipe=PAUSE,
+                         overrides=overrides(data_root, out, "data.num_workers=1"))
     run, log = start(started, cmd, tmp_path, env_extra=pause_env(pause))
     wait_for([pause / "paused_0", pause / "paused_1"], run, log)
     run.send_signal(signal.SIGTERM)  # torchrun's agent sends it on to each process's group

@@ -54,6 +54,15 @@ def termination_signals(names: Iterable[str]) -> tuple[signal.Signals, ...]:
     return tuple(found)
 
 
+def ignore_in_data_worker(names: Iterable[str], worker_id: int) -> None:
+    """``worker_init_fn`` of the DataLoaders (with ``partial(..., train.termination_signals)``): a data worker ignores
+    the termination signals. torchrun passes a signal on to each process's whole process group, data workers included,
+    and Slurm signals every process of a job; a worker ended by it fails the main process's next fetch ("DataLoader
+    worker is killed by signal") before the checkpoint. The main process ends its workers itself when it exits."""
+    for sig in termination_signals(names):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TerminationSignals:
     """While entered, the signals of ``train.termination_signals`` are recorded instead of ending the process.
 
