@@ -24,6 +24,7 @@ from dino.engine.restore import restore
 from dino.engine.setup import build_accelerator, build_model, fit_classes_to
 from dino.engine.train import build_ema, train
 from dino.errors import UserError
+from dino.weights import save_weights
 from dino_cli import main
 
 TINY = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
@@ -195,3 +196,21 @@ def test_dino_train_refuses_a_malicious_checkpoint_with_one_line_and_exit_2(run,
     assert re.match(rf"dino train: error: cannot resume from {re.escape(str(checkpoint))}: optimizer.bin is not a "
                     r"valid optimizer state \(UnpicklingError: Unsupported global: GLOBAL \w+\.open", err[-1]), err
     assert not list((tmp_path / "out").glob("checkpoints/*"))
+
+
+def test_files_of_another_model_are_refused_naming_what_differs(run, tmp_path):
+    checkpoint = _copy(run, tmp_path)
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    dropped = sorted(weights)[0]
+    save_weights({k: v for k, v in weights.items() if k != dropped}, checkpoint / "model.safetensors")
+    with pytest.raises(UserError, match=rf"model.safetensors is not a valid model weights file \(does not fit the "
+                                        rf"recipe's model: 1 tensor\(s\) missing, e.g. {re.escape(dropped)}\); "):
+        _restore(run, checkpoint)
+    checkpoint = _copy(run, tmp_path / "2")
+    state = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    sizes = [len(g["params"]) for g in state["param_groups"]]
+    state["param_groups"] = state["param_groups"][:1]
+    torch.save(state, checkpoint / "optimizer.bin")
+    with pytest.raises(UserError, match=rf"optimizer.bin is not a valid optimizer state \(parameter groups of "
+                                        rf"\[{sizes[0]}\] parameters, the recipe's model has \[{sizes[0]}, "):
+        _restore(run, checkpoint)

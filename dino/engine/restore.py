@@ -91,7 +91,7 @@ def restore(accelerator, checkpoint: Path, plan: BatchPlan, model, optimizer, sc
     net = accelerator.unwrap_model(model)
     state = _State(
         model=_weights(checkpoint, MODEL, "model weights file", net),
-        optimizer=_optimizer_state(checkpoint),
+        optimizer=_optimizer_state(checkpoint, optimizer),
         scheduler=_scheduler_state(checkpoint, scheduler),
         ema=None if ema is None else _ema_state(checkpoint, ema, "train.ema" in differences),
         scaler=None if accelerator.scaler is None else _scaler_state(checkpoint, "train.mixed_precision" in differences),
@@ -163,10 +163,19 @@ def _misfit(state: dict, reference: dict) -> str | None:
     return None
 
 
-def _optimizer_state(checkpoint: Path) -> dict:
+def _optimizer_state(checkpoint: Path, optimizer) -> dict:
+    """optimizer.bin, with as many parameter groups and parameters in each as ``optimizer`` has."""
     state = _read(checkpoint, OPTIMIZER, "optimizer state", _torch_data)
     if not isinstance(state, dict) or not {"state", "param_groups"} <= state.keys():
         raise invalid_file(checkpoint, OPTIMIZER, "optimizer state", "not an optimizer state_dict")
+    try:
+        sizes = [len(group["params"]) for group in state["param_groups"]]
+    except (TypeError, KeyError) as err:
+        raise invalid_file(checkpoint, OPTIMIZER, "optimizer state", err) from None
+    expected = [len(group["params"]) for group in optimizer.param_groups]
+    if sizes != expected:
+        raise invalid_file(checkpoint, OPTIMIZER, "optimizer state",
+                           f"parameter groups of {sizes} parameters, the recipe's model has {expected}")
     return state
 
 
