@@ -131,6 +131,7 @@ def test_termination_signals_are_checked_and_leave_ctrl_c_alone():
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_a_second_signal_does_not_break_it_and_the_rerun_resumes(
         data_root, tmp_path, started):
     out, pause = tmp_path / "out", tmp_path / "pause"
