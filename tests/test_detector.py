@@ -243,3 +243,18 @@ def test_every_public_name_has_a_docstring_with_shapes_or_units():
     for obj in (dino.Detections, dino.Detector.__call__, dino.Detector.load, dino_export.export):
         text = documented(obj)
         assert any(unit in text for unit in ("(N, 4)", "(H, W", "pixels", "px")), obj
+
+
+def test_export_and_bench_take_a_run_folder_and_name_the_file(run, tmp_path, capsys):
+    folder, _, cfg = run
+    assert main(["bench", "--recipe", TINY, "--checkpoint", str(folder), "--backends", "eager_fp32", "--device", "cpu",
+                 "--warmup", "0", "--iters", "1", "--image-size", "64", "64"]) == 0
+    out = capsys.readouterr()
+    assert f"checkpoint {folder} is a folder: using {folder / 'model.safetensors'}" in out.err
+    assert "weights model.safetensors" in out.out
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert main(["export", "onnx", "--recipe", TINY, "--checkpoint", str(empty), "--image-size", "64", "64",
+                 "--output", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {empty} is a folder without model.safetensors" in err and len(err.strip().splitlines()) == 1
