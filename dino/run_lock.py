@@ -29,7 +29,7 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from dino.durable import write_json
+from dino.durable import make_output_dir, write_json
 from dino.errors import UserError
 
 logger = logging.getLogger("dino")
@@ -74,7 +74,7 @@ def run_lock(folder: str | os.PathLike, what: str, hold: bool = True, lock_file:
         finally:
             _held[key] = (lock, _held[key][1] - 1)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(path.parent, what)  # a folder that cannot be created or written: one line naming `what`
     lock = _acquire(path, folder, what)
     _held[key] = (lock, 1)
     try:

@@ -380,3 +380,17 @@ def test_export_max_batch_below_one_is_one_line(tmp_path, capsys, target):
 def test_trt_onnx_that_is_a_folder(tmp_path, capsys):
     rc, _, err = _cli(capsys, "export", "trt", "--onnx", tmp_path)
     assert rc == 2 and err == f"dino export trt: error: ONNX file {tmp_path} is a folder; give the .onnx file\n"
+
+
+def test_predict_output_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    checkpoint = tmp_path / "model.safetensors"
+    cfg = load_recipe(TINY).model
+    save_weights(dino.build_model(cfg).state_dict(), checkpoint)
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "img.png")
+    (tmp_path / "afile").write_text("x")
+    rc, _, err = _cli(capsys, "predict", tmp_path / "img.png", "--recipe", TINY, "--checkpoint", checkpoint,
+                      "--device", "cpu", "--output", tmp_path / "afile" / "out")  # was: a NotADirectoryError traceback
+    assert rc == 2 and err.endswith(f"dino predict: error: --output {tmp_path / 'afile' / 'out'}: {tmp_path / 'afile'} "
+                                    "is a file, not a folder; choose another --output\n"), err

@@ -38,7 +38,7 @@ from pathlib import Path
 import PIL.Image
 from tqdm.auto import tqdm
 
-from dino.durable import give_new_file_mode
+from dino.durable import give_new_file_mode, make_output_dir
 from dino.errors import UserError
 from dino.predict.detector import Detector, Detections
 from dino.predict.images import read_image
@@ -127,8 +127,7 @@ def predict_files(
         raise UserError(f"--max-detections must be >= 1, got {max_detections}")
     if detector.backend.max_batch is not None:
         batch_size = min(batch_size, detector.backend.max_batch)
-    output_dir = check_output_dir(output_dir, files)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = make_output_dir(check_output_dir(output_dir, files), "--output")  # one line when not writable
     pictures = picture_names(files)
     bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress, dynamic_ncols=True)
     run = _Run(output_dir, bar)
