@@ -80,7 +80,8 @@ def test_eager_detections_equal_dino_predict_s_predictions_json(run, detector, t
     folder, images, _ = run
     predictions = _cli_predictions([images[0].parent], tmp_path / "out", "--checkpoint", folder)  # recipe recorded
     assert f"using {folder / 'model.safetensors'}" in capsys.readouterr().err
-    assert predictions["backend"] == "pytorch" and predictions["model"] == f"engine_tiny, weights {folder}/model.safetensors"
+    assert predictions["backend"] == "pytorch"
+    assert predictions["model"] == f"engine_tiny, weights {folder}/model.safetensors"
     _assert_api_equals_cli(detector(images, **KEEP_ALL), predictions, images)
     names = {d["name"] for r in predictions["images"] for d in r["detections"]}
     assert names <= {"rectangle", "ellipse", "triangle", "class 0"} and names & {"rectangle", "ellipse", "triangle"}
@@ -94,8 +95,8 @@ def test_predictions_json_is_unchanged(run, tmp_path):
     code before dino.Detector wrote for the same model (byte-identical here on 2026-12-07, this file; tolerances
     below only absorb float differences between CPUs)."""
     folder, images, cfg = run
-    got = _cli_predictions([images[0].parent, images[1]], tmp_path / "out", "--checkpoint", folder / "model.safetensors",
-                           "--recipe", TINY)
+    got = _cli_predictions([images[0].parent, images[1]], tmp_path / "out", "--recipe", TINY,
+                           "--checkpoint", folder / "model.safetensors")
     want = json.loads(GOLDEN.read_text())
     root = Path(cfg.data.root).parent
     assert list(got) == list(want) and got["model"] == f"engine_tiny, weights {folder / 'model.safetensors'}"

@@ -21,8 +21,8 @@ not depend on the rest of the batch.
 the files skipped: not readable images, or images the model cannot take (so elongated that a side resizes to under
 1 px, or too small for the model's queries). A picture that could not be saved has ``"picture": null`` and a
 ``"picture_error"``; its detections are still listed. Pictures are never written over an input: an output folder
-holding an input, or inside a scanned input folder, is refused (:func:`dino.predict.paths.check_output_dir`); an image given twice
-gets two records and two pictures (``cat.jpg``, ``cat_1.jpg``).
+holding an input, or inside a scanned input folder, is refused (:func:`dino.predict.paths.check_output_dir`); an
+image given twice gets two records and two pictures (``cat.jpg``, ``cat_1.jpg``).
 ``box`` is xyxy in the original image's pixels (not clipped, as ``dino eval``), detections sorted by descending score;
 ``label`` is the model's class index, ``category_id`` the dataset's id for it (equal for COCO's 91-slot models).
 """
