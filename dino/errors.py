@@ -16,3 +16,9 @@ class SharedUserError(UserError):
     """A :class:`UserError` that every process of a launch raises alike, because it follows from the recipe and the
     launch alone (e.g. a total batch that the processes cannot split): under ``accelerate launch`` only the main
     process (RANK 0) prints it, so the user reads one line, not one per process."""
+
+
+class CheckFailure(RuntimeError):
+    """Something a command produced failed its own check (an exported graph that disagrees with PyTorch). Not the
+    user's input, so the CLI exits with status 1, but in one line: the message says what differed, where, what was
+    (not) written and how to go on, and a traceback would add nothing."""

@@ -23,7 +23,7 @@ from dino import convert
 from dino.engine import cli as engine_cli
 from dino.engine import data_cli
 from dino.engine.termination import TERMINATED_EXIT_CODE, Terminated
-from dino.errors import SharedUserError, UserError
+from dino.errors import CheckFailure, SharedUserError, UserError
 from dino_cli import plot as plot_cli
 from dino_cli import predict as predict_cli
 from dino_export import cli as export_cli
@@ -60,6 +60,10 @@ def _run(args: argparse.Namespace, error_prefix: str) -> int:
         if not isinstance(err, SharedUserError) or os.environ.get("RANK", "0") == "0":
             print(f"{error_prefix}: error: {err}", file=sys.stderr)
         return 2
+    except CheckFailure as err:  # an artifact that failed its own check: one line, status 1
+        _close_progress_bars()
+        print(f"{error_prefix}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:  # Ctrl-C: one line (what was kept, how to go on), the shell's status 128 + SIGINT
         _close_progress_bars()
         print(f"{error_prefix}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)

@@ -19,7 +19,8 @@ import torch
 from dino.errors import UserError
 from dino_export import files
 from dino_export.deploy_model import DeployModel, WithQueryOutputs
-from dino_export.query_check import QueryCheck, Tolerance, check_outputs, reference_model, tolerance_for
+from dino_export.check_reference import Referee
+from dino_export.query_check import QueryCheck, Tolerance
 from dino_export.tracing import check_inputs, example_inputs, export_program
 
 
@@ -39,21 +40,21 @@ def kernel_available(device: torch.device) -> bool:
 
 
 def check_aoti(model: DeployModel, runner, image_size: tuple[int, int], batches: list[int], device: torch.device,
-               tolerance: Tolerance | None = None, seed: int = 100) -> list[QueryCheck]:
+               tolerance: Tolerance | None = None, seed: int = 100, reference: str = "auto") -> list[QueryCheck]:
     """Runs ``runner`` on letterboxed batches and compares its per-query outputs and detections with eager ``model``
-    (on the package's query selection where near-tied proposals were ranked differently).
+    (on the package's query selection where near-tied proposals were ranked differently), judged as
+    :class:`~dino_export.check_reference.Referee` says (``reference``: auto, float64 or float32).
 
-    Raises ExportCheckError naming the largest difference beyond ``tolerance``.
+    Raises ExportCheckError naming the largest difference beyond tolerance.
     """
-    tolerance = tolerance or tolerance_for(model.half)
-    reference = reference_model(model)
+    referee = Referee(model, image_size, reference, tolerance)
     checks = []
     for batch in batches:
         images, mask = (t.to(device) for t in check_inputs(batch, image_size, seed + batch))
         with torch.no_grad():
             got = runner(images, mask)
-        checks.append(check_outputs(reference, images, mask, got, f"AOTInductor ({device.type})", tolerance))
-        checks[-1].raise_on_failure("eager PyTorch")
+        checks.append(referee.check(images, mask, got, f"AOTInductor ({device.type})"))
+        checks[-1].raise_on_failure(f"eager {referee.reference_name}")
     return checks
 
 
@@ -67,11 +68,13 @@ def export_aoti(
     custom_op: bool | None = None,
     verify: bool = True,
     labels: dict[str, str] | None = None,
+    reference: str = "auto",
 ) -> tuple[Path, list[QueryCheck]]:
     """Compiles ``model`` for ``(H, W)`` canvases on ``device`` into an AOTInductor package at ``output``.
 
     ``custom_op=None`` picks the custom op when the kernel is available on ``device``; ``labels`` go in the package
-    metadata with the image size. Returns (path, checks);
+    metadata with the image size; ``reference``: what the check judges it against (:func:`check_aoti`).
+    Returns (path, checks);
     raises ExportCheckError (nothing written) when the package disagrees with eager PyTorch.
     """
     device = torch.device(device)
@@ -92,7 +95,8 @@ def export_aoti(
                                                  inductor_configs={"aot_inductor.metadata": metadata})
         if verify:
             runner = torch._inductor.aoti_load_package(str(tmp))
-            checks = check_aoti(model, runner, image_size, [1, 3] if dynamic_batch else [1], device)
+            checks = check_aoti(model, runner, image_size, [1, 3] if dynamic_batch else [1], device,
+                                reference=reference)
         files.commit(tmp, path)
     return path, checks
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -10,8 +12,10 @@ import torch
 from dino.config import add_override_argument
 from dino.device import check_device
 from dino.durable import check_output_file
-from dino.errors import UserError
+from dino.errors import CheckFailure, UserError
 from dino.model_loading import checkpoint_file
+from dino_export.check_reference import REFERENCES
+from dino_export.query_check import ExportCheckError, GraphDisagrees
 
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool, recipe_required: bool = True) -> None:
@@ -20,9 +24,18 @@ def _add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool, recip
                    help="model.safetensors or official .pth of the recipe's model" +
                         ("" if checkpoint_required else "; omitted: random weights"))
     add_override_argument(p)
-    p.add_argument("--image-size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"),
+    p.add_argument("--image-size", nargs=2, type=int, default=None, metavar=("H", "W"),
                    help="network input canvas in pixels; images are resized as in `dino eval`, placed top-left and "
-                        "padded, with the padding mask as the second input (default 800 1333)")
+                        "padded, with the padding mask as the second input (default: the recipe's evaluation size, "
+                        "data.val_scale x data.val_max_size, e.g. 800 1333)")
+
+
+def _add_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check-reference", choices=REFERENCES, default="auto",
+                   help="what the export check judges the artifact against: float64 (PyTorch float64 as the truth, "
+                        "the tolerance scaled to PyTorch float32's own distance from it), float32 (PyTorch float32 "
+                        "at a fixed tolerance) or auto (default: float64 where it is affordable, e.g. not R50 at "
+                        "800x1333 on a CPU; the check line says which ran)")
 
 
 def _add_graph_args(p: argparse.ArgumentParser, max_batch: int) -> None:
@@ -45,6 +58,7 @@ def register(subparsers) -> None:
                         help="standard: GridSample (any runtime); plugin: one DinoMSDeformAttn node per attention "
                              "(TensorRT with csrc/tensorrt)")
     _add_graph_args(onnx_p, max_batch=32)
+    _add_check_args(onnx_p)
     onnx_p.add_argument("--output", default="model.onnx")
     onnx_p.set_defaults(func=_cmd_export_onnx)
 
@@ -56,6 +70,7 @@ def register(subparsers) -> None:
                        help="graph to build from a checkpoint (default plugin: TensorRT's GridSample has given wrong "
                             "outputs on DETR graphs, NVIDIA/TensorRT#4813)")
     _add_graph_args(trt_p, max_batch=8)
+    _add_check_args(trt_p)
     trt_p.add_argument("--plugin-lib", action="append", default=[], metavar="PATH",
                        help="libdino_trt_plugin.so; default: build/trt/libdino_trt_plugin.so, built with CMake from "
                             "csrc/tensorrt when missing")
@@ -73,6 +88,7 @@ def register(subparsers) -> None:
     aoti_p.add_argument("--dynamic-batch", action="store_true")
     aoti_p.add_argument("--max-batch", type=int, default=16)
     aoti_p.add_argument("--no-verify", action="store_true", help="skip the check against eager PyTorch")
+    _add_check_args(aoti_p)
     aoti_p.add_argument("--output", default="model.pt2")
     aoti_p.set_defaults(func=_cmd_export_aoti)
 
@@ -108,12 +124,30 @@ def register(subparsers) -> None:
     bench.set_defaults(func=_cmd_bench)
 
 
+@contextlib.contextmanager
+def _check_failure_is_one_line(artifact: str = "the exported graph", reference: str = "PyTorch") -> Iterator[None]:
+    """A failed export check is one line (exit 1: the artifact is wrong, not the user's input): what differed and
+    where, that nothing was written, and how to write it anyway."""
+    try:
+        yield
+    except GraphDisagrees as err:
+        raise CheckFailure(f"{artifact} disagrees with {reference}: {err.detail}; nothing was written (--no-verify "
+                           f"writes it unchecked)") from err
+    except ExportCheckError as err:
+        raise CheckFailure(f"{artifact} could not be checked: {err}; nothing was written (--no-verify writes it "
+                           f"unchecked)") from err
+
+
 def _load(args, half: bool = False):
-    from dino_export.deploy_model import build_deploy_model, check_canvas_fits, check_image_size
+    from dino_export.deploy_model import build_deploy_model, check_canvas_fits, check_image_size, evaluation_canvas
 
     if getattr(args, "max_batch", 1) < 1:  # torch.export's batch Dim would fail with an AssertionError
         raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
-    size = check_image_size(args.image_size)
+    if args.image_size is None:
+        size, where = evaluation_canvas(args.recipe, args.overrides)
+        print(where)
+    else:
+        size = check_image_size(args.image_size)
     if args.checkpoint is not None:  # a run's or checkpoint's folder: its model.safetensors (named on stderr)
         args.checkpoint = str(checkpoint_file(args.checkpoint))
     model, desc = build_deploy_model(args.recipe, args.checkpoint, half=half, overrides=args.overrides)
@@ -140,8 +174,9 @@ def _export_onnx(args, output: str):
 
     check_output_file(output, "--output", "model.onnx", inputs=(args.checkpoint,))
     model, desc, size = _load(args, half=args.fp16)
-    result = export_onnx(model, output, size, args.deform_op, args.dynamic_batch, args.max_batch,
-                         verify=not args.no_verify, labels=_labels(model, args))
+    with _check_failure_is_one_line():
+        result = export_onnx(model, output, size, args.deform_op, args.dynamic_batch, args.max_batch,
+                             verify=not args.no_verify, labels=_labels(model, args), reference=args.check_reference)
     _print_checks(result.checks, result.notes)
     plugin = f", {result.num_plugin_nodes} DinoMSDeformAttn plugin nodes" if result.num_plugin_nodes else ""
     batch = f"dynamic batch 1..{args.max_batch}" if result.dynamic_batch else "batch 1"
@@ -178,7 +213,8 @@ def _cmd_export_trt(args) -> int:
         onnx_path = _export_onnx(args, str(output.with_suffix(".onnx")))
     plan = plan_from_args(onnx_path, output, args.fp16, args.plugin_lib, args.workspace_gb, args.max_batch,
                           args.timing_cache, tensorrt_root=args.tensorrt_root)
-    path, notes = build_checked_engine(plan, verify=not args.no_verify, verbose=args.verbose)
+    with _check_failure_is_one_line("the TensorRT engine", "ONNX Runtime"):
+        path, notes = build_checked_engine(plan, verify=not args.no_verify, verbose=args.verbose)
     for note in notes:
         print(note if note.startswith("TensorRT batch") else f"note: {note}")
     print(f"wrote {path} (TensorRT {version}, from {onnx_path}"
@@ -192,8 +228,10 @@ def _cmd_export_aoti(args) -> int:
     check_device(args.device)
     check_output_file(args.output, "--output", "model.pt2", inputs=(args.checkpoint,))
     model, desc, size = _load(args)
-    path, checks = export_aoti(model, args.output, size, args.device, args.dynamic_batch, args.max_batch,
-                               verify=not args.no_verify, labels=_labels(model, args))
+    with _check_failure_is_one_line("the AOTInductor package"):
+        path, checks = export_aoti(model, args.output, size, args.device, args.dynamic_batch, args.max_batch,
+                                   verify=not args.no_verify, labels=_labels(model, args),
+                                   reference=args.check_reference)
     _print_checks(checks, [] if checks else ["not checked against eager PyTorch (--no-verify): written unchecked"])
     print(f"wrote {path} ({desc}; {size[0]}x{size[1]} on {args.device})")
     return 0

@@ -20,11 +20,13 @@ import torch
 from torch import Tensor, nn
 
 import dino
-from dino.config import ModelConfig
+from dino.config import ModelConfig, Recipe, apply_overrides
+from dino.engine.recipe import load_recipe, recipe_path
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint, without_pretrained_backbone
 from dino.models.levels import image_size_problem
 from dino.postprocess import postprocess
+from dino.presets import PRESETS, get_preset
 
 INPUT_NAMES = ("images", "mask")
 OUTPUT_NAMES = ("boxes", "scores", "labels")
@@ -43,8 +45,8 @@ class DeployOutputs:
     boxes: Tensor  # (B, K, 4) xyxy pixels of the network input
     scores: Tensor  # (B, K) descending
     labels: Tensor  # (B, K) int64
-    pred_logits: Tensor  # (B, Q, C) float32
-    pred_boxes: Tensor  # (B, Q, 4) cxcywh in [0, 1] of the valid region, float32
+    pred_logits: Tensor  # (B, Q, C) float32 (float64 from a float64 model)
+    pred_boxes: Tensor  # (B, Q, 4) cxcywh in [0, 1] of the valid region, float32 (float64 from a float64 model)
     valid_sizes: Tensor  # (B, 2) float32 (height, width) of each image's valid region in pixels
     query_indices: Tensor | None = None  # (B, Q) int64 encoder tokens the queries were selected from, query order
     # (B, Q) float32 logits: each selected token's proposal score (its best class logit), the value top-Q ranked by
@@ -80,23 +82,35 @@ class DeployModel(nn.Module):
     def run(self, images: Tensor, mask: Tensor, query_indices: Tensor | None = None) -> DeployOutputs:
         """The detections and per-query outputs; ``query_indices (B, Q)``: run on this query selection instead of
         the model's own top-Q (to check a graph that ranked near-tied proposals differently)."""
-        if self.half:
-            images = images.half()
+        images = images.to(self.dtype)
         out = self.model(images, mask, query_indices=query_indices)
-        logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
+        # float16 outputs are widened for the post-processing; float64 (a check's truth) keeps its precision.
+        logits, boxes = out["pred_logits"], out["pred_boxes"]
+        if self.half:
+            logits, boxes = logits.float(), boxes.float()
         sizes = valid_sizes(mask)
         # Exactly dino eval's post-processing (dino.postprocess), scaled to the valid region instead of the
         # original image size.
         scores, labels, boxes_xyxy = postprocess(logits, boxes, sizes, self.num_select)
-        proposal_scores = out["interm_outputs"]["pred_logits"].float().max(-1)[0]
+        proposal_scores = out["interm_outputs"]["pred_logits"].to(logits.dtype).max(-1)[0]
         return DeployOutputs(boxes_xyxy, scores, labels, logits, boxes, sizes, out["query_indices"], proposal_scores)
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.run(images, mask).detections()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The detector's arithmetic: float32, float16 (``half``) or float64 (:meth:`float64_twin`)."""
+        return next(self.model.parameters()).dtype
+
     def float32_twin(self) -> DeployModel:
         """A float32 copy: the same weights (float16-rounded when ``half``) computing in float32."""
         return DeployModel(copy.deepcopy(self.model).float(), self.num_select)
+
+    def float64_twin(self) -> DeployModel:
+        """A float64 copy of the same weights: the truth an export check measures float32 arithmetic against
+        (``dino_export.check_reference``); its per-query outputs stay float64."""
+        return DeployModel(copy.deepcopy(self.model).double(), self.num_select)
 
 
 class WithQueryOutputs(nn.Module):
@@ -132,24 +146,41 @@ def check_canvas_fits(model: nn.Module, image_size: tuple[int, int]) -> None:
         raise UserError(f"--image-size {image_size[0]} {image_size[1]}: {problem}")
 
 
-def resolve_model_config(spec: str, overrides: list[str] | None = None) -> tuple[str, ModelConfig]:
-    """The model config of a recipe (name or file, see ``dino.engine.recipe``) or, failing that, of a preset name.
+def resolve_recipe(spec: str, overrides: list[str] | None = None) -> tuple[str, Recipe]:
+    """The recipe ``spec`` names (name or file, see ``dino.engine.recipe``) or, failing that, a default Recipe
+    around the preset of that name (so ``--set`` takes the same ``model.xxx=...`` paths either way).
 
-    Returns (description, config). Raises UserError listing both recipes and presets when neither matches.
+    Returns (description, recipe). Raises UserError listing both recipes and presets when neither matches.
     """
-    from dino.config import Recipe, apply_overrides
-    from dino.engine.recipe import load_recipe, recipe_path
-    from dino.presets import PRESETS, get_preset
-
     try:
         recipe_path(spec)
     except UserError as recipe_err:
         if spec not in PRESETS:
             raise UserError(f"{recipe_err}; presets: {', '.join(sorted(PRESETS))}") from None
-        # A preset is the model of a default Recipe, so --set takes the same model.xxx=... paths as with a recipe.
-        return f"preset {spec}", apply_overrides(Recipe(name=spec, model=get_preset(spec)), list(overrides or [])).model
+        return f"preset {spec}", apply_overrides(Recipe(name=spec, model=get_preset(spec)), list(overrides or []))
     recipe = load_recipe(spec, overrides)
-    return f"recipe {recipe.name}", recipe.model
+    return f"recipe {recipe.name}", recipe
+
+
+def resolve_model_config(spec: str, overrides: list[str] | None = None) -> tuple[str, ModelConfig]:
+    """The model config of :func:`resolve_recipe`; returns (description, config)."""
+    desc, recipe = resolve_recipe(spec, overrides)
+    return desc, recipe.model
+
+
+def evaluation_canvas(spec: str, overrides: list[str] | None = None) -> tuple[tuple[int, int], str]:
+    """The export canvas ``(H, W)`` in pixels that holds every image the recipe evaluates on: its shorter side
+    ``data.val_scale``, its longer side ``data.val_max_size`` (landscape, as ``dino eval`` resizes), and a line
+    saying where it came from. UserError when the recipe leaves the longer side unbounded."""
+    desc, recipe = resolve_recipe(spec, overrides)
+    data = recipe.data
+    if data.val_max_size is None:
+        raise UserError(f"{desc} has no data.val_max_size, so the images it evaluates on have no largest size: give "
+                        f"--image-size H W")
+    where = "the preset's default" if desc.startswith("preset") else f"{desc}'s"
+    return (data.val_scale, data.val_max_size), (
+        f"canvas {data.val_scale}x{data.val_max_size}: {where} evaluation size (data.val_scale {data.val_scale}, "
+        f"data.val_max_size {data.val_max_size}); --image-size H W to change it")
 
 
 def build_deploy_model(

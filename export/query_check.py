@@ -34,6 +34,15 @@ class ExportCheckError(RuntimeError):
     """An exported graph disagrees with its reference beyond tolerance, or could not be run to find out."""
 
 
+class GraphDisagrees(ExportCheckError):
+    """The graph ran and its outputs are beyond tolerance of the reference's; the message says by how much, where.
+    ``detail``: the same without the leading "<backend> disagrees with <reference>" (for the CLI's one line)."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
     score: float  # |delta probability|
@@ -79,6 +88,7 @@ class QueryCheck:
     reselected: int = 0  # queries whose encoder token differs from PyTorch's selection (near-tied ranks)
     detection_score: Difference = dataclasses.field(default_factory=Difference)
     detection_box: Difference = dataclasses.field(default_factory=Difference)
+    basis: str = ""  # which reference and tolerance it was judged by (dino_export.check_reference)
 
     def failures(self) -> list[tuple[str, Difference, float, str]]:
         """(kind, difference, tolerance, unit) of every comparison beyond tolerance, largest relative first."""
@@ -102,22 +112,23 @@ class QueryCheck:
         parts.append(f"detections matched by query: max |score| diff {self.detection_score.value:.3g}, "
                      f"max |box| diff {self.detection_box.value:.3g} px")
         return (f"{self.backend} batch {self.batch}: " + "; ".join(parts) +
-                f" (tolerance {self.tolerance.score:.3g}, {self.tolerance.box_px:.3g} px)")
+                f" (tolerance {self.tolerance.score:.3g}, {self.tolerance.box_px:.3g} px" +
+                (f"; {self.basis})" if self.basis else ")"))
 
     def raise_on_failure(self, reference: str) -> None:
         bad = self.failures()
         if bad:
             kind, diff, tol, unit = bad[0]
             others = "; ".join(f"{k} {d.value:.3g}{u} (tolerance {t:.3g}{u})" for k, d, t, u in bad[1:])
-            raise ExportCheckError(
-                f"{self.backend} disagrees with {reference} (batch {self.batch}): largest difference: {kind} "
-                f"{diff.value:.3g}{unit} at {diff.where} (tolerance {tol:.3g}{unit})" + (f"; also {others}" if others
-                                                                                       else ""))
+            detail = (f"largest difference: {kind} {diff.value:.3g}{unit} at {diff.where} (tolerance {tol:.3g}{unit})"
+                      + (f"; also {others}" if others else ""))
+            raise GraphDisagrees(f"{self.backend} disagrees with {reference} (batch {self.batch}): {detail}",
+                                 f"{detail} ({self.backend}, batch {self.batch}, against {reference})")
 
 
 def _np(t) -> np.ndarray:
-    return (t.detach().cpu().float().numpy() if torch.is_tensor(t) else np.asarray(t, dtype=np.float64)).astype(
-        np.float64)
+    # float64 throughout: a float64 reference must not be rounded to float32 before it is compared.
+    return t.detach().cpu().double().numpy() if torch.is_tensor(t) else np.asarray(t, dtype=np.float64)
 
 
 def query_boxes_px(pred_boxes: Tensor | np.ndarray, sizes: Tensor | np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ def test_package_that_disagrees_with_eager_fails_the_check(package):
 
     # cxcywh + 0.01 moves x2 by 0.015 of the 72 px valid width: 1.08 px, against eager (per query) and against the
     # package's own detections, which were not moved.
-    with pytest.raises(ExportCheckError, match=r"AOTInductor \(cpu\) disagrees with eager PyTorch \(batch 1\): "
+    with pytest.raises(ExportCheckError, match=r"AOTInductor \(cpu\) disagrees with eager PyTorch float64 \(batch 1\): "
                                                r"largest difference: (per-query|detection) box 1.08 px at image 0"):
         check_aoti(model, shifted, SIZE, [1], torch.device("cpu"))
 

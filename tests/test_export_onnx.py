@@ -144,7 +144,7 @@ def test_corrupted_graph_fails_its_check_naming_the_largest_difference(standard_
     array = numpy_helper.to_array(weights).copy()
     array.flat[0] += 1.0
     weights.CopyFrom(numpy_helper.from_array(array, weights.name))
-    with pytest.raises(ExportCheckError, match=r"ONNX Runtime CPU disagrees with PyTorch \(batch 1\): largest "
+    with pytest.raises(ExportCheckError, match=r"ONNX Runtime CPU disagrees with PyTorch float64 \(batch 1\): largest "
                                                r"difference: (query selection score|per-query score|per-query box) "
                                                r"[0-9.e+-]+( px)? at image 0, query \d+"):
         check_onnx(deploy_model, model, SIZE, [1])
