@@ -5,6 +5,7 @@ script's signal path under stub `srun` and `scontrol`.
 The runs use tests/engine_pause_recipe.py: each process waits after its first optimizer step until the test's signal
 has reached it (or the test says go), so the stop step never depends on timing.
 """
+import json
 import os
 import signal
 import subprocess
@@ -138,11 +139,14 @@ def test_termination_signals_are_checked_and_leave_ctrl_c_alone():
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_a_second_signal_does_not_break_it_and_the_rerun_resumes(
+def test_sigterm_at_an_epoch_end_saves_once_a_second_signal_does_not_break_it_and_the_rerun_resumes(
         data_root, tmp_path, started):
     out, pause = tmp_path / "out", tmp_path / "pause"
-    cmd = [sys.executable, "-m", "dino_cli", "train", PAUSE, "--set", *overrides(data_root, out)]
-    # 1. SIGTERM after step 1; a second SIGTERM while the checkpoint's weights are being written.
+    # One process, 2 micro-batches per step, one step per epoch (of the loader's 4 micro-batches), 2 epochs: the
+    # signal after step 1 is agreed at the fetch after the epoch's last step, so the run stops at the epoch's end.
+    cmd = [sys.executable, "-m", "dino_cli", "train", PAUSE, "--set",
+           *overrides(data_root, out, "train.max_steps_per_epoch=1")]
+    # 1. SIGTERM after step 1; a second SIGTERM while the (epoch-end) checkpoint's weights are being written.
     run, log = start(started, cmd, tmp_path, env_extra=pause_env(pause, DINO_PAUSE_SAVE="1"))
     wait_for([pause / "paused_0"], run, log)
     run.send_signal(signal.SIGTERM)
@@ -151,12 +155,13 @@ def test_sigterm_saves_a_checkpoint_a_second_signal_does_not_break_it_and_the_re
     (pause / "go_save").touch()
     text = finish(run, log)
     assert run.returncode == TERMINATED_EXIT_CODE == 75, text[-4000:]
-    checkpoint = out / "checkpoints" / "step_00000001"
+    checkpoint = out / "checkpoints" / "step_00000001_end"
     assert text.splitlines()[-1] == (f"dino train: terminated by SIGTERM at step 1; saved {checkpoint}; "
                                      "rerun the same command to resume")
-    assert checkpoint_dirs(out) == [checkpoint]
-    progress = read_progress(checkpoint)  # one process, 2 micro-batches per step: stopped at a step boundary
-    assert (progress["epoch"], progress["batches_in_epoch"], progress["global_step"]) == (0, 2, 1)
+    assert checkpoint_dirs(out) == [checkpoint]  # the epoch-end checkpoint, not saved a second time as step_00000001
+    progress = read_progress(checkpoint)
+    assert (progress["epoch"], progress["batches_in_epoch"], progress["global_step"]) == (1, 0, 1)
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
 
     # 2. The rerun is killed (SIGKILL) while writing its next checkpoint: that folder is never a checkpoint.
     (pause / "saving").unlink()
@@ -167,11 +172,11 @@ def test_sigterm_saves_a_checkpoint_a_second_signal_does_not_break_it_and_the_re
     assert checkpoint_dirs(out) == [checkpoint]
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == [".tmp-step_00000002_end"]
 
-    # 3. The next rerun resumes from step 1 and finishes (4 steps), leaving no half-written folder.
+    # 3. The next rerun resumes from step 1 and finishes (2 steps), leaving no half-written folder.
     done = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "resumed from" in done.stderr and "step 1" in done.stderr
-    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000002_end", "step_00000004_end"]
+    assert f"resumed from {checkpoint}: epoch 2, batch 0, step 1" in done.stderr
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000001_end", "step_00000002_end"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
