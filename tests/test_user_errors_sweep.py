@@ -394,3 +394,11 @@ def test_predict_output_that_cannot_be_created_is_one_line(tmp_path, capsys):
                       "--device", "cpu", "--output", tmp_path / "afile" / "out")  # was: a NotADirectoryError traceback
     assert rc == 2 and err.endswith(f"dino predict: error: --output {tmp_path / 'afile' / 'out'}: {tmp_path / 'afile'} "
                                     "is a file, not a folder; choose another --output\n"), err
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's /sys, which no user (root included) writes")
+def test_export_output_on_an_unwritable_file_system_is_refused_before_any_work(tmp_path, capsys):
+    rc, _, err = _cli(capsys, "export", "onnx", "--recipe", "dino_quickstart", "--checkpoint", tmp_path / "no.safetensors",
+                      "--output", "/sys/dino_sweep/m.onnx")
+    assert rc == 2 and err.startswith("dino export onnx: error: --output /sys/dino_sweep/m.onnx cannot be written: /sys "
+                                      "is not writable ("), err
