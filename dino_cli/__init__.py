@@ -24,6 +24,7 @@ from dino.engine import cli as engine_cli
 from dino.engine import data_cli
 from dino.engine.termination import TERMINATED_EXIT_CODE, Terminated
 from dino.errors import CheckFailure, SharedUserError, UserError
+from dino_cli import allocator
 from dino_cli import plot as plot_cli
 from dino_cli import predict as predict_cli
 from dino_export import cli as export_cli
@@ -34,7 +35,8 @@ COMMAND_MODULES = (convert, engine_cli, data_cli, export_cli, predict_cli, plot_
 
 def _build(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
-        prog=prog, description="DINO object detection: train, evaluate, convert, export, predict.")
+        prog=prog, description="DINO object detection: train, evaluate, convert, export, predict.",
+        epilog=allocator.HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -77,6 +79,7 @@ def _run(args: argparse.Namespace, error_prefix: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one ``dino`` command; returns its exit status (2 for a :class:`UserError` or a usage error)."""
+    allocator.tune_malloc()  # before the first tensor: see dino_cli/allocator.py
     args = build_parser().parse_args(argv)
     target = getattr(args, "target", None) or getattr(args, "data_command", None)  # dino export onnx, dino data check
     return _run(args, f"dino {args.command}" + (f" {target}" if target else ""))
@@ -85,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 def launch_main(argv: list[str] | None = None) -> int:
     """Entry of ``launch.py`` (``accelerate launch launch.py RECIPE ...``): the ``dino train`` parser and command under
     the name ``launch.py``, so arguments, errors and exit codes are those of ``dino train``."""
+    allocator.tune_malloc()
     train = _build("dino")[1]["train"]
     train.prog = "launch.py"
+    train.epilog = "\n\n".join(e for e in (train.epilog, allocator.HELP) if e)
     return _run(train.parse_args(argv), "launch.py")
 
 
