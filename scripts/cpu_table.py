@@ -1,0 +1,281 @@
+"""The CPU table of docs/benchmarks.md: the official code and every CPU way of running ours, side by side in one run.
+
+Rows (R50 4-scale, one 800x1333 image, batch 1, fp32 unless named, torch's thread count):
+
+- ``official``: the official IDEA-Research/DINO model + its PostProcess, eager (its pure-PyTorch deformable attention,
+  ``ms_deform_attn_core_pytorch``), built from ``$DINO_OFFICIAL_ROOT`` by scripts/official_code.py; glibc's malloc
+  defaults (what a user of the official code gets);
+- ``eager_kernel`` / ``eager_pytorch``: ours eager (``dino_export.deploy_model.DeployModel``: model + top-K
+  post-processing) with the CPU kernel, and on the PyTorch path (``dino.ops.use_pytorch_path()``), with the
+  allocator defaults of the ``dino`` command (dino_cli/allocator.py);
+- ``eager_kernel_glibc``: ours eager with the kernel under glibc's malloc defaults (``DINO_MALLOC_TUNING=0``):
+  beside ``eager_kernel`` it is the allocator's effect;
+- ``ort_cpu``, ``openvino_cpu``, ``openvino_cpu_bf16``: the ``dino bench`` backends of the same names (the exported
+  standard ONNX graph in ONNX Runtime / OpenVINO), in one process with the ``dino`` allocator defaults.
+
+Each row lives in a worker process (four: official, ours, ours without the allocator defaults, deploy) that builds
+its model once; the parent then asks the rows for one call each in turn, a warm-up round and ``--iters`` timed rounds, so every
+row sees the same machine load (the medians are same-run and alternated). Weights are random (seeded); the timing
+does not depend on them. Then ``--train-epochs`` of the quickstart recipe with ``dino train`` (its log.jsonl
+images/s), kernel on and off alternated, ``--train-repeats`` times each.
+
+    DINO_OFFICIAL_ROOT=$PWD/.official-dino python scripts/cpu_table.py --out /tmp/cpu_table.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MARK = "CPU_TABLE "  # prefix of the protocol lines a worker prints (libraries may print other lines)
+ROWS = {
+    "official": ("official", "official IDEA-Research/DINO, eager (its PyTorch deformable attention), glibc malloc"),
+    "eager_kernel": ("ours", "ours eager, CPU kernel, dino's allocator defaults"),
+    "eager_pytorch": ("ours", "ours eager, PyTorch path (grid_sample), dino's allocator defaults"),
+    "eager_kernel_glibc": ("ours_glibc", "ours eager, CPU kernel, glibc malloc defaults (DINO_MALLOC_TUNING=0)"),
+    "ort_cpu": ("deploy", "ONNX Runtime CPU, exported standard ONNX graph (dino bench ort_cpu)"),
+    "openvino_cpu": ("deploy", "OpenVINO CPU f32, the same ONNX graph (dino bench openvino_cpu)"),
+    "openvino_cpu_bf16": ("deploy", "OpenVINO CPU bf16 (dino bench openvino_cpu_bf16)"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- worker
+def _say(**msg) -> None:
+    print(MARK + json.dumps(msg), flush=True)
+
+
+def _inputs(height: int, width: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(1, 3, height, width, generator=gen), torch.zeros(1, height, width, dtype=torch.bool)
+
+
+def _official_runners(args) -> dict:
+    import torch
+
+    import official_code
+    from official_peer import OfficialDetector, build_official, peer_config
+
+    root = Path(os.environ.get("DINO_OFFICIAL_ROOT", ""))
+    if not (root / "models" / "dino" / "dino.py").is_file():
+        raise RuntimeError(f"DINO_OFFICIAL_ROOT={str(root)!r} is not an IDEA-Research/DINO checkout")
+    official = official_code.load(root)
+    cfg = peer_config(args.preset, False)
+    model, _, post = build_official(official, official_code.official_args(root, cfg, "resnet50", "cpu"),
+                                    torch.device("cpu"))
+    official_code.route("pytorch")
+    return {"official": OfficialDetector(model, post["bbox"], official.NestedTensor)}
+
+
+def _our_runners(args, names: list[str], workdir: Path) -> dict:
+    import torch
+
+    import dino
+    from bench_rows import model_config
+    from dino.ops import use_pytorch_path
+    from dino_export.bench import _Backends, _Unavailable
+    from dino_export.deploy_model import DeployModel
+
+    torch.manual_seed(0)
+    cfg = model_config(args.preset, tiny=False)
+    model = DeployModel(dino.build_model(cfg), cfg.num_select).eval()
+    factory = _Backends(model, torch.device("cpu"), tuple(args.image_size), 1, workdir, [])
+
+    def pytorch_path(images, mask):
+        with use_pytorch_path():
+            return model(images, mask)
+
+    runners = {}
+    for name in names:
+        try:
+            runners[name] = {"eager_kernel": model, "eager_kernel_glibc": model,
+                             "eager_pytorch": pytorch_path}.get(name) or factory.make(name)
+        except _Unavailable as why:
+            runners[name] = f"unavailable: {why}"
+        except Exception as err:  # noqa: BLE001 - a failing backend is a row saying why
+            runners[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    return runners
+
+
+def worker(kind: str, names: list[str], args) -> int:
+    """Builds the runners of ``names``, says ready, then runs one call per ``run NAME`` line on stdin."""
+    if kind != "official" and kind != "ours_glibc":
+        from dino_cli import allocator
+
+        allocator.tune_malloc()  # as the dino command starts
+    import torch
+
+    images, mask = _inputs(*args.image_size)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = _official_runners(args) if kind == "official" else _our_runners(args, names, Path(tmp))
+        _say(ready=True, setup_s=time.perf_counter() - start,
+             notes={n: r for n, r in runners.items() if isinstance(r, str)})
+        with torch.inference_mode():
+            for line in sys.stdin:
+                command, _, name = line.strip().partition(" ")
+                if command != "run":
+                    break
+                t0 = time.perf_counter()
+                runners[name](images, mask)
+                _say(name=name, ms=(time.perf_counter() - t0) * 1e3)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- parent
+class Worker:
+    def __init__(self, kind: str, names: list[str], args, env: dict[str, str]):
+        cmd = [sys.executable, __file__, "--worker", kind, "--rows", *names, "--preset", args.preset,
+               "--image-size", *map(str, args.image_size)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+                                     env={**os.environ, **env})
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        raise RuntimeError(f"worker exited with status {self.proc.wait()} (see its stderr above)")
+
+    def run(self, name: str) -> float:
+        self.proc.stdin.write(f"run {name}\n")
+        self.proc.stdin.flush()
+        return self.read()["ms"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def inference_rows(args, save) -> tuple[list[dict], str]:
+    kinds: dict[str, list[str]] = {}
+    for name in args.rows:
+        kinds.setdefault(ROWS[name][0], []).append(name)
+    env = {"official": {"DINO_MALLOC_TUNING": "0"}, "ours": {}, "ours_glibc": {"DINO_MALLOC_TUNING": "0"},
+           "deploy": {}}
+    times: dict[str, list[float]] = {n: [] for n in args.rows}
+    notes: dict[str, str] = {}
+    workers: dict[str, Worker] = {}
+    try:
+        for kind, names in kinds.items():  # one at a time: setups (the ONNX export) do not overlap
+            workers[kind] = Worker(kind, names, args, env[kind])
+            try:
+                ready = workers[kind].read()
+            except RuntimeError as err:  # a worker that cannot start: its rows say why, the others still run
+                notes.update({n: f"setup failed: {err}" for n in names})
+                continue
+            notes.update(ready["notes"])
+            print(f"{kind}: ready after {ready['setup_s']:.0f} s {ready['notes'] or ''}", flush=True)
+        live = [n for n in args.rows if n not in notes]
+        for rnd in range(args.warmup + args.iters):
+            for name in live:
+                ms = workers[ROWS[name][0]].run(name)
+                if rnd >= args.warmup:
+                    times[name].append(ms)
+                print(f"round {rnd}{' (warm-up)' if rnd < args.warmup else ''}: {name} {ms / 1e3:.2f} s", flush=True)
+            if rnd >= args.warmup:
+                save(*_table(args, times, notes))
+    finally:
+        for w in workers.values():
+            w.close()
+    return _table(args, times, notes)
+
+
+def _table(args, times: dict[str, list[float]], notes: dict[str, str]) -> tuple[list[dict], str]:
+    rows = [{"row": n, "what": ROWS[n][1], "times_s": [t / 1e3 for t in times[n]],
+             "median_s": statistics.median(times[n]) / 1e3 if times[n] else None, "note": notes.get(n)}
+            for n in args.rows]
+    official = next((r["median_s"] for r in rows if r["row"] == "official" and r["median_s"]), None)
+    lines = ["| row | what | median s per image | calls (s) | vs official |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["median_s"] is None:
+            lines.append(f"| {r['row']} | {r['what']} | - | - | {r['note']} |")
+            continue
+        ratio = f"{r['median_s'] / official:.2f}x" if official else "-"
+        calls = ", ".join(f"{t:.2f}" for t in r["times_s"])
+        lines.append(f"| {r['row']} | {r['what']} | {r['median_s']:.2f} | {calls} | {ratio} |")
+    return rows, "\n".join(lines)
+
+
+def training_rows(args, out_dir: Path) -> tuple[list[dict], str]:
+    """Quickstart recipe, ``--train-epochs`` with ``dino train``, kernel on / off alternated; images/s of log.jsonl."""
+    runs = []
+    for rep in range(args.train_repeats):
+        for path in ("kernel", "pytorch"):
+            run_dir = out_dir / f"quickstart_{path}_{rep}"
+            env = {**os.environ, **({"DINO_DISABLE_KERNEL": "1"} if path == "pytorch" else {})}
+            cmd = [sys.executable, "-m", "dino_cli", "train", "recipes/quickstart.py", "--set",
+                   f"optim.epochs={args.train_epochs}", f"train.output_dir={run_dir}",
+                   "train.eval_every_epochs=0"]
+            start = time.perf_counter()
+            result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if result.returncode != 0:
+                runs.append({"path": path, "note": f"dino train failed ({result.returncode}): "
+                                                   f"{result.stderr.strip().splitlines()[-1][:200]}"})
+                continue
+            records = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()]
+            ips = [r["images_per_s"] for r in records if "images_per_s" in r]
+            runs.append({"path": path, "images_per_s": ips[-1], "wall_s": wall})
+            print(f"quickstart training, {path}: {ips[-1]:.1f} images/s ({wall:.0f} s wall)", flush=True)
+    lines = ["| quickstart training | images/s per run | median |", "|---|---|---|"]
+    medians = {}
+    for path in ("kernel", "pytorch"):
+        ips = [r["images_per_s"] for r in runs if r["path"] == path and "images_per_s" in r]
+        medians[path] = statistics.median(ips) if ips else None
+        lines.append(f"| {path} | {', '.join(f'{x:.1f}' for x in ips) or '-'} | "
+                     f"{medians[path]:.1f} |" if ips else f"| {path} | - | - |")
+    if medians.get("kernel") and medians.get("pytorch"):
+        lines.append(f"\nkernel / PyTorch path: {medians['kernel'] / medians['pytorch']:.2f}x images/s")
+    return runs, "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--preset", default="dino_r50_4scale")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3, help="timed rounds (each row once per round)")
+    parser.add_argument("--train-epochs", type=int, default=1, help="quickstart epochs per training run (0: none)")
+    parser.add_argument("--train-repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="markdown file for the tables (and a .json beside it)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.rows, args)
+
+    import torch  # the parent only reads the environment
+
+    header = (f"{torch.get_num_threads()} threads, torch {torch.__version__}; {args.image_size[0]}x"
+              f"{args.image_size[1]}, batch 1; median of {args.iters} alternated calls after {args.warmup} warm-up; "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    def save(rows: list[dict], table: str, train_runs: list[dict] | None = None, train_table: str = "") -> None:
+        if args.out is not None:
+            args.out.write_text(header + "\n\n" + table + ("\n\n" + train_table if train_table else "") + "\n")
+            args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows,
+                                                                 "training": train_runs or []}, indent=1))
+
+    rows, table = inference_rows(args, save)
+    save(rows, table)
+    text = header + "\n\n" + table
+    train_runs: list[dict] = []
+    if args.train_epochs > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_runs, train_table = training_rows(args, Path(tmp))
+        text += "\n\n" + train_table
+        save(rows, table, train_runs, train_table)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
