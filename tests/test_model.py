@@ -178,7 +178,7 @@ def test_pretrained_file_is_loaded_and_bad_file_named(tmp_path):
     torch.save({k.removeprefix("body."): v for k, v in src.state_dict().items()}, path)
     loaded = Backbone(BackboneConfig(name="resnet18", pretrained=str(path)))
     assert torch.equal(loaded.body.layer3[0].conv1.weight, src.body.layer3[0].conv1.weight)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(UserError, match=r"^model.backbone.pretrained: no such file .*missing.pth"):
         Backbone(BackboneConfig(name="resnet18", pretrained=str(tmp_path / "missing.pth")))
     torch.save({"unrelated.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="other.pth"):
