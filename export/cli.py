@@ -103,6 +103,7 @@ def register(subparsers) -> None:
     ov_p.add_argument("--no-verify", action="store_true",
                       help="skip the checks against PyTorch and write the IR unchecked (allows --precision bf16 on a "
                            "CPU without it)")
+    _add_check_args(ov_p)
     ov_p.add_argument("--output", default="model.xml", help="the IR's .xml; its weights go beside it in .bin")
     ov_p.set_defaults(func=_cmd_export_openvino)
 
@@ -240,9 +241,12 @@ def _cmd_export_aoti(args) -> int:
 def _cmd_export_openvino(args) -> int:
     from dino_export.openvino_export import export_openvino, weights_path
 
+    check_output_file(args.output, "--output", "model.xml", inputs=(args.checkpoint,))
     model, desc, size = _load(args)
-    result = export_openvino(model, args.output, size, args.dynamic_batch, args.max_batch, args.precision,
-                             verify=not args.no_verify, labels=_labels(model, args))
+    with _check_failure_is_one_line("the OpenVINO IR"):
+        result = export_openvino(model, args.output, size, args.dynamic_batch, args.max_batch, args.precision,
+                                 verify=not args.no_verify, labels=_labels(model, args),
+                                 reference=args.check_reference)
     _print_checks(result.checks, result.notes)
     batch = f"dynamic batch 1..{args.max_batch}" if result.dynamic_batch else "batch 1"
     checked = "checked against PyTorch" if result.checks else "NOT checked (--no-verify)"

@@ -21,6 +21,7 @@ import torch
 
 from dino.errors import UserError
 from dino_export import files
+from dino_export.check_reference import Referee
 from dino_export.deploy_model import OUTPUT_NAMES, QUERY_OUTPUT_NAMES, DeployModel
 from dino_export.onnx_export import check_batches, export_onnx
 from dino_export.openvino_runtime import (
@@ -33,14 +34,7 @@ from dino_export.openvino_runtime import (
     set_metadata,
     set_precision,
 )
-from dino_export.query_check import (
-    FP32_TOLERANCE,
-    ExportCheckError,
-    QueryCheck,
-    Tolerance,
-    check_outputs,
-    reference_model,
-)
+from dino_export.query_check import ExportCheckError, QueryCheck, Tolerance
 from dino_export.tracing import check_inputs
 
 # Not measured on a bf16 CPU (none was available: this project's CPU machines list FP32, INT8 only). What rests
@@ -48,10 +42,6 @@ from dino_export.tracing import check_inputs
 # measured on an avx512_bf16 CPU (issue 25): 9.7e-3 in score, 0.19 px; and PyTorch CPU autocast bfloat16 of the same
 # model, every query against float32 (docs/deployment.md "OpenVINO"). To be re-measured where bf16 runs.
 BF16_TOLERANCE = Tolerance(score=0.05, box_px=2.0)
-
-
-def tolerance_for_precision(precision: str) -> Tolerance:
-    return BF16_TOLERANCE if precision == "bf16" else FP32_TOLERANCE
 
 
 @dataclasses.dataclass
@@ -81,16 +71,26 @@ def checkable_model(ir):
     return model
 
 
-def check_openvino(model: DeployModel, ir, image_size: tuple[int, int], batches: list[int], precision: str = "f32",
-                   tolerance: Tolerance | None = None, seed: int = 100, threads: int | None = None
-                   ) -> list[QueryCheck]:
-    """Runs the IR ``ir`` (``model.xml`` path or ``openvino.Model``) on OpenVINO's CPU at ``precision`` and compares
-    it with ``model`` query by query, on the inputs :func:`dino_export.onnx_export.check_onnx` uses.
+def _referee(model: DeployModel, image_size: tuple[int, int], precision: str, tolerance: Tolerance | None,
+             reference: str) -> Referee:
+    """f32: judged as the ONNX export is (:class:`~dino_export.check_reference.Referee`, ``reference`` auto, float64
+    or float32); bf16: against PyTorch float32 at :data:`BF16_TOLERANCE` (bf16 rounding is far beyond any multiple of
+    float32's distance from float64)."""
+    if precision == "bf16":
+        return Referee(model, image_size, "float32", tolerance or BF16_TOLERANCE)
+    return Referee(model, image_size, reference, tolerance)
 
-    Raises ExportCheckError naming the largest difference beyond ``tolerance`` (default: that of ``precision``), or
-    when OpenVINO cannot compile or run the IR; UserError when this CPU lacks ``precision``.
+
+def check_openvino(model: DeployModel, ir, image_size: tuple[int, int], batches: list[int], precision: str = "f32",
+                   tolerance: Tolerance | None = None, seed: int = 100, threads: int | None = None,
+                   reference: str = "auto") -> list[QueryCheck]:
+    """Runs the IR ``ir`` (``model.xml`` path or ``openvino.Model``) on OpenVINO's CPU at ``precision`` and compares
+    it with ``model`` query by query, on the inputs :func:`dino_export.onnx_export.check_onnx` uses and judged as it
+    judges (``reference``, ``tolerance``: see :func:`_referee`).
+
+    Raises ExportCheckError (GraphDisagrees) naming the largest difference beyond tolerance, or when OpenVINO cannot
+    compile or run the IR; UserError when this CPU lacks ``precision``.
     """
-    tolerance = tolerance or tolerance_for_precision(precision)
     checkable = checkable_model(ir)
     check_precision(precision)
     try:
@@ -100,7 +100,7 @@ def check_openvino(model: DeployModel, ir, image_size: tuple[int, int], batches:
     except Exception as err:  # noqa: BLE001 - an IR OpenVINO cannot compile is a failed check
         raise ExportCheckError(f"OpenVINO could not compile the IR, so it could not be checked: "
                                f"{str(err).splitlines()[0][:300]}") from err
-    reference = reference_model(model)
+    referee = _referee(model, image_size, precision, tolerance, reference)
     checks = []
     for batch in batches:
         images, mask = check_inputs(batch, image_size, seed + batch)
@@ -108,8 +108,10 @@ def check_openvino(model: DeployModel, ir, image_size: tuple[int, int], batches:
             got = run_compiled(compiled, images, mask, [*OUTPUT_NAMES, *QUERY_OUTPUT_NAMES])
         except Exception as err:  # noqa: BLE001 - an IR that cannot run is a failed check
             raise ExportCheckError(f"OpenVINO could not run the IR: {str(err).splitlines()[0][:300]}") from err
-        checks.append(check_outputs(reference, images, mask, got, f"OpenVINO CPU {precision}", tolerance))
-        checks[-1].raise_on_failure("PyTorch")
+        checks.append(referee.check(images, mask, got, f"OpenVINO CPU {precision}"))
+        if precision == "bf16":
+            checks[-1].basis = "judged against PyTorch float32 at the bf16 tolerance"
+        checks[-1].raise_on_failure(referee.reference_name)
     return checks
 
 
@@ -127,12 +129,14 @@ def export_openvino(
     precision: str = "f32",
     verify: bool = True,
     labels: dict[str, str] | None = None,
+    reference: str = "auto",
 ) -> OpenVinoExport:
     """Exports ``model`` for ``(H, W)`` canvases to ``output`` (``.xml``, weights beside it in ``.bin``).
 
     The ONNX graph is exported and checked first, converted, saved, and the IR checked at ``precision`` before both
     files are moved into place. Without ``verify`` nothing is checked (said in the notes) and a ``precision`` this
-    CPU lacks may be recorded for another machine. Raises UserError for a bad ``output`` or ``precision`` (before
+    CPU lacks may be recorded for another machine. ``reference``: what both checks judge against
+    (:class:`~dino_export.check_reference.Referee`; a bf16 IR is judged against float32). Raises UserError for a bad ``output`` or ``precision`` (before
     exporting anything) and ExportCheckError (nothing written) when a check fails.
     """
     output = Path(output)
@@ -149,7 +153,7 @@ def export_openvino(
     checks: list[QueryCheck] = []
     with tempfile.TemporaryDirectory(prefix=f".{output.stem}.", dir=output.parent) as tmp:
         onnx_export = export_onnx(model, Path(tmp) / "model.onnx", image_size, "standard", dynamic_batch, max_batch,
-                                  verify=verify, labels=labels)
+                                  verify=verify, labels=labels, reference=reference)
         checks += onnx_export.checks
         ir = convert_onnx(onnx_export.path)
         set_precision(ir, precision)
@@ -158,7 +162,8 @@ def export_openvino(
         openvino().save_model(ir, str(xml), compress_to_fp16=False)
         if verify:
             with torch.no_grad():
-                checks += check_openvino(model, xml, image_size, check_batches(dynamic_batch), precision)
+                checks += check_openvino(model, xml, image_size, check_batches(dynamic_batch), precision,
+                                         reference=reference)
         else:
             notes.append("not checked against PyTorch (--no-verify): written unchecked")
         files.commit(weights_path(xml), weights_path(output))
