@@ -82,11 +82,12 @@ class Referee:
         self.skipped = "" if self.use_float64 or model.half or reference == "float32" else \
             f"float64 reference skipped: {_cost(model, image_size)} is over the float64 budget"
         self._truth = model.float64_twin() if self.use_float64 else None
+        self._float32_twin = reference_model(model) if model.half else None
 
     def judge(self, images: Tensor, mask: Tensor) -> Judge:
         """The judge of one input ``images (B, 3, H, W)``, ``mask (B, H, W)``."""
         if self.model.half:
-            return Judge(reference_model(self.model), self.fixed or FP16_TOLERANCE,
+            return Judge(self._float32_twin, self.fixed or FP16_TOLERANCE,
                          "judged against the same weights in PyTorch float32 at the fixed float16 tolerance")
         if not self.use_float64:
             why = f" ({self.skipped})" if self.skipped else ""

@@ -23,9 +23,10 @@ import onnx
 import torch
 from torch import nn
 
-from dino_export.deploy_model import WithQueryOutputs, build_deploy_model
+from dino_export.deploy_model import WithQueryOutputs, build_deploy_model, valid_sizes
 from dino_export.group_norm import staged_group_norms
 from dino_export.onnx_export import OPSET
+from dino_export.query_check import query_boxes_px
 from dino_export.tracing import check_inputs, example_inputs, export_program
 
 SELECTION_INDEPENDENT = ("backbone", "input_proj", "encoder", "enc_")
@@ -147,10 +148,16 @@ def main() -> None:
         d_cross = np.abs(_np(ort32[idx]) - _np(pt32[idx])).max()
         print(f"{name:<22} {np.abs(truth_pt).max():11.4g} {d_pt:11.3g} {d_ort:11.3g} {d_cross:11.3g} "
               f"{d_ort / max(d_pt, 1e-30):7.2f}")
-    prob = lambda x: 1 / (1 + np.exp(-_np(x)))  # noqa: E731
-    print("per-query probability |diff| from float64 (each on its own selection): PyTorch float32 "
-          f"{np.abs(prob(pt32[3]) - prob(t_pt[3])).max():.3g}, ONNX Runtime {np.abs(prob(ort32[3]) - prob(t_ort[3])).max():.3g}; "
-          f"ORT vs PyTorch float32 {np.abs(prob(ort32[3]) - prob(pt32[3])).max():.3g}")
+    sizes = truth_own[0].new_tensor([list(valid_sizes(mask)[0])])
+
+    def per_query(a, b) -> str:  # the export check's units: probability and box pixels
+        score = np.abs(1 / (1 + np.exp(-_np(a[3]))) - 1 / (1 + np.exp(-_np(b[3])))).max()
+        box = np.abs(query_boxes_px(a[4], sizes) - query_boxes_px(b[4], sizes)).max()
+        return f"{score:.3g} / {box:.3g} px"
+
+    print(f"per query (probability / box), each from float64 on its own selection: PyTorch float32 "
+          f"{per_query(pt32, t_pt)}, ONNX Runtime {per_query(ort32, t_ort)}; ONNX Runtime vs PyTorch float32 "
+          f"{per_query(ort32, pt32)}")
 
 
 if __name__ == "__main__":
