@@ -214,7 +214,7 @@ def training_rows(args, out_dir: Path) -> tuple[list[dict], str]:
             env = {**os.environ, **({"DINO_DISABLE_KERNEL": "1"} if path == "pytorch" else {})}
             cmd = [sys.executable, "-m", "dino_cli", "train", "recipes/quickstart.py", "--set",
                    f"optim.epochs={args.train_epochs}", f"train.output_dir={run_dir}",
-                   "train.eval_every_epochs=0"]
+                   "train.eval_every_epochs=0", "optim.lr_drop_epochs=()"]
             start = time.perf_counter()
             result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - start
@@ -231,8 +231,10 @@ def training_rows(args, out_dir: Path) -> tuple[list[dict], str]:
     for path in ("kernel", "pytorch"):
         ips = [r["images_per_s"] for r in runs if r["path"] == path and "images_per_s" in r]
         medians[path] = statistics.median(ips) if ips else None
-        lines.append(f"| {path} | {', '.join(f'{x:.1f}' for x in ips) or '-'} | "
-                     f"{medians[path]:.1f} |" if ips else f"| {path} | - | - |")
+        if ips:
+            lines.append(f"| {path} | {', '.join(f'{x:.1f}' for x in ips)} | {medians[path]:.1f} |")
+        else:
+            lines.append(f"| {path} | - | {next((r['note'] for r in runs if r['path'] == path), '-')} |")
     if medians.get("kernel") and medians.get("pytorch"):
         lines.append(f"\nkernel / PyTorch path: {medians['kernel'] / medians['pytorch']:.2f}x images/s")
     return runs, "\n".join(lines)
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-epochs", type=int, default=1, help="quickstart epochs per training run (0: none)")
     parser.add_argument("--train-repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, help="markdown file for the tables (and a .json beside it)")
+    parser.add_argument("--train-only", action="store_true", help="only the quickstart training rows")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows,
                                                                  "training": train_runs or []}, indent=1))
 
-    rows, table = inference_rows(args, save)
+    rows, table = inference_rows(args, save) if not args.train_only else ([], "")
     save(rows, table)
     text = header + "\n\n" + table
     train_runs: list[dict] = []
