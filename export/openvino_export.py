@@ -39,9 +39,20 @@ from dino_export.tracing import check_inputs
 
 # Not measured on a bf16 CPU (none was available: this project's CPU machines list FP32, INT8 only). What rests
 # under it: OpenVINO bf16 on the trained quickstart model at 64x64, top-10 detections against ONNX Runtime fp32,
-# measured on an avx512_bf16 CPU (issue 25): 9.7e-3 in score, 0.19 px; and PyTorch CPU autocast bfloat16 of the same
-# model, every query against float32 (docs/deployment.md "OpenVINO"). To be re-measured where bf16 runs.
+# measured on an avx512_bf16 CPU (issue 25): 9.7e-3 in score, 0.19 px; PyTorch CPU autocast bfloat16 of a quickstart
+# model trained 3 epochs, every query of the 64 validation images against float32: 8.1e-3 and 0.42 px
+# (docs/deployment.md "OpenVINO"). bf16 keeps 8 significant bits, so a box error grows with the coordinates: the box
+# tolerance is 2% of the canvas's longer side, at least 2 px (:func:`bf16_tolerance`). To be re-measured where bf16
+# runs.
 BF16_TOLERANCE = Tolerance(score=0.05, box_px=2.0)
+BF16_BOX_FRACTION = 0.02
+
+
+def bf16_tolerance(image_size: tuple[int, int]) -> Tolerance:
+    """The bf16 check's tolerance on an ``(H, W)`` canvas: :data:`BF16_TOLERANCE`, its box part at least
+    :data:`BF16_BOX_FRACTION` of the longer side."""
+    return Tolerance(score=BF16_TOLERANCE.score,
+                     box_px=max(BF16_TOLERANCE.box_px, BF16_BOX_FRACTION * max(image_size)))
 
 
 @dataclasses.dataclass
@@ -74,10 +85,10 @@ def checkable_model(ir):
 def _referee(model: DeployModel, image_size: tuple[int, int], precision: str, tolerance: Tolerance | None,
              reference: str) -> Referee:
     """f32: judged as the ONNX export is (:class:`~dino_export.check_reference.Referee`, ``reference`` auto, float64
-    or float32); bf16: against PyTorch float32 at :data:`BF16_TOLERANCE` (bf16 rounding is far beyond any multiple of
+    or float32); bf16: against PyTorch float32 at :func:`bf16_tolerance` (bf16 rounding is far beyond any multiple of
     float32's distance from float64)."""
     if precision == "bf16":
-        return Referee(model, image_size, "float32", tolerance or BF16_TOLERANCE)
+        return Referee(model, image_size, "float32", tolerance or bf16_tolerance(image_size))
     return Referee(model, image_size, reference, tolerance)
 
 
