@@ -151,7 +151,8 @@ class _Backends:
 
     def _openvino(self, precision: str):
         """The ONNX graph in OpenVINO's CPU plugin at ``precision`` with the per-query outputs, so its row's error is
-        every query's (as for AOTInductor). Threads: torch's count, as the eager rows."""
+        every query's (as for AOTInductor), compiled for each batch size at its first call with that batch static, as
+        `dino export openvino` writes it (batch 1 by default). Threads: torch's count, as the eager rows."""
         if importlib.util.find_spec("openvino") is None:
             raise _Unavailable("openvino is not installed")
         from dino_export.deploy_model import OUTPUT_NAMES, QUERY_OUTPUT_NAMES
@@ -162,11 +163,17 @@ class _Backends:
             check_precision(precision)
         except UserError as why:
             raise _Unavailable(str(why).split(" Use --precision")[0]) from None
-        compiled = compile_cpu(checkable_model(convert_onnx(self._onnx_file())), precision, torch.get_num_threads())
+        model = checkable_model(convert_onnx(self._onnx_file()))
         names = [*OUTPUT_NAMES, *QUERY_OUTPUT_NAMES]
+        compiled = {}
 
         def run(images, mask):
-            return tuple(torch.from_numpy(o) for o in run_compiled(compiled, images, mask, names))
+            batch = images.shape[0]
+            if batch not in compiled:
+                static = model.clone()
+                static.reshape({"images": list(images.shape), "mask": list(mask.shape)})
+                compiled[batch] = compile_cpu(static, precision, torch.get_num_threads())
+            return tuple(torch.from_numpy(o) for o in run_compiled(compiled[batch], images, mask, names))
 
         return run
 
