@@ -15,6 +15,7 @@ from dino.weights import save_weights
 from dino_cli import main
 from dino_export.bench import format_table, run_bench
 from dino_export.deploy_model import DeployModel, check_image_size
+from dino_export.openvino_runtime import cpu_capabilities
 from tests.export_standin import StandInDetector
 
 
@@ -73,13 +74,16 @@ def test_bench_rejects_unknown_backend_and_bad_batch():
         run_bench(model, (64, 64), [0], ["eager_fp32"], progress=False)
 
 
-def test_bench_on_cpu_times_eager_aoti_and_onnxruntime(tmp_path):
+def test_bench_on_cpu_times_eager_aoti_onnxruntime_and_openvino(tmp_path):
     torch.manual_seed(0)
     model = DeployModel(StandInDetector(), num_select=20)
-    rows = run_bench(model, (64, 96), [1], ["eager_fp32", "eager_bf16", "aoti", "ort_cpu", "tensorrt"],
+    rows = run_bench(model, (64, 96), [1], ["eager_fp32", "eager_bf16", "aoti", "ort_cpu", "openvino_cpu",
+                                            "openvino_cpu_bf16", "tensorrt"],
                      device="cpu", warmup=1, iters=3, progress=False)
     timed = {r.backend: r for r in rows if r.unavailable is None}
-    assert set(timed) == {"eager_fp32", "aoti", "ort_cpu"}
+    bf16 = "BF16" in cpu_capabilities()
+    assert set(timed) == {"eager_fp32", "aoti", "ort_cpu", "openvino_cpu"} | ({"openvino_cpu_bf16"} if bf16 else set())
+    bf16_row = timed.pop("openvino_cpu_bf16", None)  # bfloat16 arithmetic: its own error, below float32's bound
     # Backends returning per-query outputs are compared query by query on their own selection: eager float32
     # against itself is exact.
     assert timed["eager_fp32"].max_box_diff_px == 0 and timed["eager_fp32"].max_score_diff == 0
@@ -88,8 +92,12 @@ def test_bench_on_cpu_times_eager_aoti_and_onnxruntime(tmp_path):
         assert row.max_box_diff_px < 0.1 and row.max_score_diff < 1e-4
     missing = {r.backend: r.unavailable for r in rows if r.unavailable is not None}
     assert "CUDA" in missing["eager_bf16"] and "tensorrt" in missing["tensorrt"].lower()
+    if bf16:
+        assert 0 < bf16_row.max_score_diff < 0.05
+    else:  # refused, not silently run in float32 as OpenVINO would
+        assert "this CPU has no BF16" in missing["openvino_cpu_bf16"]
     table = format_table(rows, "header line")
-    for name in ("eager_fp32", "aoti", "ort_cpu", "unavailable:", "median ms"):
+    for name in ("eager_fp32", "aoti", "ort_cpu", "openvino_cpu", "unavailable:", "median ms"):
         assert name in table
 
 
