@@ -27,9 +27,9 @@ from dino.run_lock import run_lock
 ARTIFACT_FLAGS = ("onnx", "openvino", "aoti", "engine")  # dino_export.artifact_backends.KINDS, by name
 
 
-def _detector(args: argparse.Namespace) -> Detector:
+def _detector(args: argparse.Namespace, recipe) -> Detector:
     """The model the flags name: ``--checkpoint`` alone (PyTorch), or one exported artifact (its ``--checkpoint``
-    only for the recipe and category names)."""
+    only for the recipe and category names); ``recipe``: the ``--recipe`` given, loaded, or None."""
     sources = [flag for flag in ARTIFACT_FLAGS if getattr(args, flag)]
     if len(sources) > 1:
         given = ", ".join("--" + s for s in sources)
@@ -38,7 +38,6 @@ def _detector(args: argparse.Namespace) -> Detector:
         raise UserError("--plugin-lib goes with --engine")
     if args.image_size and sources != ["aoti"]:
         raise UserError("--image-size goes with --aoti (ONNX graphs, OpenVINO IRs and engines record their size)")
-    recipe = load_recipe_or_preset(args.recipe, args.overrides) if args.recipe else None
     overrides = [] if args.recipe else args.overrides  # a recipe read from the checkpoint gets --set there
     if not sources:
         if not args.checkpoint:
@@ -63,9 +62,11 @@ def _summary_line(summary) -> str | None:
 
 def run_predict(args: argparse.Namespace) -> int:
     check_device(args.device)
+    # The recipe and its --set first, as in every command (a bad override is the same line everywhere).
+    recipe = load_recipe_or_preset(args.recipe, args.overrides) if args.recipe else None
     files, folders = list_inputs(args.inputs)  # bad paths fail before the model is built
     check_output_dir(args.output, files, folders)
-    detector = _detector(args)
+    detector = _detector(args, recipe)
     print(f"dino predict: {len(files)} file(s), {detector.description} on {detector.device}; labels: "
           f"{detector.names.source}")
     with run_lock(args.output, "--output"):  # one dino predict writes a folder
