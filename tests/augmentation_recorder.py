@@ -29,7 +29,7 @@ def digest(image, target) -> str:
 
 
 def record_epoch(accelerator, model, criterion, loader, optimizer, progress, cfg, per_epoch, accumulation, ema=None,
-                 checkpointer=None) -> EpochResult:
+                 checkpointer=None, step_log=None, termination=None) -> EpochResult:
     """Stands in for ``train_one_epoch``: iterates the epoch's batches and records every sample, no model step."""
     rows = []
     for images, _, targets in loader:
