@@ -24,7 +24,7 @@ from dino.predict.paths import check_output_dir, list_inputs
 from dino.predict.recipe import load_recipe_or_preset
 from dino.run_lock import run_lock
 
-ARTIFACT_FLAGS = ("onnx", "openvino", "aoti", "engine")  # dino_export.artifact_backends.KINDS, by name
+ARTIFACT_FLAGS = ("onnx", "openvino", "aoti", "engine")  # dino.predict.artifacts.KINDS, by name
 
 
 def _detector(args: argparse.Namespace, recipe) -> Detector:

@@ -17,14 +17,12 @@ from pathlib import Path
 import torch
 
 from dino.errors import UserError
+from dino.predict.artifacts import IMAGE_SIZE_KEY
 from dino_export import files
-from dino_export.deploy_model import DeployModel, WithQueryOutputs
 from dino_export.check_reference import Referee
+from dino_export.deploy_model import DeployModel, WithQueryOutputs
 from dino_export.query_check import QueryCheck, Tolerance
 from dino_export.tracing import check_inputs, example_inputs, export_program
-
-
-IMAGE_SIZE_KEY = "dino.image_size"
 
 
 def kernel_available(device: torch.device) -> bool:

@@ -155,9 +155,10 @@ class _Backends:
         `dino export openvino` writes it (batch 1 by default). Threads: torch's count, as the eager rows."""
         if importlib.util.find_spec("openvino") is None:
             raise _Unavailable("openvino is not installed")
-        from dino_export.deploy_model import OUTPUT_NAMES, QUERY_OUTPUT_NAMES
+        from dino.predict.backend import OUTPUT_NAMES
+        from dino.predict.openvino_runtime import check_precision, compile_cpu, run_compiled
+        from dino_export.deploy_model import QUERY_OUTPUT_NAMES
         from dino_export.openvino_export import checkable_model, convert_onnx
-        from dino_export.openvino_runtime import check_precision, compile_cpu, run_compiled
 
         try:
             check_precision(precision)
@@ -188,8 +189,8 @@ class _Backends:
             raise _Unavailable("the tensorrt Python package is not installed")
         if self.device.type != "cuda":
             raise _Unavailable("TensorRT needs a CUDA device")
+        from dino.predict.tensorrt_runtime import TensorRTRunner
         from dino_export.trt_export import build_checked_engine, plan_from_args
-        from dino_export.trt_runtime import TensorRTRunner
 
         # The plugin graph (TensorRT's GridSample: NVIDIA/TensorRT#4813), checked against ONNX Runtime when built.
         plan = plan_from_args(self._onnx_file("plugin"), self.workdir / "model.engine", False, self.plugin_libs,

@@ -28,8 +28,6 @@ from dino.models.levels import image_size_problem
 from dino.postprocess import postprocess
 from dino.presets import PRESETS, get_preset
 
-INPUT_NAMES = ("images", "mask")
-OUTPUT_NAMES = ("boxes", "scores", "labels")
 # The detector's raw per-query outputs, named in every exported graph (intermediate values of the shipped graph),
 # so a check can read them back and compare query by query: ``pred_logits (B, Q, C)``, ``pred_boxes (B, Q, 4)``
 # cxcywh in [0, 1] of each image's valid region, and ``query_indices (B, Q)`` int64, the encoder tokens the queries

@@ -26,9 +26,12 @@ import torch
 from onnxscript import opset18 as op
 
 from dino.errors import UserError
+from dino.predict.backend import INPUT_NAMES, OUTPUT_NAMES
 from dino_export import files
 from dino_export.artifact_labels import set_onnx_labels
-from dino_export.deploy_model import INPUT_NAMES, OUTPUT_NAMES, QUERY_OUTPUT_NAMES, DeployModel, WithQueryOutputs
+from dino_export.check_reference import Referee
+from dino_export.deploy_model import QUERY_OUTPUT_NAMES, DeployModel, WithQueryOutputs
+from dino_export.group_norm import staged_group_norms
 from dino_export.plugin_node import (
     PLUGIN_DOMAIN,
     PLUGIN_NAMESPACE,
@@ -37,8 +40,6 @@ from dino_export.plugin_node import (
     plugin_nodes,
     register_onnx_schema,
 )
-from dino_export.check_reference import Referee
-from dino_export.group_norm import staged_group_norms
 from dino_export.query_check import ExportCheckError, QueryCheck, Tolerance
 from dino_export.tracing import check_inputs, example_inputs, export_program
 

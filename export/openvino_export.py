@@ -6,7 +6,7 @@ ONNX Runtime first), so it is the same deploy model: ``images (B, 3, H, W)``, ``
 (``pred_logits``, ``pred_boxes``, ``query_indices``) keep their names inside the IR, so :func:`check_openvino` adds
 them as outputs of a copy and compares every query with PyTorch on the same selection
 (:func:`dino_export.query_check.check_outputs`). Weights are saved in float32 (``compress_to_fp16=False``); the
-arithmetic precision (f32 or bf16, :mod:`dino_export.openvino_runtime`) and the class metadata are recorded in the
+arithmetic precision (f32 or bf16, :mod:`dino.predict.openvino_runtime`) and the class metadata are recorded in the
 IR's ``rt_info``. Both files are written in a temporary folder next to the target, checked, and only then moved into
 place (``model.bin`` first, then ``model.xml``).
 """
@@ -20,11 +20,8 @@ from pathlib import Path
 import torch
 
 from dino.errors import UserError
-from dino_export import files
-from dino_export.check_reference import Referee
-from dino_export.deploy_model import OUTPUT_NAMES, QUERY_OUTPUT_NAMES, DeployModel
-from dino_export.onnx_export import check_batches, export_onnx
-from dino_export.openvino_runtime import (
+from dino.predict.backend import OUTPUT_NAMES
+from dino.predict.openvino_runtime import (
     PRECISIONS,
     check_precision,
     compile_cpu,
@@ -34,6 +31,10 @@ from dino_export.openvino_runtime import (
     set_metadata,
     set_precision,
 )
+from dino_export import files
+from dino_export.check_reference import Referee
+from dino_export.deploy_model import QUERY_OUTPUT_NAMES, DeployModel
+from dino_export.onnx_export import check_batches, export_onnx
 from dino_export.query_check import ExportCheckError, QueryCheck, Tolerance
 from dino_export.tracing import check_inputs
 

@@ -25,8 +25,9 @@ from typing import Callable
 import onnx
 
 from dino.errors import UserError
+from dino.predict.backend import INPUT_NAMES
+from dino.predict.tensorrt_runtime import import_tensorrt, load_plugin_libraries
 from dino_export import files
-from dino_export.deploy_model import INPUT_NAMES
 from dino_export.plugin_node import plugin_nodes
 
 
@@ -118,24 +119,6 @@ def make_build_plan(
     cache = Path(timing_cache) if timing_cache is not None else out.with_suffix(".timing.cache")
     return BuildPlan(onnx_path, out, cache, (h, w), profile, batch, batch or max_batch, fp16, _graph_is_fp16(model),
                      int(workspace_gb * (1 << 30)), libs, n_plugin)
-
-
-def load_plugin_libraries(libs: list[Path]) -> None:
-    """dlopens each library globally; its static initializer registers the plugin creators with TensorRT."""
-    import ctypes
-
-    for lib in libs:
-        ctypes.CDLL(str(Path(lib).resolve()), mode=ctypes.RTLD_GLOBAL)
-
-
-def import_tensorrt():
-    """The ``tensorrt`` module, or UserError saying how to get it."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise UserError("TensorRT is not installed: `pip install tensorrt` (10.x or 11.x, with a CUDA GPU) to build "
-                        "engines; the ONNX export works without it") from None
-    return tensorrt
 
 
 def network_flags(trt, weak_fp16: bool) -> tuple[int, list[str]]:

@@ -17,7 +17,8 @@ import onnx
 import torch
 
 from dino.errors import UserError
-from dino_export.artifact_labels import engine_sidecar, onnx_labels, write_engine_sidecar
+from dino.predict.labels import engine_sidecar
+from dino_export.artifact_labels import onnx_labels, write_engine_sidecar
 from dino_export.onnx_export import ort_providers, ort_session, run_session
 from dino_export.query_check import FP16_TOLERANCE, QueryCheck, Tolerance, compare_detections, reference_from_outputs
 from dino_export.tracing import check_inputs
@@ -70,7 +71,7 @@ def check_engine(engine: Path, plan: BuildPlan, tolerance: Tolerance = TRT_TOLER
     """Runs the engine and ONNX Runtime (the same ONNX file; plugin nodes through their GridSample reference
     function) on the same letterboxed inputs and compares the engine's detections with ONNX Runtime's per-query
     outputs, matched by query. Raises ExportCheckError naming the largest difference."""
-    from dino_export.trt_runtime import TensorRTRunner
+    from dino.predict.tensorrt_runtime import TensorRTRunner
 
     if not torch.cuda.is_available():
         raise UserError("checking a TensorRT engine needs a CUDA GPU (or pass --no-verify)")

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from dino.errors import UserError
+from dino.predict.artifacts import AotiBackend
 from dino.predict.labels import ArtifactLabels, label_metadata
 from dino_export.aoti import check_aoti, export_aoti, load_aoti
 from dino_export.deploy_model import DeployModel
-from dino_export.predict_backends import AotiBackend
 from dino_export.query_check import FP32_TOLERANCE, ExportCheckError, Tolerance
 from dino_export.tracing import check_inputs
 from tests.export_standin import StandInDetector

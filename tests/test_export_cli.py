@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import dino
+from dino.predict.openvino_runtime import cpu_capabilities
 from dino.weights import save_weights
 from dino_cli import main
 from dino_export.bench import format_table, run_bench
 from dino_export.deploy_model import DeployModel, check_image_size
-from dino_export.openvino_runtime import cpu_capabilities
 from tests.export_standin import StandInDetector
 
 

@@ -21,12 +21,12 @@ from dino.errors import UserError
 from dino.model_loading import without_pretrained_backbone
 from dino.models.dino import _downsample_mask
 from dino.postprocess import PostProcess
+from dino.predict.artifacts import OnnxRuntimeBackend
 from dino.predict.labels import ArtifactLabels, label_metadata
 from dino.presets import get_preset
 from dino_export import onnx_export
 from dino_export.deploy_model import DeployModel
 from dino_export.onnx_export import check_onnx, export_onnx
-from dino_export.predict_backends import OnnxRuntimeBackend
 from dino_export.plugin_node import PLUGIN_DOMAIN, PLUGIN_INPUTS, PLUGIN_NAME, plugin_nodes
 from dino_export.query_check import FP32_TOLERANCE, ExportCheckError, Tolerance
 from dino_export.tracing import check_inputs

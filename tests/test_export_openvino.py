@@ -18,12 +18,13 @@ import torch
 
 import dino
 from dino.errors import UserError
+from dino.predict import openvino_runtime
+from dino.predict.artifacts import OpenVinoBackend
 from dino.weights import save_weights
 from dino_cli import main
-from dino_export import openvino_export, openvino_runtime
+from dino_export import openvino_export
 from dino_export.deploy_model import build_deploy_model
 from dino_export.openvino_export import check_openvino, export_openvino, weights_path
-from dino_export.predict_backends import OpenVinoBackend
 from dino_export.query_check import FP32_TOLERANCE, ExportCheckError, GraphDisagrees
 
 SIZE = (64, 64)

@@ -19,16 +19,16 @@ from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint
 from dino.models.dino import build_model
 from dino.postprocess import PostProcess, postprocess
+from dino.predict.artifacts import OnnxRuntimeBackend
 from dino.predict.backend import ModelBackend, valid_sizes
 from dino.predict.detector import Detector
-from dino.predict.files import predict_files
-from dino.predict.preprocess import Preprocessor
 from dino.predict.draw import MIN_DRAW_SIDE, draw_detections
-from dino.predict.labels import COCO_CATEGORY_NAMES, ArtifactLabels, LabelNames, label_metadata
+from dino.predict.files import predict_files
+from dino.predict.labels import COCO_CATEGORY_NAMES, ArtifactLabels, LabelNames, label_metadata, read_engine_sidecar
+from dino.predict.preprocess import Preprocessor
 from dino.weights import save_weights
 from dino_cli import main
-from dino_export.artifact_labels import read_engine_sidecar, set_onnx_labels, write_engine_sidecar
-from dino_export.predict_backends import OnnxRuntimeBackend
+from dino_export.artifact_labels import set_onnx_labels, write_engine_sidecar
 
 TINY = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
 CATEGORIES = [{"id": 7, "name": "rectangle"}, {"id": 3, "name": "ellipse"}, {"id": 9, "name": "triangle"}]

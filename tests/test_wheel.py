@@ -94,7 +94,7 @@ def test_wheel_holds_every_source_file_and_no_top_level_export(venv):
 
 def test_installed_package_runs_without_the_repository(venv, tmp_path):
     check = (
-        "import importlib.util, dino, dino_cli, {export}.predict_backends\n"
+        "import importlib.util, dino, dino_cli, {export}.onnx_export, dino.predict.artifacts\n"
         "from dino.ops.kernel import kernel_sources\n"
         "from dino.resources import resource_dir\n"
         "assert importlib.util.find_spec('export') is None\n"

@@ -7,8 +7,9 @@ A backend is anything with the deploy-graph contract (docs/ARCHITECTURE.md, CONT
     # boxes (B, K, 4) xyxy pixels of each image's valid (resized) region, scores (B, K) descending, labels (B, K) int64
 
 plus ``device``, ``input_size`` ((H, W) of a fixed-size graph, or None) and ``max_batch`` (None: any batch).
-:class:`ModelBackend` runs a PyTorch model here; ``dino_export.predict_backends`` has ONNX Runtime, AOTInductor and
-TensorRT.
+:class:`ModelBackend` runs a PyTorch model here; :mod:`dino.predict.artifacts` runs exported artifacts (ONNX Runtime,
+OpenVINO, AOTInductor, TensorRT). :data:`INPUT_NAMES` and :data:`OUTPUT_NAMES` are the contract's tensor names, as every
+exported graph declares them.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import torch
 from torch import nn
 
 from dino.postprocess import postprocess
+
+INPUT_NAMES = ("images", "mask")
+OUTPUT_NAMES = ("boxes", "scores", "labels")
 
 
 class Backend(Protocol):

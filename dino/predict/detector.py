@@ -10,11 +10,8 @@ taken as a viewer shows them (:func:`dino.predict.images.as_picture`: EXIF orien
 post-processed as in ``dino eval`` (:mod:`dino.predict.preprocess`), and only images of the same resized size share a
 forward pass, so an image's detections do not depend on the rest of the batch.
 
-Layering: ``dino/`` never imports ``dino_export`` at import time. Exported artifacts are run by
-``dino_export.artifact_backends.open_artifact``, imported inside :func:`_open_artifact` when (and only when) a file
-that is not a checkpoint is loaded: like onnxruntime and tensorrt, whose runners live there, it is an optional
-deploy-time dependency (it needs the ``[export]`` extra). That function is the only place ``dino/`` reaches
-``dino_export``, and no import cycle arises (``dino_export`` imports ``dino`` at its top, never the reverse).
+Exported artifacts are run by :func:`dino.predict.artifacts.open_artifact` (ONNX Runtime, OpenVINO and TensorRT are
+imported only when such a file is loaded).
 """
 from __future__ import annotations
 
@@ -32,6 +29,7 @@ from dino.config import DataConfig, Recipe
 from dino.device import check_device
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint, checkpoint_file, read_categories
+from dino.predict.artifacts import open_artifact
 from dino.predict.backend import Backend, ModelBackend
 from dino.predict.draw import draw_detections
 from dino.predict.images import as_picture
@@ -114,7 +112,7 @@ class Detector:
         of its checkpoint folders (their ``model.safetensors``; a line on stderr says which file was taken), or an
         exported artifact: ONNX graph (``.onnx``, run in ONNX Runtime), OpenVINO IR (``.xml``, CPU), AOTInductor
         package (``.pt2``), TensorRT engine (``.engine``; CUDA), chosen by suffix or by ``kind`` (``"onnx"``,
-        ``"openvino"``, ``"aoti"``, ``"engine"``; ``dino_export.artifact_backends.KINDS``).
+        ``"openvino"``, ``"aoti"``, ``"engine"``; ``dino.predict.artifacts.KINDS``).
 
         ``recipe``: a :class:`dino.config.Recipe`, a recipe name or file, or a preset name; None reads the recipe the
         checkpoint was trained with from its metadata (``checkpoint`` for an artifact), and is refused in one line
@@ -138,7 +136,7 @@ class Detector:
         weights = checkpoint_file(checkpoint) if checkpoint is not None else None
         device = _device(device, "cpu" if kind == "onnx" or path.suffix.lower() == ".onnx" or not
                          torch.cuda.is_available() else "cuda")
-        backend, described = _open_artifact(path, device, kind, plugin_libs, image_size)
+        backend, described = open_artifact(path, device, kind, list(plugin_libs), image_size)
         cfg = detector_recipe(recipe, weights, overrides, artifact=path)
         names = artifact_label_names(getattr(backend, "labels", None), cfg.model.num_classes, cfg.name,
                                      read_categories(weights) if weights is not None else None, str(path))
@@ -231,13 +229,3 @@ class Detector:
 def _device(device: str | torch.device | None, default: str) -> torch.device:
     device = str(device) if device is not None else default
     return check_device(device, "device")
-
-
-def _open_artifact(path: Path, device: torch.device, kind: str | None, plugin_libs, image_size):
-    """(backend, the artifact in words) of an exported artifact, by ``dino_export`` (see the module docstring)."""
-    try:
-        from dino_export.artifact_backends import open_artifact
-    except ImportError as err:
-        raise UserError(f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)} or a folder), and running an "
-                        f"exported artifact needs the export extra: pip install 'dino[export]' ({err})") from None
-    return open_artifact(path, device, kind, list(plugin_libs), image_size)

@@ -11,7 +11,9 @@ another class count.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 from dino.errors import UserError
@@ -64,6 +66,7 @@ class LabelNames:
 # the TensorRT engine's sidecar file): values are strings, as those formats require.
 NUM_CLASSES_KEY = "dino.num_classes"
 CATEGORIES_KEY = "dino.categories"
+LABEL_KEYS = (NUM_CLASSES_KEY, CATEGORIES_KEY)
 
 
 class ArtifactLabels(NamedTuple):
@@ -97,6 +100,27 @@ def read_label_metadata(meta: Mapping[str, str], source: str) -> ArtifactLabels 
         raise UserError(f"{source}: malformed class metadata {NUM_CLASSES_KEY}/{CATEGORIES_KEY} "
                         f"({type(err).__name__}: {err}); re-export it") from None
     return ArtifactLabels(num_classes, categories)
+
+
+def engine_sidecar(engine: str | os.PathLike) -> Path:
+    """``model.engine`` -> ``model.engine.json``: a TensorRT engine has no room for metadata, so its labels sit
+    beside it (``dino export trt`` writes the file)."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
+
+
+def read_engine_sidecar(engine: str | os.PathLike) -> ArtifactLabels | None:
+    """The labels in the sidecar of ``engine``, or None when it has none; UserError when it is malformed."""
+    path = engine_sidecar(engine)
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not the JSON sidecar of a TensorRT engine ({err}); delete or re-export it") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not the JSON sidecar of a TensorRT engine (not an object); delete or re-export it")
+    return read_label_metadata({str(k): str(v) for k, v in meta.items()}, str(path))
 
 
 def artifact_label_names(recorded: ArtifactLabels | None, num_classes: int, recipe_name: str,

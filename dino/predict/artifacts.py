@@ -1,29 +1,49 @@
-"""Exported artifacts as ``dino predict`` backends: ONNX Runtime, OpenVINO IRs, AOTInductor packages, TensorRT
-engines.
+"""Exported artifacts as :mod:`dino.predict` backends: ONNX graphs (ONNX Runtime), OpenVINO IRs, AOTInductor
+packages and TensorRT engines; which kind a file is (by flag or suffix); and :func:`open_artifact`, the one entry
+``dino.Detector.load`` and ``dino predict`` use.
 
-Each implements the backend interface of :mod:`dino.predict.backend` on the deploy-graph contract (docs/ARCHITECTURE.md,
-CONTRACTS item 4): ``run(images (B,3,H,W) float32, mask (B,H,W) bool) -> boxes (B,K,4) xyxy pixels of each image's
-valid region, scores (B,K), labels (B,K) int64``, plus ``device``, ``input_size`` (the graph's fixed (H, W), or
-None) and ``max_batch`` (a static batch axis, or None). ONNX Runtime, OpenVINO and TensorRT are imported only when
-used.
-``labels`` is the artifact's recorded classes (:class:`dino.predict.labels.ArtifactLabels`), or None for an artifact
-exported before they were recorded (:mod:`dino_export.artifact_labels`).
+Each backend implements the interface of :mod:`dino.predict.backend` on the deploy-graph contract
+(docs/ARCHITECTURE.md, CONTRACTS item 4): ``run(images (B,3,H,W) float32, mask (B,H,W) bool) -> boxes (B,K,4) xyxy
+pixels of each image's valid region, scores (B,K), labels (B,K) int64``, plus ``device``, ``input_size`` (the graph's
+fixed (H, W), or None) and ``max_batch`` (a static batch axis, or None). ONNX Runtime, OpenVINO and TensorRT are
+imported only when used. ``labels`` is the artifact's recorded classes (:class:`dino.predict.labels.ArtifactLabels`),
+or None for an artifact exported before they were recorded.
+
+The runtimes live here, not in ``dino_export``, because ``dino/`` never imports ``dino_export``: exporting writes these
+files, running them is prediction. A new kind of artifact is one more row of :data:`KINDS`, one more backend class
+and one more branch of :func:`open_artifact`.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from dino.errors import UserError
-from dino.predict.labels import read_label_metadata
-from dino_export.aoti import IMAGE_SIZE_KEY
-from dino_export.artifact_labels import LABEL_KEYS, read_engine_sidecar
+from dino.predict.backend import INPUT_NAMES, OUTPUT_NAMES
+from dino.predict.labels import LABEL_KEYS, read_engine_sidecar, read_label_metadata
+from dino.predict.openvino_runtime import compile_cpu, core, read_metadata, recorded_precision, run_compiled
+from dino.predict.tensorrt_runtime import TensorRTRunner
 
-INPUT_NAMES = ("images", "mask")
-OUTPUT_NAMES = ("boxes", "scores", "labels")
+# AOTInductor package metadata key of the image size ("H,W") the package was compiled for (dino export aoti writes it).
+IMAGE_SIZE_KEY = "dino.image_size"
+
+
+class ArtifactKind(NamedTuple):
+    name: str  # as in `kind=` and the dino predict flag (--onnx)
+    what: str  # in words, for messages and predictions.json's "model"
+    suffixes: tuple[str, ...]  # recognised by Detector.load, lower case
+
+
+KINDS = (
+    ArtifactKind("onnx", "ONNX graph", (".onnx",)),
+    ArtifactKind("openvino", "OpenVINO IR", (".xml",)),
+    ArtifactKind("aoti", "AOTInductor package", (".pt2",)),
+    ArtifactKind("engine", "TensorRT engine", (".engine", ".plan", ".trt")),
+)
 
 
 def _existing(path: str | os.PathLike, what: str) -> Path:
@@ -85,8 +105,6 @@ class OpenVinoBackend:
     name = "openvino"
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        from dino_export.openvino_runtime import compile_cpu, core, read_metadata, recorded_precision
-
         path = _existing(path, "OpenVINO IR")
         if path.suffix != ".xml":
             raise UserError(f"--openvino {path}: give the IR's .xml file (its weights are read from the .bin beside "
@@ -112,8 +130,6 @@ class OpenVinoBackend:
         self.compiled = compile_cpu(model, self.precision, threads)
 
     def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from dino_export.openvino_runtime import run_compiled
-
         boxes, scores, labels = run_compiled(self.compiled, images, mask, OUTPUT_NAMES)
         return torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels)
 
@@ -166,8 +182,6 @@ class TensorRTBackend:
         self.device = torch.device(device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise UserError("--engine runs on a CUDA GPU: pass --device cuda on a machine with one")
-        from dino_export.trt_runtime import TensorRTRunner
-
         self.runner = TensorRTRunner(path, list(plugin_libs))
         shape = tuple(self.runner.engine.get_tensor_shape("images"))
         if _static(shape[2]) is None or _static(shape[3]) is None:
@@ -180,3 +194,39 @@ class TensorRTBackend:
     def run(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         boxes, scores, labels, *_per_query = self.runner(images.float(), mask)
         return boxes, scores, labels.long()
+
+
+def artifact_kind(path: str | os.PathLike, kind: str | None = None) -> ArtifactKind:
+    """The kind named ``kind``, or the kind of ``path`` by its suffix; UserError naming what is recognised."""
+    path = Path(path)
+    for known in KINDS:
+        if known.name == kind or (kind is None and path.suffix.lower() in known.suffixes):
+            return known
+    recognised = "; ".join(f"{k.what} ({', '.join(k.suffixes)})" for k in KINDS)
+    if kind is not None:
+        raise UserError(f"{path}: unknown artifact kind {kind!r}; known: {', '.join(k.name for k in KINDS)}")
+    raise UserError(f"{path}: not a file dino can run: give model.safetensors, an official .pth, a training run or "
+                    f"checkpoint folder, or an exported artifact: {recognised}")
+
+
+def open_artifact(path: str | os.PathLike, device: str | torch.device = "cpu", kind: str | None = None,
+                  plugin_libs: list[str | os.PathLike] = (), image_size: tuple[int, int] | None = None):
+    """``(backend, description)``: the backend running the exported artifact ``path`` (:mod:`dino.predict.backend`'s
+    interface) on ``device`` (an OpenVINO IR runs on the CPU whatever it says), and the artifact in words
+    (``"ONNX graph model.onnx"``). ``plugin_libs`` go with a TensorRT engine,
+    ``image_size`` (H, W) with an AOTInductor package that does not record it. UserError (one line) for a file that
+    is not an artifact of a known kind, or that its runtime cannot load."""
+    found = artifact_kind(path, kind)
+    if plugin_libs and found.name != "engine":
+        raise UserError("TensorRT plugin libraries (--plugin-lib) go with a TensorRT engine")
+    if image_size is not None and found.name != "aoti":
+        raise UserError("--image-size goes with --aoti (ONNX graphs, OpenVINO IRs and engines record their size)")
+    described = f"{found.what} {path}"
+    if found.name == "onnx":
+        return OnnxRuntimeBackend(path, device), described
+    if found.name == "openvino":
+        backend = OpenVinoBackend(path)
+        return backend, f"{described} ({backend.precision})"
+    if found.name == "aoti":
+        return AotiBackend(path, image_size, device), described
+    return TensorRTBackend(path, list(plugin_libs), device), described

@@ -1,18 +1,35 @@
-"""Running a serialized TensorRT engine on torch CUDA tensors (TensorRT 10.x / 11.x name-based I/O API)."""
+"""Running a serialized TensorRT engine on torch CUDA tensors (TensorRT 10.x / 11.x name-based I/O API), and the two
+steps building and running share: importing ``tensorrt`` (only when used) and loading plugin libraries."""
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
 import torch
 
 from dino.errors import UserError
-from dino_export.deploy_model import INPUT_NAMES, OUTPUT_NAMES
-from dino_export.trt_engine import import_tensorrt, load_plugin_libraries
+from dino.predict.backend import INPUT_NAMES, OUTPUT_NAMES
+
+
+def load_plugin_libraries(libs: list[Path]) -> None:
+    """dlopens each library globally; its static initializer registers the plugin creators with TensorRT."""
+    for lib in libs:
+        ctypes.CDLL(str(Path(lib).resolve()), mode=ctypes.RTLD_GLOBAL)
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or UserError saying how to get it."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise UserError("TensorRT is not installed: `pip install tensorrt` (10.x or 11.x, with a CUDA GPU) to build "
+                        "engines; the ONNX export works without it") from None
+    return tensorrt
 
 
 class TensorRTRunner:
-    """``boxes, scores, labels = runner(images, mask)`` for an engine built by :func:`dino_export.trt_engine.build_engine`.
+    """``boxes, scores, labels = runner(images, mask)`` for an engine built by ``dino export trt`` (``dino_export.trt_engine.build_engine``).
 
     ``images (B, 3, H, W)`` float and ``mask (B, H, W)`` bool CUDA tensors (the deploy-graph contract); outputs are
     new CUDA tensors in the contract's order, in the engine's types.

@@ -1,6 +1,6 @@
 """OpenVINO on the CPU: the precision an IR runs at, compiling it at exactly that precision, running it.
 
-An OpenVINO IR (``model.xml`` + ``model.bin``, :mod:`dino_export.openvino_export`) stores float32 weights; the
+An OpenVINO IR (``model.xml`` + ``model.bin``, written by ``dino export openvino``) stores float32 weights; the
 arithmetic precision is a property of the compiled model (``INFERENCE_PRECISION_HINT``). OpenVINO's own default on
 the CPU is bf16 wherever the CPU has it (avx512_bf16 or AMX) and f32 elsewhere, so the same file silently gives other
 numbers on another machine. Here the precision is explicit: it is recorded in the IR (``rt_info`` key
@@ -93,7 +93,7 @@ def recorded_precision(model, source: str | os.PathLike) -> str:
 
 
 def set_metadata(model, metadata: dict[str, str]) -> None:
-    """Stores string ``metadata`` (e.g. :func:`dino_export.artifact_labels.model_labels`) in the IR's rt_info."""
+    """Stores string ``metadata`` (e.g. the class labels of :func:`dino.predict.labels.label_metadata`) in the IR's rt_info."""
     for key, value in metadata.items():
         model.set_rt_info(value, [key])
 
