@@ -142,7 +142,7 @@ def test_opcheck():
 def test_seam_uses_pytorch_path_on_cpu_without_the_kernel_and_logs_once(caplog, monkeypatch):
     # The package attribute ms_deform_attn is the function; the module itself comes from importlib.
     monkeypatch.setattr(importlib.import_module("dino.ops.ms_deform_attn"), "_logged_paths", set())
-    monkeypatch.setattr(kernel, "_cpu_module", None)  # as after a failed build
+    monkeypatch.setattr(kernel.CPU_KERNEL, "module", None)  # as after a failed build
     monkeypatch.delenv("DINO_REQUIRE_KERNEL", raising=False)
     value, shapes, starts, loc, attn = make_inputs([(3, 4)], dtype=torch.float32)
     with caplog.at_level(logging.INFO, logger="dino.ops"):
@@ -205,7 +205,7 @@ def test_compile_fullgraph_with_custom_op_forward_and_backward():
 
 
 def test_load_kernel_without_cuda_falls_back_or_raises(monkeypatch):
-    monkeypatch.setattr(kernel, "_module", kernel._UNSET)
+    monkeypatch.setattr(kernel.CUDA_KERNEL, "module", kernel._UNSET)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("DINO_REQUIRE_KERNEL", raising=False)
     assert kernel.load_kernel() is None
@@ -217,7 +217,7 @@ def test_load_kernel_without_cuda_falls_back_or_raises(monkeypatch):
 
 
 def test_disable_kernel_skips_the_build_even_with_cuda(monkeypatch):
-    monkeypatch.setattr(kernel, "_module", kernel._UNSET)
+    monkeypatch.setattr(kernel.CUDA_KERNEL, "module", kernel._UNSET)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kernel, "build_extension", lambda *a, **k: pytest.fail("must not build"))
     monkeypatch.setenv("DINO_DISABLE_KERNEL", "1")

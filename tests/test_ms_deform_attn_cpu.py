@@ -163,7 +163,7 @@ def test_seam_gradients_through_the_kernel_equal_the_pytorch_path(ext):
 
 
 def test_disable_kernel_gives_the_pytorch_path_on_cpu(monkeypatch):
-    monkeypatch.setattr(kernel, "_cpu_module", kernel._UNSET)
+    monkeypatch.setattr(kernel.CPU_KERNEL, "module", kernel._UNSET)
     monkeypatch.setattr(kernel, "build_extension", lambda *a, **k: pytest.fail("must not build"))
     monkeypatch.setenv("DINO_DISABLE_KERNEL", "1")
     monkeypatch.delenv("DINO_REQUIRE_KERNEL", raising=False)
@@ -174,7 +174,7 @@ def test_disable_kernel_gives_the_pytorch_path_on_cpu(monkeypatch):
 
 
 def test_no_compiler_falls_back_with_one_warning_or_raises(monkeypatch, caplog):
-    monkeypatch.setattr(kernel, "_cpu_module", kernel._UNSET)
+    monkeypatch.setattr(kernel.CPU_KERNEL, "module", kernel._UNSET)
     monkeypatch.setenv("CXX", "no-such-compiler-dino")
     monkeypatch.delenv("DINO_DISABLE_KERNEL", raising=False)
     monkeypatch.delenv("DINO_REQUIRE_KERNEL", raising=False)
@@ -186,7 +186,7 @@ def test_no_compiler_falls_back_with_one_warning_or_raises(monkeypatch, caplog):
     assert warnings == ["ms_deform_attn CPU kernel unavailable (no C++ compiler found (no-such-compiler-dino; set "
                         "CXX)); using the PyTorch path"]
     torch.testing.assert_close(out, ms_deform_attn_pytorch(value, shapes, starts, loc, attn), rtol=0, atol=0)
-    monkeypatch.setattr(kernel, "_cpu_module", kernel._UNSET)
+    monkeypatch.setattr(kernel.CPU_KERNEL, "module", kernel._UNSET)
     monkeypatch.setenv("DINO_REQUIRE_KERNEL", "1")
     with pytest.raises(RuntimeError, match="DINO_REQUIRE_KERNEL is set but the ms_deform_attn CPU kernel"):
         kernel.load_cpu_kernel()
@@ -196,7 +196,7 @@ def test_failed_build_falls_back_with_one_line(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("Error building extension 'dino_msda_cpu_ext'\nc++ output line 1\nline 2")
 
-    monkeypatch.setattr(kernel, "_cpu_module", kernel._UNSET)
+    monkeypatch.setattr(kernel.CPU_KERNEL, "module", kernel._UNSET)
     monkeypatch.setattr(kernel, "build_extension", broken)
     monkeypatch.delenv("DINO_DISABLE_KERNEL", raising=False)
     monkeypatch.delenv("DINO_REQUIRE_KERNEL", raising=False)

@@ -10,6 +10,7 @@ path everywhere; benchmarks use it to measure the kernels' effect).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -17,6 +18,7 @@ import platform
 import shutil
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 from filelock import FileLock  # inter-process lock; a dependency of torch
 import torch
@@ -32,11 +34,7 @@ EXTENSION_NAME = "dino_msda_ext"
 CPU_DIR = CSRC / "cpu"
 CPU_EXTENSION_NAME = "dino_msda_cpu_ext"
 
-_UNSET = object()
-_module: object = _UNSET  # ModuleType once loaded, None after a failed or impossible build
-_failure: str | None = None
-_cpu_module: object = _UNSET  # the same for the CPU extension
-_cpu_failure: str | None = None
+_UNSET = object()  # a KernelBuild's module before its first load
 
 
 def kernel_sources() -> list[Path]:
@@ -126,42 +124,6 @@ def build_extension(name: str, sources: list[Path], source_dirs: tuple[Path, ...
         )
 
 
-def load_kernel() -> ModuleType | None:
-    """The compiled extension (``forward``, ``backward``), or None when it cannot be built here.
-
-    Raises:
-        RuntimeError: the build failed or is impossible and ``DINO_REQUIRE_KERNEL=1`` is set.
-    """
-    global _module, _failure
-    if _module is _UNSET:
-        if _disabled():
-            _module, _failure = None, "DINO_DISABLE_KERNEL is set"
-        elif not torch.cuda.is_available():
-            _module, _failure = None, "torch.cuda.is_available() is False"
-        elif _nvcc() is None:
-            _module, _failure = None, "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
-        else:
-            try:
-                _module = build_extension(EXTENSION_NAME, kernel_sources(), (KERNEL_DIR, BINDING_DIR))
-                logger.info("ms_deform_attn CUDA kernel loaded from %s", cache_dir())
-            except Exception as exc:  # noqa: BLE001 - any build error means: fall back
-                _module, _failure = None, f"build failed: {exc}"
-                logger.warning("ms_deform_attn CUDA kernel unavailable (%s); using the PyTorch path", _failure)
-    if _module is None and _require():
-        raise RuntimeError(f"DINO_REQUIRE_KERNEL is set but the ms_deform_attn CUDA kernel is unavailable: {_failure}")
-    return _module  # type: ignore[return-value]
-
-
-def kernel_available() -> bool:
-    """Whether the CUDA kernel is (or can be) loaded; builds it on the first call."""
-    return load_kernel() is not None
-
-
-def kernel_state() -> bool | None:
-    """True/False once :func:`load_kernel` has run, None before (never triggers a build)."""
-    return None if _module is _UNSET else _module is not None
-
-
 def cpu_kernel_sources() -> list[Path]:
     """The one C++ file of the CPU extension (no CUDA, no framework-free split: nothing else builds it)."""
     return [CPU_DIR / "ms_deform_attn_cpu.cpp"]
@@ -171,34 +133,93 @@ def _cxx() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
-def load_cpu_kernel() -> ModuleType | None:
-    """The compiled CPU extension (``forward``, ``backward``; float32 and float64), or None when it cannot be built.
+def _cuda_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    if _nvcc() is None:
+        return "no nvcc found (set CUDA_HOME or put nvcc on PATH)"
+    return None
 
-    Raises:
-        RuntimeError: the build failed or is impossible and ``DINO_REQUIRE_KERNEL=1`` is set.
-    """
-    global _cpu_module, _cpu_failure
-    if _cpu_module is _UNSET:
-        if _disabled():
-            _cpu_module, _cpu_failure = None, "DINO_DISABLE_KERNEL is set"
-        elif _cxx() is None:
-            _cpu_module, _cpu_failure = None, f"no C++ compiler found ({os.environ.get('CXX', 'c++')}; set CXX)"
-            logger.warning("ms_deform_attn CPU kernel unavailable (%s); using the PyTorch path", _cpu_failure)
-        else:
-            try:
-                _cpu_module = build_extension(CPU_EXTENSION_NAME, cpu_kernel_sources(), (CPU_DIR,), cpu=True)
-                logger.info("ms_deform_attn CPU kernel loaded from %s", cache_dir((CPU_DIR,)))
-            except Exception as exc:  # noqa: BLE001 - any build error means: fall back
-                # The compiler's output is in the exception; the first line names the failed step.
-                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                _cpu_module, _cpu_failure = None, f"build failed: {first_line}"
-                logger.warning("ms_deform_attn CPU kernel unavailable (%s); using the PyTorch path", _cpu_failure)
-    if _cpu_module is None and _require():
-        raise RuntimeError(
-            f"DINO_REQUIRE_KERNEL is set but the ms_deform_attn CPU kernel is unavailable: {_cpu_failure}")
-    return _cpu_module  # type: ignore[return-value]
+
+def _compiler_missing() -> str | None:
+    return None if _cxx() is not None else f"no C++ compiler found ({os.environ.get('CXX', 'c++')}; set CXX)"
+
+
+@dataclasses.dataclass
+class KernelBuild:
+    """One extension of ``csrc/``: what it is built from, why it cannot be built here, and (once tried) the module or
+    the reason it is unavailable. Built at most once per process, on the first :meth:`load`."""
+
+    what: str  # "CUDA" / "CPU", in messages
+    name: str  # the extension's module name
+    sources: Callable[[], list[Path]]
+    source_dirs: tuple[Path, ...]  # include paths; their files key the cache
+    cpu: bool  # build flags of the CPU extension (build_extension)
+    missing: Callable[[], str | None]  # why it cannot be built here (None: it can)
+    warn_when_missing: bool  # a CPU without a compiler is worth a warning; a machine without CUDA is not
+    module: object = _UNSET  # ModuleType once loaded, None after a failed or impossible build
+    failure: str | None = None
+
+    def load(self) -> ModuleType | None:
+        """The compiled extension (``forward``, ``backward``), or None when it cannot be built here.
+
+        Raises:
+            RuntimeError: the build failed or is impossible and ``DINO_REQUIRE_KERNEL=1`` is set.
+        """
+        if self.module is _UNSET:
+            self.module, self.failure = None, "DINO_DISABLE_KERNEL is set" if _disabled() else self.missing()
+            if self.failure is None:
+                self._build()
+            elif self.warn_when_missing and not _disabled():
+                logger.warning("ms_deform_attn %s kernel unavailable (%s); using the PyTorch path", self.what,
+                               self.failure)
+        if self.module is None and _require():
+            raise RuntimeError(f"DINO_REQUIRE_KERNEL is set but the ms_deform_attn {self.what} kernel is unavailable: "
+                               f"{self.failure}")
+        return self.module  # type: ignore[return-value]
+
+    def _build(self) -> None:
+        try:
+            self.module = build_extension(self.name, self.sources(), self.source_dirs, cpu=self.cpu)
+            logger.info("ms_deform_attn %s kernel loaded from %s", self.what, cache_dir(self.source_dirs))
+        except Exception as exc:  # noqa: BLE001 - any build error means: fall back
+            # The compiler's output is in the exception; its first line names the failed step.
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            self.module, self.failure = None, f"build failed: {first_line}"
+            logger.warning("ms_deform_attn %s kernel unavailable (%s); using the PyTorch path", self.what,
+                           self.failure)
+
+    def state(self) -> bool | None:
+        """True/False once :meth:`load` has run, None before (never triggers a build)."""
+        return None if self.module is _UNSET else self.module is not None
+
+
+CUDA_KERNEL = KernelBuild("CUDA", EXTENSION_NAME, kernel_sources, (KERNEL_DIR, BINDING_DIR), cpu=False,
+                          missing=_cuda_missing, warn_when_missing=False)
+CPU_KERNEL = KernelBuild("CPU", CPU_EXTENSION_NAME, cpu_kernel_sources, (CPU_DIR,), cpu=True,
+                         missing=_compiler_missing, warn_when_missing=True)
+
+
+def load_kernel() -> ModuleType | None:
+    """The CUDA extension, or None when it cannot be built here (:meth:`KernelBuild.load`)."""
+    return CUDA_KERNEL.load()
+
+
+def kernel_available() -> bool:
+    """Whether the CUDA kernel is (or can be) loaded; builds it on the first call."""
+    return load_kernel() is not None
+
+
+def kernel_state() -> bool | None:
+    """True/False once :func:`load_kernel` has run, None before (never triggers a build)."""
+    return CUDA_KERNEL.state()
+
+
+def load_cpu_kernel() -> ModuleType | None:
+    """The CPU extension (float32 and float64), or None when it cannot be built here (:meth:`KernelBuild.load`)."""
+    return CPU_KERNEL.load()
 
 
 def cpu_kernel_state() -> bool | None:
     """True/False once :func:`load_cpu_kernel` has run, None before (never triggers a build)."""
-    return None if _cpu_module is _UNSET else _cpu_module is not None
+    return CPU_KERNEL.state()
