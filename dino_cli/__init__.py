@@ -53,6 +53,13 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def _say(line: str) -> None:
+    """Writes ``line`` and its newline to stderr in one write: the processes of a launch share one stderr, and a line
+    written in two pieces (as ``print`` does) can end up spliced with another process's line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _run(args: argparse.Namespace, error_prefix: str) -> int:
     try:
         rc = args.func(args)
@@ -60,19 +67,19 @@ def _run(args: argparse.Namespace, error_prefix: str) -> int:
         _close_progress_bars()
         # Every process of a launch raises a SharedUserError alike: the main process's line is enough.
         if not isinstance(err, SharedUserError) or os.environ.get("RANK", "0") == "0":
-            print(f"{error_prefix}: error: {err}", file=sys.stderr)
+            _say(f"{error_prefix}: error: {err}")
         return 2
     except CheckFailure as err:  # an artifact that failed its own check: one line, status 1
         _close_progress_bars()
-        print(f"{error_prefix}: error: {err}", file=sys.stderr)
+        _say(f"{error_prefix}: error: {err}")
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C: one line (what was kept, how to go on), the shell's status 128 + SIGINT
         _close_progress_bars()
-        print(f"{error_prefix}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
+        _say(f"{error_prefix}: interrupted" + (f"; {err}" if str(err) else ""))
         return 130
     except Terminated as err:  # train.termination_signals: the checkpoint is saved; the rerun resumes from it
         _close_progress_bars()
-        print(f"{error_prefix}: {err}", file=sys.stderr)
+        _say(f"{error_prefix}: {err}")
         return TERMINATED_EXIT_CODE
     return int(rc or 0)
 

@@ -1,5 +1,6 @@
 """Shared pytest setup: GPU and TensorRT tests skip cleanly where their hardware or library is missing."""
 import importlib.util
+import multiprocessing
 
 import pytest
 import torch
@@ -14,3 +15,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_cuda)
         if "tensorrt" in item.keywords and not has_trt:
             item.add_marker(no_trt)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No multiprocessing child outlives the session: multiprocessing's exit hook waits for every one of them, so a
+    leaked child that ignores SIGTERM (a data worker) would keep pytest from exiting after its summary, as a CI run
+    once did for an hour. Each one left is named and killed."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+        child.join(10)
+    if children:
+        session.config.get_terminal_writer().line(
+            f"conftest: killed {len(children)} leftover child process(es): {', '.join(map(str, children))}", yellow=True)

@@ -2,9 +2,11 @@
 the same --set everywhere, launch.py as `dino train`, and loading a checkpoint never downloading."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -318,3 +320,23 @@ def test_loading_a_checkpoint_never_downloads(tmp_path, monkeypatch, capsys):
     model, desc = build_deploy_model(str(recipe), checkpoint)  # what dino export * and dino bench --checkpoint build
     assert "weights model.safetensors" in desc
     assert fetched == []
+
+
+def test_the_error_line_is_one_write(monkeypatch):
+    """The processes of a launch share stderr: a line written in two pieces (print's text, then its newline) was seen
+    spliced with the other process's line."""
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    def fails(args):
+        raise UserError("data.root /nowhere does not exist")
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert dino_cli._run(argparse.Namespace(func=fails), "dino train") == 2
+    assert writes == ["dino train: error: data.root /nowhere does not exist\n"]

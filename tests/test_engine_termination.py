@@ -280,3 +280,23 @@ def test_slurm_script_forwards_usr1_saves_and_requeues_and_the_requeued_job_resu
     assert [c.split()[:2] for c in calls.read_text().splitlines()] == [["scontrol", "show"],
                                                                       ["srun", "--kill-on-bad-exit=1"]]  # no requeue
     assert_same_tensors(out / "model.safetensors", uninterrupted / "model.safetensors")
+
+
+UNCLOSED_LOADER = """
+import sys
+from torch.utils.data import DataLoader
+from dino.engine.termination import data_worker_init
+
+loader = DataLoader(list(range(64)), batch_size=1, num_workers=2, worker_init_fn=data_worker_init(["SIGTERM"]))
+left_open = iter(loader)  # never closed: as when a failed run's traceback holds its loader until exit
+next(left_open)
+print("fetched", flush=True)
+"""
+
+
+def test_a_process_with_an_unclosed_loader_still_exits():
+    """Its workers ignore SIGTERM, multiprocessing's exit hook ends daemonic children with SIGTERM and waits for them:
+    without the exit hook of data_worker_init the process never ends (a CI run hung this way after its tests)."""
+    run = subprocess.run([sys.executable, "-c", UNCLOSED_LOADER], cwd=REPO, env=launch_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert (run.returncode, run.stdout) == (0, "fetched\n"), run.stderr[-2000:]

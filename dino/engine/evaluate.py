@@ -20,7 +20,7 @@ from dino.config import Recipe
 from dino.durable import replace_durably, write_json
 from dino.engine.bad_images import agreed_batches
 from dino.engine.setup import build_accelerator, fit_classes_to
-from dino.engine.termination import ignore_in_data_worker
+from dino.engine.termination import data_worker_init
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint
 from dino.plots.pr_curves import PR_CURVES_PNG, plot_pr_curves
@@ -48,7 +48,7 @@ def build_val_loader(dataset: Dataset, cfg: Recipe) -> DataLoader:
         collate_fn=partial(collate_fn, size_divisibility=cfg.data.size_divisibility),
         num_workers=cfg.data.num_workers,
         generator=torch.Generator(),  # keeps evaluation from drawing on the global RNG (exact resumption)
-        worker_init_fn=partial(ignore_in_data_worker, cfg.train.termination_signals),  # a signal waits for its end
+        worker_init_fn=data_worker_init(cfg.train.termination_signals),  # a signal waits for its end
     )
 
 

@@ -14,12 +14,15 @@ inside an accumulation group.
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import signal
 import threading
 from dataclasses import asdict
+from functools import partial
 from types import FrameType
-from typing import Iterable, NoReturn
+from typing import Callable, Iterable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -54,13 +57,41 @@ def termination_signals(names: Iterable[str]) -> tuple[signal.Signals, ...]:
     return tuple(found)
 
 
-def ignore_in_data_worker(names: Iterable[str], worker_id: int) -> None:
-    """``worker_init_fn`` of the DataLoaders (with ``partial(..., train.termination_signals)``): a data worker ignores
-    the termination signals. torchrun passes a signal on to each process's whole process group, data workers included,
-    and Slurm signals every process of a job; a worker ended by it fails the main process's next fetch ("DataLoader
-    worker is killed by signal") before the checkpoint. The main process ends its workers itself when it exits."""
-    for sig in termination_signals(names):
+def data_worker_init(names: Iterable[str]) -> Callable[[int], None]:
+    """The DataLoaders' ``worker_init_fn`` for ``train.termination_signals``: a data worker ignores those signals.
+    torchrun passes a signal on to each process's whole process group, data workers included, and Slurm signals every
+    process of a job; a worker ended by it fails the main process's next fetch ("DataLoader worker is killed by
+    signal") before the checkpoint.
+
+    A worker that ignores SIGTERM outlives multiprocessing's own exit hook, which ends daemonic children with SIGTERM
+    and then waits for them: a loader whose iterator was never closed (an exception's traceback held it, say) would
+    keep the main process from ever exiting. So this also registers, once, an exit hook of the main process that
+    kills its daemonic children first (:func:`_kill_daemonic_children`)."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_daemonic_children)  # after multiprocessing registered its hook, so it runs before it
+        _exit_hook_registered = True
+    return partial(_ignore_in_data_worker, tuple(termination_signals(names)))
+
+
+_exit_hook_registered = False
+
+
+def _ignore_in_data_worker(signals: tuple[signal.Signals, ...], worker_id: int) -> None:
+    for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    """SIGKILLs this process's live daemonic children (the data workers) and waits for them."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children and hasattr(signal, "SIGCHLD"):
+        # DataLoader's SIGCHLD handler raises for a worker killed by a signal; at exit that is the point.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(10)
 
 
 class TerminationSignals:

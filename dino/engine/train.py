@@ -43,7 +43,7 @@ from dino.engine.setup import (
     weights_metadata,
 )
 from dino.engine.step_log import StepLog
-from dino.engine.termination import TerminationSignals, ignore_in_data_worker
+from dino.engine.termination import TerminationSignals, data_worker_init
 from dino.errors import UserError
 from dino.plots.curves import plot_run
 from dino.run_lock import run_lock
@@ -87,7 +87,7 @@ def build_train_loader(dataset, plan: BatchPlan, cfg: Recipe) -> DataLoader:
         # Its own generator: creating a DataLoader iterator draws a seed, which must not come from the global RNG
         # (the model's denoising noise) or a resumed run, whose iterator starts mid-epoch, would draw differently.
         generator=torch.Generator().manual_seed(cfg.train.seed),
-        worker_init_fn=partial(ignore_in_data_worker, cfg.train.termination_signals),  # the main process decides
+        worker_init_fn=data_worker_init(cfg.train.termination_signals),  # the main process decides
     )
 
 
