@@ -45,6 +45,9 @@ def test_two_processes_train_and_evaluate_every_val_image_once(data_root, tmp_pa
     assert set(per_image.values()) == {20}  # num_select per image: nothing duplicated or lost
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["global_step"] == 2 and log[-1]["eval"]["num_images"] == 5  # 8 images / effective batch 4
+    # steps.jsonl: the main process alone writes it, so each step is there once (two writers would give 1, 1, 2, 2).
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in steps] == [(1, 1), (2, 1)] and all(r["loss"] > 0 for r in steps)
     assert (out / "model.safetensors").is_file()
     states = sorted((out / "checkpoints" / "step_00000002_end").glob("random_states_*.pkl"))
     assert [p.name for p in states] == ["random_states_0.pkl", "random_states_1.pkl"]

@@ -264,8 +264,10 @@ def test_data_check_reports_images_too_small_for_the_queries(tmp_path, capsys):
     rc, out, _ = _cli(capsys, "data", "check", "--recipe", TINY, "--set", f"data.root={tmp_path / 'shapes'}",
                       "model.transformer.num_queries=200")
     assert rc == 1
+    # No training input can fit 200 queries: training refuses the setup (listed once), so only val lists its images.
+    assert "no training input fits the model: the largest (data.train_scales up to 64" in out
     assert [line.split() for line in out.splitlines() if line.startswith("image too small")] == [
-        ["image", "too", "small", "for", "the", "model", "*", "8", "5"]]
+        ["image", "too", "small", "for", "the", "model", "*", "0", "5"]]
     assert "84 encoder tokens, fewer than its 200 queries" in out
 
 
@@ -402,3 +404,19 @@ def test_export_output_on_an_unwritable_file_system_is_refused_before_any_work(t
                       "--output", "/sys/dino_sweep/m.onnx")
     assert rc == 2 and err.startswith("dino export onnx: error: --output /sys/dino_sweep/m.onnx cannot be written: /sys "
                                       "is not writable ("), err
+
+
+def test_more_queries_than_any_training_input_has_tokens_is_one_line(tmp_path, capsys):
+    """num_queries=1000000 exhausted the memory (1 TB for the queries' attention) before any check; now training and
+    dino data check refuse it in the same line, before a step."""
+    root, out = tmp_path / "shapes", tmp_path / "out"
+    overrides = [f"data.root={root}", f"train.output_dir={out}", "model.transformer.num_queries=1000000"]
+    rc, _, err = _cli(capsys, "train", TINY, "--set", *overrides)
+    message = ("no training input fits the model: the largest (data.train_scales up to 64, data.train_max_size=64), "
+               "64x64 px gives the model's feature levels (strides 8, 16, 32) 84 encoder tokens, fewer than its "
+               "1000000 queries (model.transformer.num_queries), which are chosen among them; the model needs at "
+               "least ")
+    assert rc == 2 and err.startswith(f"dino train: error: {message}") and len(err.splitlines()) == 1, err
+    assert not (out / "checkpoints").exists()
+    rc, out_text, _ = _cli(capsys, "data", "check", "--recipe", TINY, "--set", *overrides[:1], *overrides[2:])
+    assert rc == 1 and message in out_text

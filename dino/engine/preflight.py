@@ -30,7 +30,13 @@ from dino.data.transforms import build_transforms, resized_size
 from dino.engine.batching import check_batch_fits, plan_batches
 from dino.engine.evaluate import build_val_loader
 from dino.engine.optim import check_schedule
-from dino.engine.setup import build_model, check_train_config, fit_classes_to, resolve_mixed_precision
+from dino.engine.setup import (
+    build_model,
+    check_queries_fit_training_sizes,
+    check_train_config,
+    fit_classes_to,
+    resolve_mixed_precision,
+)
 from dino.errors import UserError
 from dino.models.levels import image_size_problem
 from dino.postprocess import PostProcess
@@ -91,10 +97,10 @@ def training_problems(cfg: Recipe, num_processes: int, recipe: str,
         attempt(recipe, lambda: build_criterion(cfg.model))
     attempt(recipe, lambda: PostProcess(cfg.model.num_select))
     problems += dataset_notes(train_set, cfg.model.transformer.num_queries)
-    if model_ok:
+    if model_ok and attempt(recipe, lambda: check_queries_fit_training_sizes(model, cfg))[0]:
         problems += _small_images(model, train_set, cfg, "train")
-        if val_set is not None:
-            found["val"] = _small_images(model, val_set, cfg, "val")
+    if model_ok and val_set is not None:
+        found["val"] = _small_images(model, val_set, cfg, "val")
     return found
 
 

@@ -24,8 +24,9 @@ from dino.data import fit_num_classes
 from dino.data.check import dataset_notes
 from dino.engine.checkpoint import check_keep
 from dino.engine.recipe import iter_fields
-from dino.errors import UserError
+from dino.errors import SharedUserError, UserError
 from dino.model_loading import without_pretrained_backbone
+from dino.models.levels import image_size_problem
 
 logger = logging.getLogger("dino.engine")
 
@@ -151,6 +152,19 @@ def fit_classes_to(cfg: Recipe, dataset) -> None:
     fit_num_classes(cfg.model, dataset.num_classes, str(dataset.annotations_file))
     for note in dataset_notes(dataset, cfg.model.transformer.num_queries):
         logger.info("%s: %s", note.file, note.detail)
+
+
+def check_queries_fit_training_sizes(model: torch.nn.Module, cfg: Recipe) -> None:
+    """SharedUserError when no training input can give ``model`` (a built DINO) as many encoder tokens as it has
+    queries: even the largest input training makes (short side the largest of ``data.train_scales``, long side
+    ``data.train_max_size``) gives fewer, so every step would fail (or first exhaust the memory on the queries'
+    attention, as ``num_queries=1000000`` did)."""
+    short = min(max(cfg.data.train_scales), cfg.data.train_max_size)
+    problem = image_size_problem(model, short, cfg.data.train_max_size)
+    if problem is not None:
+        raise SharedUserError(f"no training input fits the model: the largest (data.train_scales up to "
+                              f"{max(cfg.data.train_scales)}, data.train_max_size={cfg.data.train_max_size}), "
+                              f"{problem}: lower model.transformer.num_queries or train at larger sizes")
 
 
 def resolved_recipe(cfg: Recipe) -> dict:

@@ -37,8 +37,9 @@ from dino.engine.seeding import EpochSeededDataset
 from dino.engine.setup import (
     build_accelerator,
     build_model,
-    fit_classes_to,
+    check_queries_fit_training_sizes,
     dataset_categories,
+    fit_classes_to,
     resolved_recipe,
     weights_metadata,
 )
@@ -70,6 +71,7 @@ def build_components(cfg: Recipe, weights_follow: bool) -> Components:
     val_set = build_dataset(cfg.data, "val")
     fit_classes_to(cfg, train_set)
     model = build_model(cfg.model, weights_follow)
+    check_queries_fit_training_sizes(model, cfg)
     return Components(model, build_criterion(cfg.model), PostProcess(cfg.model.num_select), train_set, val_set)
 
 
