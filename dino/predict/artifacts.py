@@ -72,7 +72,8 @@ class OnnxRuntimeBackend:
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UserError("--device cuda: this ONNX Runtime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+                raise UserError("--device cuda: this ONNX Runtime has no CUDAExecutionProvider (install "
+                                "onnxruntime-gpu)")
             providers.insert(0, "CUDAExecutionProvider")
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)

@@ -93,7 +93,8 @@ def recorded_precision(model, source: str | os.PathLike) -> str:
 
 
 def set_metadata(model, metadata: dict[str, str]) -> None:
-    """Stores string ``metadata`` (e.g. the class labels of :func:`dino.predict.labels.label_metadata`) in the IR's rt_info."""
+    """Stores string ``metadata`` (e.g. the class labels of :func:`dino.predict.labels.label_metadata`) in the IR's
+    rt_info."""
     for key, value in metadata.items():
         model.set_rt_info(value, [key])
 

@@ -29,7 +29,7 @@ def import_tensorrt():
 
 
 class TensorRTRunner:
-    """``boxes, scores, labels = runner(images, mask)`` for an engine built by ``dino export trt`` (``dino_export.trt_engine.build_engine``).
+    """``boxes, scores, labels = runner(images, mask)`` for an engine built by ``dino export trt``.
 
     ``images (B, 3, H, W)`` float and ``mask (B, H, W)`` bool CUDA tensors (the deploy-graph contract); outputs are
     new CUDA tensors in the contract's order, in the engine's types.
