@@ -300,3 +300,41 @@ def test_a_process_with_an_unclosed_loader_still_exits():
     run = subprocess.run([sys.executable, "-c", UNCLOSED_LOADER], cwd=REPO, env=launch_env(), capture_output=True,
                          text=True, timeout=120)
     assert (run.returncode, run.stdout) == (0, "fetched\n"), run.stderr[-2000:]
+
+
+class _Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="needs sigwaitinfo (the worker tells the senders apart)")
+def test_a_data_worker_drops_others_signals_and_ends_on_its_parents():
+    """torchrun and Slurm signal the workers too: they must keep serving. The main process ending its workers (the
+    DataLoader's shutdown, multiprocessing at exit) must end them: ignoring that too left them alive for good."""
+    from torch.utils.data import DataLoader
+
+    from dino.engine.termination import data_worker_init
+
+    loader = DataLoader(_Pids(), batch_size=1, num_workers=1, worker_init_fn=data_worker_init(["SIGTERM", "SIGUSR1"]))
+    batches = iter(loader)
+    worker = int(next(batches))
+    for name in ("TERM", "USR1"):
+        subprocess.run(["kill", f"-{name}", str(worker)], check=True)  # sent by another process
+    time.sleep(0.5)
+    assert _alive(worker) and all(int(next(batches)) == worker for _ in range(5))
+    os.kill(worker, signal.SIGTERM)  # sent by its parent
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
+    del batches

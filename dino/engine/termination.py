@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 from dataclasses import asdict
@@ -58,15 +59,16 @@ def termination_signals(names: Iterable[str]) -> tuple[signal.Signals, ...]:
 
 
 def data_worker_init(names: Iterable[str]) -> Callable[[int], None]:
-    """The DataLoaders' ``worker_init_fn`` for ``train.termination_signals``: a data worker ignores those signals.
-    torchrun passes a signal on to each process's whole process group, data workers included, and Slurm signals every
-    process of a job; a worker ended by it fails the main process's next fetch ("DataLoader worker is killed by
-    signal") before the checkpoint.
+    """The DataLoaders' ``worker_init_fn`` for ``train.termination_signals``: a data worker drops those signals unless
+    its main process sends them. torchrun passes a signal on to each process's whole process group, data workers
+    included, and Slurm signals every process of a job; a worker ended by it fails the main process's next fetch
+    ("DataLoader worker is killed by signal") before the checkpoint. The main process itself ends its workers with
+    SIGTERM (the DataLoader's shutdown, multiprocessing at exit), and that must still end them
+    (:func:`_ignore_in_data_worker`).
 
-    A worker that ignores SIGTERM outlives multiprocessing's own exit hook, which ends daemonic children with SIGTERM
-    and then waits for them: a loader whose iterator was never closed (an exception's traceback held it, say) would
-    keep the main process from ever exiting. So this also registers, once, an exit hook of the main process that
-    kills its daemonic children first (:func:`_kill_daemonic_children`)."""
+    Where the worker cannot tell the senders apart it ignores them all, and would then outlive multiprocessing's own
+    exit hook, which sends SIGTERM and waits for its daemonic children without a timeout. So this also registers,
+    once, an exit hook of the main process that kills its daemonic children first (:func:`_kill_daemonic_children`)."""
     global _exit_hook_registered
     if not _exit_hook_registered:
         atexit.register(_kill_daemonic_children)  # after multiprocessing registered its hook, so it runs before it
@@ -78,8 +80,22 @@ _exit_hook_registered = False
 
 
 def _ignore_in_data_worker(signals: tuple[signal.Signals, ...], worker_id: int) -> None:
-    for sig in signals:
-        signal.signal(sig, signal.SIG_IGN)
+    """In the worker: the signals are blocked and a thread takes them; one sent by the main process (the DataLoader
+    ending its workers, multiprocessing at exit) ends the worker at once, as torch's own SIGTERM handler does, and one
+    from anyone else (torchrun, Slurm) is dropped. Where ``sigwaitinfo`` is missing (macOS) they are ignored."""
+    if not hasattr(signal, "sigwaitinfo"):
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # a fork child has one thread; later ones inherit the mask
+    threading.Thread(target=_take_signals, args=(set(signals), os.getppid()), name="dino-worker-signals",
+                     daemon=True).start()
+
+
+def _take_signals(signals: set[signal.Signals], parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo(signals).si_pid == parent:
+            os._exit(0)
 
 
 def _kill_daemonic_children() -> None:
