@@ -295,8 +295,9 @@ print("fetched", flush=True)
 
 
 def test_a_process_with_an_unclosed_loader_still_exits():
-    """Its workers ignore SIGTERM, multiprocessing's exit hook ends daemonic children with SIGTERM and waits for them:
-    without the exit hook of data_worker_init the process never ends (a CI run hung this way after its tests)."""
+    """multiprocessing's exit hook ends daemonic children with SIGTERM and waits for them: workers that ignored every
+    SIGTERM kept the process from ever ending (a CI run hung this way after its tests). They now end on their
+    parent's SIGTERM (or, without sigwaitinfo, data_worker_init's exit hook kills them first)."""
     run = subprocess.run([sys.executable, "-c", UNCLOSED_LOADER], cwd=REPO, env=launch_env(), capture_output=True,
                          text=True, timeout=120)
     assert (run.returncode, run.stdout) == (0, "fetched\n"), run.stderr[-2000:]

@@ -64,22 +64,23 @@ def data_worker_init(names: Iterable[str]) -> Callable[[int], None]:
     included, and Slurm signals every process of a job; a worker ended by it fails the main process's next fetch
     ("DataLoader worker is killed by signal") before the checkpoint. The main process itself ends its workers with
     SIGTERM (the DataLoader's shutdown, multiprocessing at exit), and that must still end them
-    (:func:`_ignore_in_data_worker`).
+    (:func:`_drop_others_signals`).
 
-    Where the worker cannot tell the senders apart it ignores them all, and would then outlive multiprocessing's own
-    exit hook, which sends SIGTERM and waits for its daemonic children without a timeout. So this also registers,
-    once, an exit hook of the main process that kills its daemonic children first (:func:`_kill_daemonic_children`)."""
+    Where the worker cannot tell the senders apart (no ``sigwaitinfo``) it ignores them all, and would then outlive
+    multiprocessing's own exit hook, which sends SIGTERM and waits for its daemonic children without a timeout. There
+    only, this also registers, once, an exit hook of the main process that kills its daemonic children first
+    (:func:`_kill_daemonic_children`)."""
     global _exit_hook_registered
-    if not _exit_hook_registered:
+    if not hasattr(signal, "sigwaitinfo") and not _exit_hook_registered:
         atexit.register(_kill_daemonic_children)  # after multiprocessing registered its hook, so it runs before it
         _exit_hook_registered = True
-    return partial(_ignore_in_data_worker, tuple(termination_signals(names)))
+    return partial(_drop_others_signals, tuple(termination_signals(names)))
 
 
 _exit_hook_registered = False
 
 
-def _ignore_in_data_worker(signals: tuple[signal.Signals, ...], worker_id: int) -> None:
+def _drop_others_signals(signals: tuple[signal.Signals, ...], worker_id: int) -> None:
     """In the worker: the signals are blocked and a thread takes them; one sent by the main process (the DataLoader
     ending its workers, multiprocessing at exit) ends the worker at once, as torch's own SIGTERM handler does, and one
     from anyone else (torchrun, Slurm) is dropped. Where ``sigwaitinfo`` is missing (macOS) they are ignored."""
