@@ -180,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         net.load_state_dict(load_file(str(args.weights)))
     model = Detector(net, cfg.num_select).to(device).eval()
     bf16_model = Detector(model.model, cfg.num_select, autocast=True)
-    kernel = device.type == "cuda" and dino.ops.kernel_available()
     meta = {"preset": args.preset + (" (tiny, dry run)" if args.dry_run else ""), "image": f"{height}x{width}",
-            **environment(device), "eager deformable attention": "CUDA kernel" if kernel else "PyTorch (grid_sample)",
+            **environment(device), "eager deformable attention": dino.ops.path_name(device),
             "timing": f"median/p90 of {args.iters} calls after {args.warmup} warm-up",
             "weights": f"{args.weights.name} (official init)" if args.weights else "random init (ours)"}
     writer = RowWriter(args.json, args.table, COLUMNS, meta, append=args.append, derive=official_speedups)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         args.image_size, args.warmup, args.iters = (64, 96), 0, 1
     height, width = args.image_size
-    path = "CUDA kernel" if device.type == "cuda" and dino.ops.kernel_available() else "PyTorch (grid_sample)"
+    path = dino.ops.path_name(device)  # what runs: the CPU kernel on a CPU too, not "grid_sample"
     cfg = model_config(args.preset, tiny=args.dry_run)
     meta = {"preset": args.preset + (" (tiny, dry run)" if args.dry_run else ""), **environment(device),
             "timing": f"median of {args.iters} steps after {args.warmup} warm-up",
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== training step: {meta}, deformable attention: {path}", flush=True)
 
     for precision in args.precisions:
-        row = {"code": "ours", "path": path, "precision": precision, "batch": args.batch, "image": f"{height}x{width}"}
+        # bf16 autocast hands the seam bfloat16 values: the CPU kernel (float32/64) then leaves them to grid_sample.
+        row_path = dino.ops.path_name(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+        row = {"code": "ours", "path": row_path, "precision": precision, "batch": args.batch, "image": f"{height}x{width}"}
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             writer.add({**row, "note": "no bf16 on this GPU"})
             continue

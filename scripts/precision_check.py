@@ -122,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         args.image_size, args.warmup, args.iters = (96, 128), 0, 1
     fp32 = build(args.preset, args.dry_run, args.head_std, device)
-    kernel = device.type == "cuda" and dino.ops.kernel_available()
     height, width = args.image_size
-    path = "CUDA kernel" if kernel else "PyTorch (grid_sample)"
+    path = dino.ops.path_name(device)
     meta = {"preset": args.preset + (" (tiny, dry run)" if args.dry_run else ""), "image": f"{height}x{width}",
             **environment(device),
             "weights": f"random, seed 0, box-head output layers redrawn with std {args.head_std}",

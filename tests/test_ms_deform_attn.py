@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import importlib
-from dino.ops import kernel, ms_deform_attn, ms_deform_attn_pytorch, use_custom_op, use_pytorch_path
+from dino.ops import kernel, ms_deform_attn, ms_deform_attn_pytorch, path_name, use_custom_op, use_pytorch_path
 from dino.ops.custom_op import ms_deform_attn_backward_pytorch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +150,16 @@ def test_seam_uses_pytorch_path_on_cpu_without_the_kernel_and_logs_once(caplog, 
         ms_deform_attn(value, shapes, starts, loc, attn)
     assert [r.getMessage() for r in caplog.records] == ["ms_deform_attn uses the PyTorch path (grid_sample)"]
     torch.testing.assert_close(out, ms_deform_attn_pytorch(value, shapes, starts, loc, attn), rtol=0, atol=0)
+
+
+def test_path_name_names_the_path_that_runs(monkeypatch):
+    # Benchmark rows are labelled with it: the CPU kernel when built, grid_sample for bf16 values or without it.
+    built = kernel.load_cpu_kernel() is not None
+    assert path_name("cpu") == ("CPU kernel" if built else "PyTorch (grid_sample)")
+    assert path_name("cpu", torch.bfloat16) == "PyTorch (grid_sample)"
+    monkeypatch.setattr(kernel.CPU_KERNEL, "module", None)  # as after a failed build
+    monkeypatch.delenv("DINO_REQUIRE_KERNEL", raising=False)
+    assert path_name("cpu") == "PyTorch (grid_sample)"
 
 
 class _Block(torch.nn.Module):

@@ -117,6 +117,16 @@ def use_pytorch_path() -> contextlib.AbstractContextManager[None]:
     return _force("pytorch")
 
 
+def path_name(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """The path :func:`ms_deform_attn` takes for a ``value`` on ``device`` of ``dtype`` (no forcing block open):
+    ``"CUDA kernel"``, ``"CPU kernel"`` or ``"PyTorch (grid_sample)"``, for benchmark rows that name what ran.
+    Builds the kernel if it is not built yet."""
+    probe = torch.empty(0, device=device, dtype=dtype)
+    if not _kernel_usable(probe):
+        return "PyTorch (grid_sample)"
+    return "CUDA kernel" if probe.is_cuda else "CPU kernel"
+
+
 def _kernel_usable(value: torch.Tensor) -> bool:
     if value.is_cuda:
         return _cuda_kernel_usable()
