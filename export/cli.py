@@ -48,7 +48,9 @@ def _add_graph_args(p: argparse.ArgumentParser, max_batch: int) -> None:
 
 
 def register(subparsers) -> None:
-    exp = subparsers.add_parser("export", help="export a trained model (ONNX, TensorRT engine, AOTInductor)")
+    targets_line = "onnx (ONNX), openvino (OpenVINO IR), trt (TensorRT engine), aoti (AOTInductor package)"
+    exp = subparsers.add_parser("export", help=f"export a trained model: {targets_line}",
+                                description=f"Export a trained model to one of: {targets_line}.")
     targets = exp.add_subparsers(dest="target", required=True, metavar="TARGET")
 
     onnx_p = targets.add_parser("onnx", help="ONNX graph (images, mask) -> (boxes, scores, labels), standard or "
@@ -156,6 +158,16 @@ def _load(args, half: bool = False):
     return model, desc, size
 
 
+def _read_files(args) -> tuple:
+    """The files the command reads, which no output may replace (:func:`dino.durable.check_output_file`): the
+    checkpoint (a run's or checkpoint's folder resolved to its model.safetensors, kept in ``args`` for the load), a
+    recipe given as a file, the ONNX file and plugin libraries of ``dino export trt``."""
+    if args.checkpoint is not None:
+        args.checkpoint = str(checkpoint_file(args.checkpoint))
+    recipe = args.recipe if args.recipe is not None and Path(args.recipe).is_file() else None
+    return (args.checkpoint, recipe, getattr(args, "onnx", None), *getattr(args, "plugin_lib", []))
+
+
 def _labels(model, args) -> dict[str, str]:
     """The class count and the checkpoint's category names, to be recorded in the exported artifact."""
     from dino_export.artifact_labels import model_labels
@@ -173,7 +185,7 @@ def _print_checks(checks, notes) -> None:
 def _export_onnx(args, output: str):
     from dino_export.onnx_export import export_onnx
 
-    check_output_file(output, "--output", "model.onnx", inputs=(args.checkpoint,))
+    check_output_file(output, "--output", "model.onnx", inputs=_read_files(args), replaces=(".onnx",))
     model, desc, size = _load(args, half=args.fp16)
     with _check_failure_is_one_line():
         result = export_onnx(model, output, size, args.deform_op, args.dynamic_batch, args.max_batch,
@@ -203,8 +215,11 @@ def _cmd_export_trt(args) -> int:
     if args.onnx is not None and not Path(args.onnx).is_file():
         raise UserError(f"ONNX file {args.onnx} " + ("is a folder; give the .onnx file" if Path(args.onnx).is_dir()
                                                      else "does not exist"))
-    if args.output is not None:
-        check_output_file(args.output, "--output", "model.engine", inputs=(args.onnx, args.checkpoint))
+    inputs = _read_files(args)
+    engine = Path(args.output or (Path(args.onnx).with_suffix(".engine") if args.onnx else "model.engine"))
+    check_output_file(engine, "--output", "model.engine", inputs=inputs, replaces=(".engine",))
+    if args.onnx is None:  # the checked ONNX graph the engine is built from is written beside it
+        check_output_file(engine.with_suffix(".onnx"), "--output", "model.onnx", inputs=inputs, replaces=(".onnx",))
     version = require_tensorrt()  # before a long ONNX export
     if args.onnx is not None:
         onnx_path = Path(args.onnx)
@@ -227,7 +242,7 @@ def _cmd_export_aoti(args) -> int:
     from dino_export.aoti import export_aoti
 
     check_device(args.device)
-    check_output_file(args.output, "--output", "model.pt2", inputs=(args.checkpoint,))
+    check_output_file(args.output, "--output", "model.pt2", inputs=_read_files(args), replaces=(".pt2",))
     model, desc, size = _load(args)
     with _check_failure_is_one_line("the AOTInductor package"):
         path, checks = export_aoti(model, args.output, size, args.device, args.dynamic_batch, args.max_batch,
@@ -241,7 +256,9 @@ def _cmd_export_aoti(args) -> int:
 def _cmd_export_openvino(args) -> int:
     from dino_export.openvino_export import export_openvino, weights_path
 
-    check_output_file(args.output, "--output", "model.xml", inputs=(args.checkpoint,))
+    inputs = _read_files(args)
+    check_output_file(args.output, "--output", "model.xml", inputs=inputs, replaces=(".xml",))
+    check_output_file(weights_path(args.output), "--output", "model.xml", inputs=inputs, replaces=(".bin",))
     model, desc, size = _load(args)
     with _check_failure_is_one_line("the OpenVINO IR"):
         result = export_openvino(model, args.output, size, args.dynamic_batch, args.max_batch, args.precision,
@@ -260,9 +277,10 @@ def _cmd_bench(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
+    inputs = _read_files(args)
     for flag, path, example in (("--json", args.json, "bench.json"), ("--table", args.table, "bench.txt")):
         if path is not None:
-            check_output_file(path, flag, example, inputs=(args.checkpoint,))
+            check_output_file(path, flag, example, inputs=inputs)
     model, desc, size = _load(args)
     hw = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or 'CPU'}, " \
                                                                        f"{torch.get_num_threads()} threads"
