@@ -98,14 +98,53 @@ def make_output_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def check_output_file(path: str | os.PathLike, flag: str, example: str, inputs: tuple = ()) -> Path:
+def real_path(path: str | os.PathLike) -> str:
+    """``path`` as the file system resolves it: absolute, ``..`` and every symlink followed (a loop left as is)."""
+    return os.path.realpath(os.path.abspath(path))
+
+
+def is_one_of(path: str | os.PathLike, inputs) -> str | os.PathLike | None:
+    """The first of ``inputs`` (paths of files a command reads; None skipped) that ``path`` would write over, however
+    either is spelled: the same real path (:func:`real_path`), or the same existing file (a hard link); else None."""
+    target = real_path(path)
+    for given in inputs:
+        if given is None:
+            continue
+        if real_path(given) == target:
+            return given
+        try:
+            if os.path.samefile(path, given):
+                return given
+        except OSError:  # either does not exist (yet): nothing to compare
+            continue
+    return None
+
+
+def refuse_input(path: str | os.PathLike, flag: str, inputs) -> None:
+    """UserError (one line naming ``flag``) when the output ``path`` is one of ``inputs`` (:func:`is_one_of`)."""
+    given = is_one_of(path, inputs)
+    if given is not None:
+        same = "" if str(given) == str(path) else f" ({given}, spelled differently)"
+        raise UserError(f"{flag} {path} is also this command's input{same}: writing it would replace that input; "
+                        f"choose another {flag}")
+
+
+def check_output_file(path: str | os.PathLike, flag: str, example: str, inputs: tuple = (),
+                      replaces: tuple[str, ...] | None = None) -> Path:
     """Refuses, before any work, an output file that cannot be written: ``path`` is a folder (``example``: a file
-    name to suggest in it, e.g. "model.onnx"), a parent is a file, the nearest existing folder is not writable, or
-    ``path`` is one of the command's ``inputs`` (which the output would replace). UserError names ``flag`` and says
-    what to give instead; returns ``path``."""
+    name to suggest in it, e.g. "model.onnx"), a parent is a file, the nearest existing folder is not writable,
+    ``path`` is one of the command's ``inputs`` (the files it reads, folders resolved by the caller to the files read
+    in them, e.g. a run folder to its model.safetensors; compared by :func:`is_one_of`), or, with ``replaces`` (the
+    suffixes of an older output of this kind, e.g. ``(".onnx",)``), an existing file of another kind (weights, an
+    image, anything else: an export replaces only an older export of its own kind). UserError names ``flag`` and
+    says what to give instead; returns ``path``."""
     path = Path(path)
+    refuse_input(path, flag, inputs)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give the file to write, e.g. {flag} {path / example}")
+    if replaces is not None and (path.exists() or path.is_symlink()) and path.suffix.lower() not in replaces:
+        raise UserError(f"{flag} {path} exists and is not an older {' / '.join(replaces)} file of this kind: writing "
+                        f"it would replace that file; choose another {flag} (e.g. {path.with_name(example)})")
     existing = next((p for p in path.parents if p.exists()), Path("."))
     if not existing.is_dir():
         raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
@@ -116,10 +155,6 @@ def check_output_file(path: str | os.PathLike, flag: str, example: str, inputs: 
                         "writable folder") from None
     os.close(fd)
     os.unlink(probe)
-    for given in inputs:
-        if given is not None and path.exists() and Path(given).exists() and path.samefile(given):
-            raise UserError(f"{flag} {path} is also this command's input: writing it would replace that input; "
-                            f"choose another {flag}")
     return path
 
 

@@ -22,3 +22,8 @@ class CheckFailure(RuntimeError):
     """Something a command produced failed its own check (an exported graph that disagrees with PyTorch). Not the
     user's input, so the CLI exits with status 1, but in one line: the message says what differed, where, what was
     (not) written and how to go on, and a traceback would add nothing."""
+
+
+class ArgumentTypeError(UserError, TypeError):
+    """A :class:`UserError` for a Python API argument of the wrong type (``score_threshold="0.5"``), naming the
+    argument; a TypeError too, so callers that catch the built-in error for a wrong type keep working."""

@@ -13,17 +13,21 @@ from pathlib import Path
 
 import torch
 
+from dino.api_arguments import (check_bool, check_choice, check_device_argument, check_int, check_overrides,
+                                check_path, check_recipe, check_size)
 from dino.config import Recipe
 from dino.device import check_device
+from dino.durable import check_output_file
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint, checkpoint_file
 from dino.predict.recipe import detector_recipe
 from dino_export.aoti import export_aoti
 from dino_export.artifact_labels import model_labels
-from dino_export.deploy_model import DeployModel, check_image_size
+from dino_export.deploy_model import DeployModel
 from dino_export.onnx_export import export_onnx
 
 FORMATS = {"onnx": "model.onnx", "aoti": "model.pt2"}  # format -> the command's default output
+DEFORM_OPS = ("standard", "plugin")
 
 
 def export(checkpoint: str | os.PathLike, format: str = "onnx", output: str | os.PathLike | None = None,
@@ -40,20 +44,32 @@ def export(checkpoint: str | os.PathLike, format: str = "onnx", output: str | os
     ``dynamic_batch``: a symbolic batch axis up to ``max_batch`` (default 32 for ONNX, 16 for AOTInductor).
     UserError (one line) for a bad argument or file; an export whose check fails writes nothing.
     """
-    if format not in FORMATS:
-        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    size = check_image_size(image_size)
+    check_choice(format, "format", tuple(FORMATS))
+    checkpoint, output = check_path(checkpoint, "checkpoint"), check_path(output, "output", optional=True)
+    recipe, overrides = check_recipe(recipe), check_overrides(overrides)
+    size = check_size(image_size)
+    check_choice(deform_op, "deform_op", DEFORM_OPS)
+    dynamic_batch, fp16, verify = (check_bool(v, n) for v, n in ((dynamic_batch, "dynamic_batch"), (fp16, "fp16"),
+                                                                  (verify, "verify")))
+    max_batch = check_int(max_batch, "max_batch", optional=True)  # torch.export's batch Dim fails below 1
+    device = check_device_argument(device) or "cpu"
+    if fp16 and format != "onnx":
+        raise UserError("fp16 goes with format='onnx'")
+    if format == "aoti":
+        check_device(device, "device")
     weights = checkpoint_file(checkpoint)
+    # No output replaces an input (the weights, however spelled: a run folder, a symlink, a relative path, ..) or
+    # a file of another kind; an existing folder is refused here, before the export and its check.
+    output = output if output is not None else Path(FORMATS[format])
+    recipe_file = recipe if isinstance(recipe, str) and Path(recipe).is_file() else None
+    check_output_file(output, "output", FORMATS[format], inputs=(weights, recipe_file),
+                      replaces=(Path(FORMATS[format]).suffix,))
     cfg = detector_recipe(recipe, weights, overrides)
     model = DeployModel(build_model_from_checkpoint(cfg.model, weights), cfg.model.num_select,
                         half=fp16 and format == "onnx")
     labels = model_labels(model.model.num_classes, weights)
-    output = output if output is not None else FORMATS[format]
     if format == "onnx":
         return export_onnx(model, output, size, deform_op, dynamic_batch, max_batch or 32, verify=verify,
                            labels=labels).path
-    if fp16:
-        raise UserError("fp16 goes with format='onnx'")
-    check_device(device, "device")
     return export_aoti(model, output, size, torch.device(device), dynamic_batch, max_batch or 16, verify=verify,
                        labels=labels)[0]
