@@ -136,10 +136,11 @@ def check_device_argument(value, name: str = "device") -> str | None:
     return value
 
 
-def check_evaluate_arguments(checkpoint, recipe, overrides, output_dir) -> None:
-    """``dino.evaluate``'s arguments, before any work: paths and types, and an ``output_dir`` whose files
-    (:data:`EVALUATION_OUTPUTS`) would not replace the checkpoint or the recipe file."""
-    checkpoint = check_path(checkpoint, "checkpoint")
+def check_evaluate_arguments(model, recipe, overrides, output_dir, name: str = "model") -> None:
+    """``dino.evaluate``'s arguments (``name``: that of its first, the model or checkpoint), before any work: paths
+    and types, and an ``output_dir`` whose files (:data:`EVALUATION_OUTPUTS`) would not replace the model or the
+    recipe file."""
+    checkpoint = check_path(model, name)
     check_recipe(recipe)
     check_overrides(overrides)
     output_dir = check_path(output_dir, "output_dir", optional=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from dino.api_arguments import check_evaluate_arguments
 from dino.config import Recipe
 from dino.durable import make_output_dir
 from dino.engine.evaluate import evaluate_checkpoint
@@ -24,6 +25,7 @@ def evaluate(checkpoint: str | os.PathLike, recipe: Recipe | str | None = None, 
     ``{name: AP}`` and ``"num_images"``; the 12-line table is printed too. Under several processes (``accelerate
     launch``) the main process gets the dict and the others None.
     """
+    check_evaluate_arguments(checkpoint, recipe, overrides, output_dir, "checkpoint")  # one line per bad argument
     weights = checkpoint_file(checkpoint)
     cfg = detector_recipe(recipe, weights, overrides)
     if output_dir is not None:

@@ -25,11 +25,13 @@ import PIL.Image
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from dino.api_arguments import (check_choice, check_device_argument, check_fraction, check_int, check_overrides,
+                                check_path, check_paths, check_recipe, check_size)
 from dino.config import DataConfig, Recipe
 from dino.device import check_device
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint, checkpoint_file, read_categories
-from dino.predict.artifacts import open_artifact
+from dino.predict.artifacts import KINDS, open_artifact
 from dino.predict.backend import Backend, ModelBackend
 from dino.predict.draw import draw_detections
 from dino.predict.images import as_picture
@@ -122,7 +124,10 @@ class Detector:
         ``plugin_libs``: TensorRT plugin libraries of a plugin engine; ``image_size``: (H, W) of an AOTInductor
         package that does not record it. UserError (one line naming the file) for a file it cannot use.
         """
-        path = Path(path)
+        path, recipe, device = check_path(path, "path"), check_recipe(recipe), check_device_argument(device)
+        overrides, checkpoint = check_overrides(overrides), check_path(checkpoint, "checkpoint", optional=True)
+        kind = check_choice(kind, "kind", [k.name for k in KINDS], optional=True)
+        plugin_libs, image_size = check_paths(plugin_libs, "plugin_libs"), check_size(image_size, optional=True)
         if kind is None and not path.exists() and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise UserError(f"{path} does not exist")
         if kind is None and (path.is_dir() or path.suffix.lower() in CHECKPOINT_SUFFIXES):
@@ -157,10 +162,8 @@ class Detector:
         ``batch_size``: at most this many images of one resized size share a forward pass (memory; the detections
         do not depend on it). UserError naming the image when one cannot be read or is too elongated for the model.
         """
-        if not 0.0 <= score_threshold <= 1.0:
-            raise UserError(f"score_threshold must be in [0, 1], got {score_threshold}")
-        if max_detections < 1 or batch_size < 1:
-            raise UserError(f"max_detections and batch_size must be >= 1, got {max_detections} and {batch_size}")
+        score_threshold = check_fraction(score_threshold, "score_threshold")
+        max_detections, batch_size = check_int(max_detections, "max_detections"), check_int(batch_size, "batch_size")
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         pictures = [as_picture(image) for image in items]

@@ -25,6 +25,7 @@ import PIL.Image
 import torch
 from PIL import ImageOps
 
+from dino.api_arguments import refuse_url
 from dino.errors import UserError
 
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # white: transparent pixels are predicted (and drawn) as white
@@ -88,6 +89,17 @@ def _from_array(array: np.ndarray, what: str) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.ascontiguousarray(array))
 
 
+def _unit_range(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (a float tensor image), UserError unless every value is finite and in [0, 1]."""
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        raise UserError("tensor image: holds NaN or infinite values; give finite values in [0, 1]")
+    if values.numel() and (values.min() < 0.0 or values.max() > 1.0):
+        raise UserError(f"tensor image: float values must be in [0, 1] (as torchvision's to_tensor gives), got "
+                        f"{values.min().item():.4g}..{values.max().item():.4g}; divide a 0..255 image by 255 or "
+                        "give it as uint8")
+    return values
+
+
 def as_picture(image: "PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike") -> PIL.Image.Image:
     """Any image the Python API takes, as the upright RGB Pillow image ``dino predict`` would predict on.
 
@@ -95,11 +107,13 @@ def as_picture(image: "PIL.Image.Image | np.ndarray | torch.Tensor | str | os.Pa
     - a Pillow image: EXIF orientation applied, then converted as a file of its mode would be (:func:`upright_rgb`);
     - a numpy array ``(H, W, 3)`` RGB, ``(H, W, 4)`` RGBA (alpha composited on white) or ``(H, W)`` gray, uint8;
     - a tensor ``(3, H, W)`` (or ``(1|4, H, W)``) RGB, uint8 0..255 or floating point 0..1 (as torchvision's
-      ``to_tensor`` gives: scaled by 255 and rounded).
+      ``to_tensor`` gives: scaled by 255 and rounded); float values outside [0, 1] (a 0..255 image given as float)
+      or NaN / infinite are refused, not clamped to white or read as black.
 
     UserError saying what was given when it is none of these.
     """
     if isinstance(image, (str, os.PathLike)):
+        refuse_url(image, "image")
         return read_image(Path(image))
     if isinstance(image, PIL.Image.Image):
         return upright_rgb(image)
@@ -110,7 +124,7 @@ def as_picture(image: "PIL.Image.Image | np.ndarray | torch.Tensor | str | os.Pa
         if tensor.ndim != 3:
             raise UserError(f"tensor image: shape {tuple(tensor.shape)}, expected (3, H, W)")
         if tensor.is_floating_point():
-            tensor = (tensor.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+            tensor = (_unit_range(tensor.float()) * 255.0).round().to(torch.uint8)
         return to_rgb(_from_array(tensor.permute(1, 2, 0).numpy(), "tensor image"))
     raise UserError(f"not an image: {type(image).__name__}; give a path, a PIL image, a numpy (H, W, 3) uint8 array "
                     "or a (3, H, W) tensor")
