@@ -60,6 +60,9 @@ def load_pth_state_dict(path: str | os.PathLike, trust_checkpoint: bool = False)
     except Exception as err:  # unpickling raises many types
         text = str(err).strip()
         reason = text.splitlines()[0] if text else type(err).__name__
+        if trust_checkpoint:  # the flag is already given: advising it again would send the user in a circle
+            raise UserError(f"cannot load {path!r} with torch.load(weights_only=False): {reason} It is not a readable "
+                            "PyTorch checkpoint (corrupt, truncated, or not written by torch.save).") from None
         raise UserError(f"cannot load {path!r} with torch.load(weights_only=True): {reason} If you trust the file, "
                          "convert it with `dino convert-official --trust-checkpoint`.") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):

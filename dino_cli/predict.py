@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from dino.config import add_override_argument
 from dino.device import check_device
+from dino.engine.recipe import RECIPE_RUNS_AS_PYTHON
 from dino.errors import UserError
 from dino.predict.detector import Detector
 from dino.predict.files import predict_files
-from dino.predict.paths import check_output_dir, list_inputs
+from dino.predict.paths import check_output_dir, check_spares_inputs, list_inputs
 from dino.predict.recipe import load_recipe_or_preset
 from dino.run_lock import run_lock
 
@@ -66,6 +68,9 @@ def run_predict(args: argparse.Namespace) -> int:
     recipe = load_recipe_or_preset(args.recipe, args.overrides) if args.recipe else None
     files, folders = list_inputs(args.inputs)  # bad paths fail before the model is built
     check_output_dir(args.output, files, folders)
+    recipe_file = args.recipe if args.recipe and Path(args.recipe).is_file() else None
+    check_spares_inputs(args.output, files, (args.checkpoint, recipe_file, *args.plugin_lib,
+                                             *(getattr(args, flag) for flag in ARTIFACT_FLAGS)))
     detector = _detector(args, recipe)
     print(f"dino predict: {len(files)} file(s), {detector.description} on {detector.device}; labels: "
           f"{detector.names.source}")
@@ -98,7 +103,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
     p.add_argument("--recipe", help="recipe file or name (model and validation resize), or a preset; default: the "
-                                    "recipe the checkpoint records (training records it)")
+                                    f"recipe the checkpoint records (training records it); {RECIPE_RUNS_AS_PYTHON}")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="model.safetensors, an official .pth, or a training run's or checkpoint's folder (its "
                         "model.safetensors); with --onnx/--openvino/--aoti/--engine only its "

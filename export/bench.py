@@ -295,6 +295,15 @@ def run_bench(
     return rows
 
 
+def nothing_ran(rows: list[BenchRow]) -> str | None:
+    """The one line for a bench in which no requested backend could run (each named with its reason), or None when
+    at least one was timed: a table of reasons alone is a failure (exit 2), not a result."""
+    if any(r.unavailable is None for r in rows):
+        return None
+    reasons = "; ".join(f"{r.backend}{'' if r.batch is None else f' (batch {r.batch})'}: {r.unavailable}" for r in rows)
+    return f"none of the requested backends can run here: {reasons}"
+
+
 def format_table(rows: list[BenchRow], header: str) -> str:
     """A plain-text table: timed rows first, then the unavailable backends with their reasons."""
     lines = [header, "",

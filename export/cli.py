@@ -12,6 +12,7 @@ import torch
 from dino.config import add_override_argument
 from dino.device import check_device
 from dino.durable import check_output_file
+from dino.engine.recipe import RECIPE_RUNS_AS_PYTHON
 from dino.errors import CheckFailure, UserError
 from dino.model_loading import checkpoint_file
 from dino_export.check_reference import REFERENCES
@@ -19,7 +20,8 @@ from dino_export.query_check import ExportCheckError, GraphDisagrees
 
 
 def _add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool, recipe_required: bool = True) -> None:
-    p.add_argument("--recipe", required=recipe_required, help="recipe name or file (recipes/*.py), or a preset name")
+    p.add_argument("--recipe", required=recipe_required, help="recipe name or file (recipes/*.py), or a preset name; "
+                   f"{RECIPE_RUNS_AS_PYTHON}")
     p.add_argument("--checkpoint", required=checkpoint_required, default=None,
                    help="model.safetensors or official .pth of the recipe's model" +
                         ("" if checkpoint_required else "; omitted: random weights"))
@@ -273,7 +275,7 @@ def _cmd_export_openvino(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from dino_export.bench import format_table, run_bench, write_json
+    from dino_export.bench import format_table, nothing_ran, run_bench, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
@@ -304,4 +306,7 @@ def _cmd_bench(args) -> int:
     save(rows)
     if args.json:
         print(f"wrote {args.json}")
+    failure = nothing_ran(rows)
+    if failure is not None:  # nothing was measured: exit 2 with each reason, not 0
+        raise UserError(failure)
     return 0

@@ -16,7 +16,7 @@ from dino.durable import make_output_dir
 from dino.engine.optim import check_schedule
 from dino.errors import UserError
 from dino.run_lock import first_process, run_lock
-from dino.engine.recipe import available_recipes, iter_fields, load_recipe
+from dino.engine.recipe import RECIPE_RUNS_AS_PYTHON, available_recipes, iter_fields, load_recipe
 from dino.engine.resume import interrupted_message
 from dino.engine.termination import TerminationSignals
 
@@ -31,7 +31,7 @@ def _fields_epilog() -> str:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe file (recipes/<name>.py) or recipe name")
+    parser.add_argument("recipe", help=f"recipe file (recipes/<name>.py) or recipe name; {RECIPE_RUNS_AS_PYTHON}")
     add_override_argument(parser)
     parser.add_argument(
         "--resume", metavar="PATH",
@@ -56,7 +56,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="recipe file or name giving the model and the validation data")
+    parser.add_argument("--recipe", required=True, help="recipe file or name giving the model and the validation "
+                        f"data; {RECIPE_RUNS_AS_PYTHON}")
     parser.add_argument(
         "--checkpoint", required=True, metavar="PATH",
         help="model.safetensors (ours), a training checkpoint or output folder (its model.safetensors), "

@@ -16,12 +16,13 @@ from dino.config import add_override_argument
 from dino.data import prepare_dataset, split_paths
 from dino.data.check import check_split, format_report
 from dino.engine.preflight import training_problems
-from dino.engine.recipe import load_recipe
+from dino.engine.recipe import RECIPE_RUNS_AS_PYTHON, load_recipe
 from dino.errors import UserError
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="recipe file or name whose data.* fields name the dataset")
+    parser.add_argument("--recipe", required=True, help="recipe file or name whose data.* fields name the dataset; "
+                        f"{RECIPE_RUNS_AS_PYTHON}")
     add_override_argument(parser)
     parser.add_argument("--split", choices=("train", "val"), action="append", dest="splits",
                         help="check only this split (repeatable; default: train and val)")

@@ -21,6 +21,9 @@ from dino.resources import resource_dir
 # The project's own recipes (the repository's recipes/ folder, or its copy inside an installed wheel); a recipe
 # *name* resolves only here, never from the current folder, whose code would run.
 RECIPES_DIR = resource_dir("recipes")
+# Said in the --help of every command that takes a recipe: loading one runs its code (as detectron2/mmdetection
+# configs do), so a recipe file from elsewhere is a program, not data.
+RECIPE_RUNS_AS_PYTHON = "a recipe file runs as Python with your rights: give only recipe files you trust"
 
 
 def available_recipes(directory: Path = RECIPES_DIR) -> list[str]:

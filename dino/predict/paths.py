@@ -10,6 +10,7 @@ from pathlib import Path
 
 import PIL.Image
 
+from dino.durable import is_one_of
 from dino.errors import UserError
 
 PICTURE_SUFFIX = ".jpg"
@@ -86,6 +87,24 @@ def check_output_dir(output_dir: str | os.PathLike, files: list[Path], folders: 
             raise UserError(f"--output {output_dir} is inside the input folder {folder}: a later run would read "
                             "predictions.json and the pictures as inputs; give a folder outside it")
     return output_dir
+
+
+def check_spares_inputs(output_dir: str | os.PathLike, files: list[Path], inputs=()) -> None:
+    """UserError when a file ``dino predict`` writes in ``output_dir`` (predictions.json, a picture of
+    :func:`picture_names`) would replace one of the files it reads: an image of ``files``, or one of ``inputs`` (the
+    checkpoint or artifact, a recipe file, plugin libraries; a folder counts as every file in it), compared by real
+    path (symlinks, ``..``, relative paths: :func:`dino.durable.is_one_of`)."""
+    read = list(files)
+    for given in inputs:
+        if given is not None and Path(given).is_dir():
+            read.extend(p for p in Path(given).iterdir() if p.is_file())
+        elif given is not None:
+            read.append(Path(given))
+    for name in ("predictions.json", *picture_names(files)):
+        given = is_one_of(Path(output_dir) / name, read)
+        if given is not None:
+            raise UserError(f"--output {output_dir}: its {name} would replace the input {given}; give a folder that "
+                            "holds none of the inputs")
 
 
 def picture_names(files: list[Path]) -> list[str]:
