@@ -74,14 +74,14 @@ def cache_dir(source_dirs: tuple[Path, ...] | None = None) -> Path:
     h.update(torch.__version__.encode())
     h.update(str(torch.version.cuda).encode())
     if CPU_DIR in source_dirs:
-        h.update(_cpu_signature().encode())  # the CPU build is -march=native: one build per kind of CPU
+        h.update(cpu_signature().encode())  # the CPU build is -march=native: one build per kind of CPU
     if torch.cuda.is_available():
         h.update(str(torch.cuda.get_device_capability()).encode())
     root = Path(os.environ.get("DINO_EXT_CACHE", Path.home() / ".cache" / "dino_ext"))
     return root / h.hexdigest()[:16]
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """This CPU's model and instruction-set flags (Linux), else the platform's processor and machine names."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -125,8 +125,9 @@ def build_extension(name: str, sources: list[Path], source_dirs: tuple[Path, ...
 
 
 def cpu_kernel_sources() -> list[Path]:
-    """The one C++ file of the CPU extension (no CUDA, no framework-free split: nothing else builds it)."""
-    return [CPU_DIR / "ms_deform_attn_cpu.cpp"]
+    """The PyTorch binding of the CPU extension; it includes the framework-free kernels (csrc/cpu/
+    ms_deform_attn_cpu.h), which the OpenVINO op (:mod:`dino.ops.openvino_build`) compiles too."""
+    return [BINDING_DIR / "ms_deform_attn_cpu_binding.cpp"]
 
 
 def _cxx() -> str | None:
@@ -196,7 +197,7 @@ class KernelBuild:
 
 CUDA_KERNEL = KernelBuild("CUDA", EXTENSION_NAME, kernel_sources, (KERNEL_DIR, BINDING_DIR), cpu=False,
                           missing=_cuda_missing, warn_when_missing=False)
-CPU_KERNEL = KernelBuild("CPU", CPU_EXTENSION_NAME, cpu_kernel_sources, (CPU_DIR,), cpu=True,
+CPU_KERNEL = KernelBuild("CPU", CPU_EXTENSION_NAME, cpu_kernel_sources, (CPU_DIR, BINDING_DIR), cpu=True,
                          missing=_compiler_missing, warn_when_missing=True)
 
 
