@@ -23,10 +23,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from dino import convert
+from dino import convert, untrusted
 from dino.config import ModelConfig
 from dino.errors import UserError
 from dino.models.dino import DINO, build_model
+from dino.untrusted import Invalid
 from dino.weights import load_pth_state_dict
 
 
@@ -111,15 +112,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def read_categories(path: str | os.PathLike) -> list[dict] | None:
-    """The dataset categories ``[{"id": 1, "name": "person"}, ...]`` stored with a checkpoint, or None."""
+    """The dataset categories ``[{"id": 1, "name": "person"}, ...]`` stored with a checkpoint, or None.
+
+    UserError naming the file and the entry when they break :func:`dino.untrusted.categories`' rules (size, nesting,
+    types, id range, name length)."""
     text = read_metadata(path).get("categories")
     if text is None:
         return None
     try:
-        categories = json.loads(text)
-        return [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
-    except (ValueError, TypeError, KeyError) as err:
-        raise UserError(f"checkpoint {path}: metadata 'categories' is not a JSON list of {{id, name}}: {err}") from None
+        return untrusted.categories(untrusted.parse_json(text), "metadata 'categories'")
+    except Invalid as err:
+        raise UserError(f"checkpoint {path}: metadata 'categories' is not a JSON list of {{id, name}} ({err})") from None
 
 
 def _heads_as_in(state_dict: dict, model_cfg):
@@ -182,8 +185,8 @@ def _mismatch_message(path, state, own, mismatched, missing, unexpected, model_c
 def _trained_with(path, model_cfg) -> str:
     """``"; it was trained with recipe 'x' (model.a: 1 there, 2 here, ...)"`` from its metadata, or ``""``."""
     try:
-        recipe = json.loads(read_metadata(path).get("recipe") or "null")
-    except (UserError, ValueError):
+        recipe = untrusted.parse_json(read_metadata(path).get("recipe") or "null")
+    except (UserError, Invalid):
         return ""
     if not isinstance(recipe, dict):
         return ""
@@ -192,8 +195,9 @@ def _trained_with(path, model_cfg) -> str:
     # None there: a value filled in at run time (num_classes from the data), not a difference of the recipe.
     differ = [k for k in current if recipe.get(k) is not None and recipe[k] != current[k]
               and k != "model.backbone.pretrained"]
-    shown = ", ".join(f"{k}: {recipe[k]!r} there, {current[k]!r} here" for k in differ[:3])
-    return f"; it was trained with recipe {recipe.get('name', '?')!r}" + (f" ({shown}{', ...' if len(differ) > 3 else ''})"
+    shown = ", ".join(f"{untrusted.quote(k)}: {untrusted.quote(recipe[k])} there, {current[k]!r} here"
+                      for k in differ[:3])
+    return f"; it was trained with recipe {untrusted.quote(recipe.get('name', '?'))}" + (f" ({shown}{', ...' if len(differ) > 3 else ''})"
                                                                         if differ else "")
 
 

@@ -51,6 +51,12 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(data_root, tmp_path, c
         assert a.keys() == b.keys()
         differing = [k for k in a if not torch.equal(a[k], b[k])]
         assert not differing, f"{name}: {len(differing)} tensors differ after resume, e.g. {differing[:3]}"
+    # The epoch means of log.jsonl cover the whole resumed epoch (its sums before the stop came with progress.json):
+    # the same floats, summed in the same order, as the uninterrupted run's.
+    def epoch_means(run):
+        return {r["epoch"]: r["train"] for r in map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())}
+    assert epoch_means("split") == epoch_means("full")
+    assert progress["losses_counted"] == 2 and set(progress["loss_sums"]) >= {"loss", "loss_ce"}
 
     # Every checkpoint is complete (no temp folders left); EMA follows ema = d * ema + (1 - d) * w step by step.
     ckpts = checkpoint_dirs(tmp_path / "full")

@@ -21,7 +21,6 @@ leaves the previous checkpoint loadable; the next save removes what a crash left
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -30,7 +29,9 @@ from pathlib import Path
 from typing import Iterator
 
 from dino.durable import fsync_path, fsync_tree, no_space_error, write_json
+from dino import untrusted
 from dino.errors import UserError
+from dino.untrusted import Invalid, parse_json
 from dino.weights import save_weights
 
 CHECKPOINTS = "checkpoints"
@@ -66,21 +67,54 @@ def latest_checkpoint(path: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+MAX_RECORD_BYTES = 2**20  # progress.json, scheduler.json, ema.json: a few kilobytes as written
+
+
 def read_progress(checkpoint: str | os.PathLike) -> dict:
-    """``progress.json`` of ``checkpoint``: where the run stands (``epoch``, ``batches_in_epoch``, ``global_step``) and
-    its recipe; UserError (:func:`invalid_file`) when it cannot be read or lacks those counts."""
+    """``progress.json`` of ``checkpoint``: where the run stands (``epoch``, ``batches_in_epoch``, ``global_step``,
+    ``skipped_steps``, the epoch's running loss sums), its batch plan and its recipe; UserError (:func:`invalid_file`)
+    when it cannot be read, is larger than :data:`MAX_RECORD_BYTES` or nests deeper than
+    :data:`~dino.untrusted.MAX_DEPTH`, or a count is not one or contradicts another (:func:`check_progress`). The
+    counts are checked against the run's own data when it resumes (:func:`dino.engine.one_epoch.train_one_epoch`)."""
     path = Path(checkpoint) / PROGRESS
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no {PROGRESS})")
     try:
-        progress = json.loads(path.read_bytes())
-        if not isinstance(progress, dict):
-            raise ValueError(f"a JSON {type(progress).__name__}, not an object")
-        for key in ("epoch", "batches_in_epoch", "global_step"):
-            if type(progress.get(key)) is not int or progress[key] < 0:
-                raise ValueError(f"{key!r} is {progress.get(key)!r}, not a count")
-    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError included
-        raise invalid_file(checkpoint, PROGRESS, "progress record", err) from None
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            raise Invalid(f"{path.stat().st_size:,} bytes, more than the {MAX_RECORD_BYTES:,} a progress record holds")
+        progress = check_progress(parse_json(path.read_bytes(), MAX_RECORD_BYTES))
+    except (OSError, Invalid) as err:
+        raise invalid_file(checkpoint, PROGRESS, "progress record", str(err)) from None
+    return progress
+
+
+def check_progress(progress) -> dict:
+    """``progress`` (a parsed ``progress.json``) with its counts checked: whole numbers, at most 2**53, and
+    consistent (every finished epoch took a step, skipped steps and counted batches within their totals); Invalid
+    naming the field otherwise."""
+    progress = untrusted.obj(progress, "the record")
+    for key in ("epoch", "batches_in_epoch", "global_step"):
+        untrusted.count(progress.get(key), key)
+    if progress["global_step"] < progress["epoch"]:
+        raise Invalid(f"global_step {progress['global_step']} is below epoch {progress['epoch']} (every epoch takes "
+                      "at least one step)")
+    untrusted.count(progress.get("skipped_steps", 0), "skipped_steps", progress["global_step"])
+    plan = progress.get("batch_plan")
+    if plan is not None and (not isinstance(plan, list) or len(plan) != 2):
+        raise Invalid(f"batch_plan is {untrusted.quote(plan)}, not [per-device batch, processes]")
+    for i, name in enumerate(("per-device batch", "processes") if plan is not None else ()):
+        untrusted.count(plan[i], f"batch_plan's {name}", 2**20, 1)
+    counted = untrusted.count(progress.get("losses_counted", 0), "losses_counted", progress["batches_in_epoch"])
+    sums = untrusted.obj(progress.get("loss_sums", {}), "loss_sums")
+    if len(sums) > 64 or any(len(k) > 64 for k in sums):
+        raise Invalid(f"loss_sums has {len(sums)} keys, not the weighted loss terms")
+    for key, value in sums.items():
+        untrusted.number(value, f"loss_sums[{untrusted.quote(key)}]")
+    if counted == 0 and sums:
+        raise Invalid("loss_sums without losses_counted")
+    recipe = progress.get("recipe")
+    if recipe is not None and not isinstance(recipe, dict):
+        raise Invalid(f"recipe is {untrusted.quote(recipe)}, not an object of field -> value")
     return progress
 
 
@@ -95,7 +129,10 @@ def invalid_file(checkpoint: str | os.PathLike, name: str, what: str, reason: Ba
 
 
 def describe_error(err: BaseException) -> str:
-    """``Type: first line`` of a reading error; for torch's refusal of a pickle, the line saying what it refused."""
+    """``Type: first line`` of a reading error; for torch's refusal of a pickle, the line saying what it refused;
+    the message alone for a broken rule of an untrusted file (:class:`~dino.untrusted.Invalid`)."""
+    if isinstance(err, Invalid):
+        return str(err)
     text = str(err).split("WeightsUnpickler error:", 1)[-1]
     boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
     line = next((s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith(boilerplate)), "")

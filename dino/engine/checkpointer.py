@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dino.durable import no_space_error
@@ -15,16 +15,23 @@ logger = logging.getLogger("dino.engine")
 
 @dataclass
 class Progress:
-    """The position of a run; saved as ``progress.json`` in each checkpoint."""
+    """The position of a run; saved as ``progress.json`` in each checkpoint (checked on reading:
+    :func:`dino.engine.checkpoint.check_progress`)."""
 
     epoch: int = 0  # the epoch in progress (0-based); after an epoch-end checkpoint, the next one
     batches_in_epoch: int = 0  # micro-batches of this process already done in that epoch
     global_step: int = 0  # optimizer steps taken (skipped non-finite steps included)
     skipped_steps: int = 0  # steps skipped as non-finite (train.skip_nonfinite_steps)
+    # The main process's running sums of the weighted loss terms over this epoch's finite micro-batches so far, and
+    # how many micro-batches they sum: a run resumed mid-epoch carries them on, so log.jsonl's epoch means cover the
+    # whole epoch. Empty after an epoch-end checkpoint.
+    loss_sums: dict[str, float] = field(default_factory=dict)
+    losses_counted: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "Progress":
-        return cls(d["epoch"], d["batches_in_epoch"], d["global_step"], d.get("skipped_steps", 0))
+        return cls(d["epoch"], d["batches_in_epoch"], d["global_step"], d.get("skipped_steps", 0),
+                   dict(d.get("loss_sums", {})), d.get("losses_counted", 0))
 
 
 class Checkpointer:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dino import untrusted
 from dino.config import Recipe
 from dino.criterion import num_boxes_per_micro_batch
 from dino.engine.bad_images import agreed_batches
@@ -29,6 +30,7 @@ from dino.engine.nonfinite import NonFiniteStepError, any_process, describe, non
 from dino.engine.optim import scaled_lr, warmup_factor
 from dino.engine.step_log import StepLog
 from dino.engine.termination import TerminationSignals
+from dino.errors import UserError
 from dino.matcher import NonFinitePredictionError
 
 logger = logging.getLogger("dino.engine")
@@ -43,11 +45,12 @@ class EpochResult:
 
 
 class Meter:
-    """Running means of the weighted losses over an epoch (local to this process)."""
+    """Running means of the weighted losses over an epoch (local to this process), from ``sums`` over ``count``
+    micro-batches already seen (a resumed epoch's, :class:`Progress`)."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
+    def __init__(self, sums: dict[str, float] | None = None, count: int = 0) -> None:
+        self.sums: dict[str, float] = dict(sums or {})
+        self.count = count
 
     def update(self, values: dict[str, float]) -> None:
         for k, v in values.items():
@@ -145,16 +148,27 @@ def train_one_epoch(
     seen by any process ends the epoch at a step boundary: a checkpoint there, then
     :class:`~dino.engine.termination.Terminated`.
     """
+    start = progress.batches_in_epoch
+    if start >= per_epoch > 0:
+        # progress.json passed its own checks (dino.engine.checkpoint.check_progress); only this run's data says how
+        # many micro-batches an epoch has, and a checkpoint is written only before an epoch's end.
+        raise UserError(
+            f"cannot resume: the checkpoint's progress.json says batches_in_epoch={untrusted.quote(start)}, but an "
+            f"epoch of this run has {per_epoch} micro-batches; the file is damaged or was not written with this run's "
+            "data: resume an earlier checkpoint, or start over in another train.output_dir"
+        )
+    if start and not progress.losses_counted:
+        logger.warning("the checkpoint records no loss sums of the epoch so far (written before they were kept): "
+                       "log.jsonl's means of epoch %d cover its batches from %d on", progress.epoch + 1, start + 1)
     model.train()
     criterion.train()
-    start = progress.batches_in_epoch
     # An image a process cannot load stops every process at the same micro-batch (ImageError, bad_images.py).
     # A termination signal (any process) ends the iteration before the same micro-batch everywhere (termination.py).
     batches = agreed_batches(accelerator, accelerator.skip_first_batches(loader, start) if start else loader,
                              termination)
     bar = tqdm(total=per_epoch, initial=start, desc=f"epoch {progress.epoch + 1}/{cfg.optim.epochs}", unit="batch",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    meter = Meter()
+    meter = Meter(progress.loss_sums, progress.losses_counted)
     window = Meter()  # since the last step record
     group_failure, group_ids = None, []
     stopped = False
@@ -183,6 +197,7 @@ def train_one_epoch(
                     accelerator.backward(weighted["loss"] / len(group))
                     values = {k: v.item() for k, v in weighted.items()}
                     meter.update(values)
+                    progress.loss_sums, progress.losses_counted = meter.sums, meter.count  # saved by checkpoints
                     window.update(values)
             progress.batches_in_epoch += 1
             bar.update(1)
@@ -213,6 +228,8 @@ def train_one_epoch(
                 stopped = True
                 break
     bar.close()
+    if progress.batches_in_epoch >= per_epoch:  # the epoch-end checkpoint starts the next epoch's sums
+        progress.loss_sums, progress.losses_counted = {}, 0
     if termination is not None and termination.agreed and progress.batches_in_epoch < per_epoch:
         termination.stop(checkpointer, progress)  # saves on every process, raises Terminated
     return EpochResult(meter.means(), progress.batches_in_epoch - start, time.perf_counter() - started, stopped)

@@ -29,7 +29,6 @@ resume unless ``--resume-anyway``, and then the log says that they were not rest
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -45,10 +44,12 @@ from safetensors.torch import load_file
 
 from dino.config import Recipe
 from dino.engine.batching import BatchPlan
-from dino.engine.checkpoint import EMA_STATE, SCHEDULER, invalid_file, read_progress, ways_on
+from dino.engine.checkpoint import (EMA_STATE, MAX_RECORD_BYTES, SCHEDULER, invalid_file, read_progress,
+                                   ways_on)
 from dino.engine.checkpointer import Progress
 from dino.engine.resume import apply_optim_config
 from dino.errors import UserError
+from dino.untrusted import MAX_COUNT, Invalid, parse_json, quote
 
 logger = logging.getLogger("dino.engine")
 
@@ -97,12 +98,26 @@ def restore(accelerator, checkpoint: Path, plan: BatchPlan, model, optimizer, sc
         scaler=None if accelerator.scaler is None else _scaler_state(checkpoint, "train.mixed_precision" in differences),
         rng=_rng_states(accelerator, checkpoint, saved, resume_anyway),
     )
+    _check_counts(checkpoint, progress, state)
     _apply(accelerator, checkpoint, state, net, optimizer, scheduler, ema)
     if any(k.startswith("optim.") for k in differences):
         apply_optim_config(optimizer, scheduler, cfg.optim)
     logger.info("resumed from %s: epoch %d, batch %d, step %d", checkpoint, progress.epoch + 1,
                 progress.batches_in_epoch, progress.global_step)
     return progress
+
+
+def _check_counts(checkpoint: Path, progress: Progress, state: _State) -> None:
+    """The counts of scheduler.json and ema.json against progress.json's: the LR scheduler steps once per finished
+    epoch, the EMA at most once per optimizer step."""
+    last_epoch = state.scheduler.get("last_epoch")
+    if type(last_epoch) is int and not 0 <= last_epoch <= progress.epoch:
+        raise invalid_file(checkpoint, SCHEDULER, "LR scheduler state",
+                           f"last_epoch {quote(last_epoch)} is not within the {progress.epoch} epoch(s) progress.json "
+                           "says are done")
+    if state.ema is not None and state.ema[1] > progress.global_step:
+        raise invalid_file(checkpoint, EMA_STATE, "EMA state", f"n_averaged {quote(state.ema[1])} is more than the "
+                           f"{progress.global_step} optimizer steps progress.json says were taken")
 
 
 def _apply(accelerator, checkpoint: Path, state: _State, net, optimizer, scheduler, ema) -> None:
@@ -141,7 +156,11 @@ def _torch_data(path: Path, allowed=()):
 
 
 def _json(path: Path):
-    return json.loads(path.read_bytes())
+    """A JSON record of the checkpoint, within :data:`~dino.engine.checkpoint.MAX_RECORD_BYTES` (checked before
+    reading) and :data:`~dino.untrusted.MAX_DEPTH`."""
+    if path.stat().st_size > MAX_RECORD_BYTES:
+        raise Invalid(f"{path.stat().st_size:,} bytes, more than the {MAX_RECORD_BYTES:,} such a record holds")
+    return parse_json(path.read_bytes(), MAX_RECORD_BYTES)
 
 
 def _weights(checkpoint: Path, name: str, what: str, module: torch.nn.Module) -> dict:
@@ -196,7 +215,7 @@ def _checked_scheduler_state(state, reference: dict) -> dict:
         raise ValueError(f"a {type(state).__name__}, not an object")
     unknown = sorted(set(state) - set(reference))
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r}")
+        raise ValueError(f"unknown key {quote(unknown[0])}")
     state = dict(state)
     milestones = state.get("milestones", {})
     pairs = milestones.items() if isinstance(milestones, dict) else milestones
@@ -215,13 +234,13 @@ def _checked_scheduler_state(state, reference: dict) -> dict:
         else:
             ok = False
         if not ok:
-            raise ValueError(f"{key!r} is {value!r}")
+            raise ValueError(f"{quote(key)} is {quote(value)}")
     return state
 
 
 def _count(value) -> int:
-    if type(value) is not int or value < 0:
-        raise ValueError(f"milestone {value!r} is not a count")
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"milestone {quote(value)} is not a count")
     return value
 
 
@@ -242,8 +261,8 @@ def _ema_state(checkpoint: Path, ema, ema_changed: bool) -> tuple[dict, int] | N
         return None
     document = _read(checkpoint, EMA_STATE, "EMA state", _json)
     n_averaged = document.get("n_averaged") if isinstance(document, dict) else None
-    if type(n_averaged) is not int or n_averaged < 0:
-        raise invalid_file(checkpoint, EMA_STATE, "EMA state", f"n_averaged is {n_averaged!r}, not a count")
+    if type(n_averaged) is not int or not 0 <= n_averaged <= MAX_COUNT:
+        raise invalid_file(checkpoint, EMA_STATE, "EMA state", f"n_averaged is {quote(n_averaged)}, not a count")
     return _weights(checkpoint, EMA_WEIGHTS, "EMA weights file", ema.module), n_averaged
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from matplotlib.ticker import MaxNLocator
 
+from dino import untrusted
 from dino.errors import UserError
 from dino.plots.figure import new_figure, save_png
 from dino.run_logs import EPOCH_LOG, MAIN_TERMS, STEP_LOG, read_json_lines, timeline
@@ -48,16 +49,17 @@ class DrawnCurves:
 def read_curves(run_dir: str | Path) -> DrawnCurves:
     """The series of ``run_dir``'s ``log.jsonl`` and ``steps.jsonl`` (last timeline of each, see run_logs)."""
     run_dir = Path(run_dir)
-    epochs = timeline(read_json_lines(run_dir / EPOCH_LOG), "epoch")
+    # The records' types are checked by read_json_lines (dino.run_logs.check_record); a field missing is no point.
+    epochs = [r for r in timeline(read_json_lines(run_dir / EPOCH_LOG), "epoch") if "global_step" in r]
     steps = timeline(read_json_lines(run_dir / STEP_LOG), "step")
     step_keys = ("loss", *MAIN_TERMS)
     if steps:
         drawn = DrawnCurves(STEP_LOG, [r["step"] for r in steps],
-                            {k: [_value(r.get(k)) for r in steps] for k in step_keys}, [r["lr"] for r in steps])
+                            {k: [_value(r.get(k)) for r in steps] for k in step_keys}, [_value(r.get("lr")) for r in steps])
     else:
         drawn = DrawnCurves(EPOCH_LOG, [r["global_step"] for r in epochs],
                             {k: [_value((r.get("train") or {}).get(k)) for r in epochs] for k in step_keys},
-                            [r["lr"] for r in epochs])
+                            [_value(r.get("lr")) for r in epochs])
     drawn.epochs = [r["epoch"] for r in epochs]
     drawn.epoch_ends = [r["global_step"] for r in epochs]
     drawn.epoch_losses = [_value((r.get("train") or {}).get("loss")) for r in epochs]
@@ -123,7 +125,7 @@ def _draw_losses(total_ax, terms_ax, drawn: DrawnCurves) -> None:
 
 def _draw_lr(ax, drawn: DrawnCurves) -> None:
     ax.plot(drawn.steps, drawn.lr, color="tab:purple", linewidth=1)
-    if all(v > 0 for v in drawn.lr):
+    if all(v > 0 for v in drawn.lr):  # NaN (a missing lr) is not > 0: linear
         ax.set_yscale("log")
     ax.set(title="learning rate (transformer)", xlabel="step")
 
@@ -163,7 +165,13 @@ def _draw_per_category(ax, drawn: DrawnCurves) -> None:
     bars = ax.bar(range(len(names)), values, color="tab:blue")
     if len(names) <= 20:
         ax.bar_label(bars, fmt="%.3f", fontsize="small")
-    ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 8 else 0,
+    ax.set_xticks(range(len(names)), [_label(name) for name in names], rotation=90 if len(names) > 8 else 0,
                   fontsize=6 if len(names) > 30 else "small")
     ax.set(title=f"AP per category at epoch {drawn.per_category_epoch} (IoU .50:.95)", ylim=(0, 1))
     ax.grid(axis="y", alpha=0.3)
+
+
+def _label(name: str) -> str:
+    """A category name as a tick label: control characters escaped, at most 40 characters, ``$`` taken literally
+    (matplotlib would parse ``$...$`` as mathtext, and fail on a name that is not valid TeX)."""
+    return untrusted.shorten(untrusted.printable(name), 40).replace("$", r"\$")

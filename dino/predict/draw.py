@@ -16,6 +16,8 @@ from PIL import ImageFont
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 
+from dino.untrusted import printable
+
 MIN_DRAW_SIDE = 480
 MAX_DRAW_SIDE = 16384  # well inside the 65,500 pixels per side that JPEG (as Pillow writes it) can store
 # Distinct, saturated colours (Tableau 10), one per label (label % 10).
@@ -42,7 +44,8 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[int],
     """The picture of one image's detections.
 
     ``image``: (3, H, W) uint8 RGB, the original image; ``boxes``: (N, 4) xyxy in its pixels; ``labels``: N model
-    labels (they pick the colours); ``captions``: N strings such as ``"person 0.87"``.
+    labels (they pick the colours); ``captions``: N strings such as ``"person 0.87"``, control characters drawn as
+    their escapes (``\\r``: :func:`dino.untrusted.printable`).
     Returns (3, H', W') uint8, enlarged when the image's shorter side is below ``MIN_DRAW_SIDE`` (the longer side
     kept at most ``MAX_DRAW_SIDE``), shrunk when the longer side is above ``MAX_DRAW_SIDE``.
     """
@@ -57,6 +60,8 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: list[int],
     boxes = boxes.detach().float().cpu() * scale
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width - 1)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height - 1)
+    # A control character (a class name's "\r") breaks the text layout (raqm fails on it): drawn as its escape.
+    captions = [printable(caption) for caption in captions]
     colours = [PALETTE[int(label) % len(PALETTE)] for label in labels]
     line = max(2, round(min(height, width) / 240))
     font_size = max(12, round(min(height, width) / 30))

@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
+from dino import untrusted
 from dino.errors import UserError
+from dino.untrusted import MAX_CLASSES, Invalid
 
 # The 80 COCO 2017 detection categories at their official ids (1..90, ten ids unused).
 COCO_CATEGORY_NAMES: dict[int, str] = {
@@ -87,18 +89,26 @@ def label_metadata(num_classes: int, categories: list[dict] | None) -> dict[str,
 def read_label_metadata(meta: Mapping[str, str], source: str) -> ArtifactLabels | None:
     """The labels stored by :func:`label_metadata`, or None when ``meta`` has none (an artifact exported before).
 
-    UserError naming ``source`` when the values are malformed.
+    UserError naming ``source`` and the key when the values are malformed: a class count that is not a whole number
+    in 1..MAX_CLASSES, categories that break :func:`dino.untrusted.categories`' rules (size, nesting, types, ids
+    below the class count, name length). The values are quoted short.
     """
     if NUM_CLASSES_KEY not in meta:
         return None
     try:
-        num_classes = int(meta[NUM_CLASSES_KEY])
+        text = untrusted.text(meta[NUM_CLASSES_KEY], NUM_CLASSES_KEY, 16)
+        if not text.isascii() or not text.isdigit():
+            raise Invalid(f"{NUM_CLASSES_KEY} is {untrusted.quote(text)}, not a whole number")
+        num_classes = untrusted.count(int(text), NUM_CLASSES_KEY, MAX_CLASSES, 1)
         categories = None
         if CATEGORIES_KEY in meta:
-            categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in json.loads(meta[CATEGORIES_KEY])]
-    except (ValueError, TypeError, KeyError) as err:
-        raise UserError(f"{source}: malformed class metadata {NUM_CLASSES_KEY}/{CATEGORIES_KEY} "
-                        f"({type(err).__name__}: {err}); re-export it") from None
+            value = untrusted.text(meta[CATEGORIES_KEY], CATEGORIES_KEY, untrusted.MAX_JSON_BYTES)
+            categories = untrusted.categories(untrusted.parse_json(value), CATEGORIES_KEY)
+            beyond = [c["id"] for c in categories if c["id"] >= num_classes]
+            if beyond:
+                raise Invalid(f"category id {beyond[0]} is not a label of a {num_classes}-class model")
+    except Invalid as err:
+        raise UserError(f"{source}: malformed class metadata ({err}); re-export it") from None
     return ArtifactLabels(num_classes, categories)
 
 
@@ -110,17 +120,18 @@ def engine_sidecar(engine: str | os.PathLike) -> Path:
 
 
 def read_engine_sidecar(engine: str | os.PathLike) -> ArtifactLabels | None:
-    """The labels in the sidecar of ``engine``, or None when it has none; UserError when it is malformed."""
+    """The labels in the sidecar of ``engine``, or None when it has none; UserError when it is malformed (larger
+    than :data:`~dino.untrusted.MAX_JSON_BYTES`, nested, not an object of strings, or bad labels)."""
     path = engine_sidecar(engine)
     if not path.is_file():
         return None
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: not the JSON sidecar of a TensorRT engine ({err}); delete or re-export it") from None
+        meta = untrusted.read_json(path, "JSON sidecar of a TensorRT engine")
+    except UserError as err:
+        raise UserError(f"{err}; delete or re-export it") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path}: not the JSON sidecar of a TensorRT engine (not an object); delete or re-export it")
-    return read_label_metadata({str(k): str(v) for k, v in meta.items()}, str(path))
+    return read_label_metadata(meta, str(path))
 
 
 def artifact_label_names(recorded: ArtifactLabels | None, num_classes: int, recipe_name: str,
