@@ -4,7 +4,10 @@
 of raising: the annotations file (missing, not JSON, malformed: then nothing else can be checked), each annotation
 (unknown ``image_id`` or ``category_id``, a bbox that is not 4 numbers, a box training drops: negative or zero
 width or height, entirely outside its image; a box partly outside, which is clipped), each image (file missing,
-not readable or not decodable, decoded size differing from the json, the same file listed twice, no annotations).
+not readable or not decodable, decoded size differing from the json, the same file listed twice, no annotations),
+and what a file from elsewhere may hold: an ``iscrowd`` other than 0 or 1, a negative ``area``, a category name with
+control characters, a ``file_name`` that is absolute or climbs out of the images folder (never opened; fatal, as
+:class:`~dino.data.coco.CocoDetection` refuses it).
 
 A problem is *fatal* when it would stop training (:class:`~dino.data.coco.CocoDetection` raises on it); the others
 are dropped, clipped or kept by training and only reported. An unreadable image is fatal unless the run skips
@@ -23,8 +26,9 @@ from typing import Any, Sequence
 import PIL.Image
 from tqdm.auto import tqdm
 
-from dino.data.coco import annotation_problem, box_problem, categories_of, load_instances_json
+from dino.data.coco import annotation_problem, box_problem, categories_of, file_name_problem, load_instances_json
 from dino.errors import UserError
+from dino.untrusted import has_control, quote
 
 __all__ = ["FATAL_KINDS", "Problem", "SplitReport", "check_split", "dataset_notes", "format_report"]
 
@@ -32,6 +36,7 @@ __all__ = ["FATAL_KINDS", "Problem", "SplitReport", "check_split", "dataset_note
 FATAL_KINDS = frozenset({
     "annotations file", "unknown image_id", "unknown category_id", "bad bbox", "images folder", "missing image file",
     "unreadable image", "size differs from json", "training setup", "image too small for the model",
+    "file_name outside the images folder",
 })
 
 
@@ -73,6 +78,15 @@ def _read_image(path: Path, fast: bool) -> tuple[tuple[int, int] | None, str | N
         return None, (str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
+def _check_categories(data: dict, path: Path, report: SplitReport) -> None:
+    for cat in data["categories"]:
+        name = str(cat.get("name", ""))
+        if has_control(name):
+            report.problems.append(Problem("control character in category name", str(path),
+                                           f"category id {cat['id']} is named {quote(name)} (kept in JSON outputs, "
+                                           "escaped in pictures and console lines)"))
+
+
 def _check_annotations(data: dict, path: Path, report: SplitReport) -> None:
     images = {img["id"]: img for img in data["images"]}
     category_ids = {c["id"] for c in data["categories"]}
@@ -81,6 +95,16 @@ def _check_annotations(data: dict, path: Path, report: SplitReport) -> None:
         if problem is not None:
             report.problems.append(Problem(problem[0], str(path), f"annotation id {ann['id']} {problem[1]}"))
             continue
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1) or isinstance(crowd, float):
+            report.problems.append(Problem("iscrowd not 0 or 1", str(path),
+                                           f"annotation id {ann['id']} has iscrowd {quote(crowd)} (training reads any "
+                                           "value but 0 as a crowd, left out of the targets)"))
+        area = ann.get("area", 0)
+        if isinstance(area, (int, float)) and not isinstance(area, bool) and area < 0:
+            report.problems.append(Problem("negative area", str(path),
+                                           f"annotation id {ann['id']} has area {area!r} (COCO evaluation ignores it "
+                                           "in every area range)"))
         image = images[ann["image_id"]]
         x, y, w, h = (float(v) for v in ann["bbox"])
         W, H = image["width"], image["height"]
@@ -109,12 +133,20 @@ def _check_images(data: dict, images_dir: Path, report: SplitReport, fast: bool,
     if not images_dir.is_dir():
         report.problems.append(Problem("images folder", str(images_dir), "does not exist"))
         return
-    paths = [images_dir / str(img["file_name"]) for img in data["images"]]
+    inside = []
+    for img in data["images"]:
+        problem = file_name_problem(str(img["file_name"]))
+        if problem is None:
+            inside.append(img)
+        else:  # never opened
+            report.problems.append(Problem("file_name outside the images folder", str(report.annotations_file),
+                                           f"image id {img['id']}: file_name {quote(str(img['file_name']))} {problem}"))
+    paths = [images_dir / str(img["file_name"]) for img in inside]
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without holding the GIL
         results = pool.map(lambda p: _read_image(p, fast), paths)
         bar = tqdm(results, total=len(paths), desc=f"{report.split} images", unit="img", disable=not progress,
                    dynamic_ncols=True)
-        for img, path, (size, reason) in zip(data["images"], paths, bar):
+        for img, path, (size, reason) in zip(inside, paths, bar):
             name = str(path)
             if size is None:
                 kind = "missing image file" if not path.is_file() else "unreadable image"
@@ -151,6 +183,7 @@ def check_split(
         report.problems.append(Problem("annotations file", str(annotations_file), detail))
         return report
     report.images, report.annotations = len(data["images"]), len(data["annotations"])
+    _check_categories(data, annotations_file, report)
     _check_annotations(data, annotations_file, report)
     _check_images(data, images_dir, report, fast, workers, progress)
     return report

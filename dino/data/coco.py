@@ -35,7 +35,7 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 
 import numpy as np
@@ -47,12 +47,14 @@ from torchvision.transforms import v2
 
 from dino.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import UserError
+from dino.untrusted import MAX_CLASSES, MAX_NAME_CHARS, quote
 
 __all__ = [
     "CocoDetection",
     "ImageError",
     "UnreadableImageError",
     "box_problem",
+    "file_name_problem",
     "load_instances_json",
     "read_categories",
 ]
@@ -117,6 +119,8 @@ def load_instances_json(path: str | os.PathLike) -> dict[str, Any]:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"annotations file {path} is not valid JSON: {err}") from None
+    except RecursionError:  # json's own guard against a pathological nesting: no COCO file nests that deep
+        raise UserError(f"annotations file {path} is not a COCO annotations file: its JSON nests too deeply") from None
     if not isinstance(data, dict):
         raise UserError(f"annotations file {path}: expected a JSON object at the top level, got {type(data).__name__}")
     for section, fields in _REQUIRED.items():
@@ -160,7 +164,14 @@ def categories_of(data: dict[str, Any], path: str | os.PathLike) -> tuple[int, l
         cid = cat["id"]
         if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
             raise UserError(f"annotations file {path}: categories[{i}] has id {cid!r}; expected an int >= 0")
-        categories.append({"id": cid, "name": str(cat.get("name", f"class {cid}"))})
+        if cid >= MAX_CLASSES:
+            raise UserError(f"annotations file {path}: categories[{i}] has id {cid}; labels are category ids, so the "
+                            f"model would need {cid + 1:,} class outputs (at most {MAX_CLASSES:,}): renumber the ids")
+        name = str(cat.get("name", f"class {cid}"))
+        if len(name) > MAX_NAME_CHARS:
+            raise UserError(f"annotations file {path}: categories[{i}] (id {cid}) has a name of {len(name):,} "
+                            f"characters ({quote(name)}); class names hold at most {MAX_NAME_CHARS}")
+        categories.append({"id": cid, "name": name})
     if not categories:
         raise UserError(f"annotations file {path}: 'categories' is empty; a dataset needs at least one category")
     categories.sort(key=lambda c: c["id"])
@@ -174,6 +185,18 @@ def read_categories(annotations_file: str | os.PathLike) -> tuple[int, list[dict
     Raises UserError naming the file when it is missing, not valid JSON, malformed, or has no categories.
     """
     return categories_of(load_instances_json(annotations_file), annotations_file)
+
+
+def file_name_problem(file_name: str) -> str | None:
+    """Why an image's ``file_name`` does not name a file inside its images folder, or None: an absolute path (POSIX
+    or Windows), a ``..`` that climbs out of the folder, or a NUL character. Such a file is never opened."""
+    if "\0" in file_name:
+        return "holds a NUL character"
+    if os.path.isabs(file_name) or PureWindowsPath(file_name).drive or PureWindowsPath(file_name).root:
+        return "is an absolute path"
+    if ".." in PurePosixPath(file_name.replace("\\", "/")).parts:
+        return "climbs out of the images folder (..)"
+    return None
 
 
 def annotation_problem(ann: dict[str, Any], image_ids, category_ids) -> tuple[str, str] | None:
@@ -286,6 +309,13 @@ class CocoDetection(torch.utils.data.Dataset):
         )
 
     def _check_image_files(self) -> None:
+        outside = [(img["file_name"], problem) for img in self._images
+                   if (problem := file_name_problem(img["file_name"])) is not None]
+        if outside:
+            shown = ", ".join(f"{quote(name)} {problem}" for name, problem in outside[:3])
+            raise UserError(f"{len(outside)} image file_name(s) of {self.annotations_file} do not name a file inside "
+                            f"the images folder {self.images_dir}: {shown}" + (", ..." if len(outside) > 3 else "")
+                            + "; give paths relative to the images folder (dino data check lists them all)")
         if not self.images_dir.is_dir():
             raise UserError(f"images folder {self.images_dir} (for {self.annotations_file}) does not exist")
         missing = [img["file_name"] for img in self._images if not (self.images_dir / img["file_name"]).is_file()]
