@@ -3,6 +3,7 @@ outputs left out), an output folder refused when it could replace or feed an inp
 input."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -48,6 +49,7 @@ def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[Path]
         if path.is_dir():
             folders.append(path)
             found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            say_left_out(path, sorted(p for p in path.iterdir() if not p.is_file() or p.name.startswith(".")))
             outputs = earlier_outputs(path)
             if outputs:
                 found = [p for p in found if p.name not in outputs]
@@ -66,8 +68,41 @@ def list_inputs(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[Path]
         elif path.is_file():
             files.append(path)
         else:
-            raise UserError(f"input {path} does not exist")
+            raise UserError(f"input {path} {_not_a_file(path) or 'does not exist'}")
     return files, folders
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path``, which is neither a file nor a folder, is not one: a symlink loop, a symlink to nothing, or
+    another kind of entry (a FIFO, a socket, a device); None when there is no entry at all."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python < 3.13 reports a loop so
+            return "is a symlink loop"
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return "is a symlink loop"
+            return f"is a symlink to {os.readlink(path)}, which does not exist"
+    if os.path.lexists(path):
+        return "is not a file or a folder (a FIFO, socket or device)"
+    return None
+
+
+def say_left_out(folder: Path, entries: list[Path]) -> None:
+    """One stderr line for each entry of an input ``folder`` that is not listed because it is not a file (a
+    dangling symlink or a symlink loop named like an image, a FIFO), and one for its subfolders (not entered) and
+    its hidden entries, naming them (the first 10): nothing in a folder is left out without a word."""
+    folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    hidden = [p for p in entries if p.name.startswith(".")]
+    for p in entries:
+        if p not in folders and p not in hidden:
+            print(f"dino predict: {folder}: left out {p.name!r}: it {_not_a_file(p) or 'vanished'}", file=sys.stderr)
+    for group, what in ((folders, "subfolder(s), not entered (name them to predict on their images)"),
+                        (hidden, "hidden entr(ies)")):
+        if group:
+            shown = ", ".join(repr(p.name) for p in group[:10]) + (", ..." if len(group) > 10 else "")
+            print(f"dino predict: {folder}: left out {len(group)} {what}: {shown}", file=sys.stderr)
 
 
 def check_output_dir(output_dir: str | os.PathLike, files: list[Path], folders: list[Path] = ()) -> Path:
