@@ -1,7 +1,10 @@
 """OpenVINO IR export of a :class:`~dino_export.deploy_model.DeployModel`, checked query by query like the ONNX export.
 
-The IR is converted from the standard ONNX graph (:func:`dino_export.onnx_export.export_onnx`, itself checked in
-ONNX Runtime first), so it is the same deploy model: ``images (B, 3, H, W)``, ``mask (B, H, W)`` in, ``boxes``,
+The IR is converted from an ONNX graph (:func:`dino_export.onnx_export.export_onnx`, itself checked in ONNX Runtime
+first): the plugin graph, whose deformable attention nodes become dino's OpenVINO op (``csrc/openvino/``, the project's
+CPU kernel; rt_info ``dino.extension``), where that extension builds (:mod:`dino.ops.openvino_build`), else the
+standard graph (GridSample), said in one note.
+Either way it is the same deploy model: ``images (B, 3, H, W)``, ``mask (B, H, W)`` in, ``boxes``,
 ``scores``, ``labels`` out, batch 1 or (``dynamic_batch``) symbolic. The detector's per-query values
 (``pred_logits``, ``pred_boxes``, ``query_indices``) keep their names inside the IR, so :func:`check_openvino` adds
 them as outputs of a copy and compares every query with PyTorch on the same selection
@@ -20,14 +23,17 @@ from pathlib import Path
 import torch
 
 from dino.errors import UserError
+from dino.ops.openvino_build import OP_NAME, load_openvino_extension, openvino_extension_failure
 from dino.predict.backend import OUTPUT_NAMES
 from dino.predict.openvino_runtime import (
     PRECISIONS,
     check_precision,
     compile_cpu,
-    core,
+    extension_library,
     openvino,
+    read_ir,
     run_compiled,
+    set_extension,
     set_metadata,
     set_precision,
 )
@@ -74,7 +80,7 @@ def weights_path(xml: str | os.PathLike) -> Path:
 def checkable_model(ir):
     """A copy of the IR ``ir`` (path or ``openvino.Model``) with the per-query values as extra outputs, for checks and
     the benchmark's error column; never shipped. ExportCheckError when a value is missing."""
-    model = core().read_model(str(ir)) if isinstance(ir, (str, os.PathLike)) else ir.clone()
+    model = read_ir(ir) if isinstance(ir, (str, os.PathLike)) else ir.clone()
     try:
         model.add_outputs(list(QUERY_OUTPUT_NAMES))
     except RuntimeError as err:
@@ -128,8 +134,25 @@ def check_openvino(model: DeployModel, ir, image_size: tuple[int, int], batches:
 
 
 def convert_onnx(onnx_path: str | os.PathLike):
-    """The ``openvino.Model`` of an exported ONNX graph (tensor names kept, so the per-query values stay findable)."""
-    return openvino().convert_model(str(onnx_path))
+    """The ``openvino.Model`` of an exported ONNX graph (tensor names kept, so the per-query values stay findable).
+    Where dino's OpenVINO extension builds, a plugin graph's ``trt.plugins::DinoMSDeformAttn`` nodes become its op,
+    and the model records that it needs it (:func:`~dino.predict.openvino_runtime.set_extension`)."""
+    if load_openvino_extension() is None:
+        return openvino().convert_model(str(onnx_path))
+    ir = openvino().convert_model(str(onnx_path), extension=[extension_library(onnx_path)])
+    if any(op.get_type_name() == OP_NAME for op in ir.get_ops()):
+        set_extension(ir)
+    return ir
+
+
+def deform_graph(notes: list[str]) -> str:
+    """The ONNX graph kind an IR is converted from: ``plugin`` (deformable attention as dino's OpenVINO op, the
+    project's CPU kernel) where the extension builds, else ``standard`` (GridSample), saying why in ``notes``."""
+    if load_openvino_extension() is not None:
+        return "plugin"
+    notes.append(f"dino's OpenVINO extension is unavailable ({openvino_extension_failure()}): wrote the GridSample "
+                 "IR")
+    return "standard"
 
 
 def export_openvino(
@@ -164,7 +187,8 @@ def export_openvino(
     notes: list[str] = []
     checks: list[QueryCheck] = []
     with tempfile.TemporaryDirectory(prefix=f".{output.stem}.", dir=output.parent) as tmp:
-        onnx_export = export_onnx(model, Path(tmp) / "model.onnx", image_size, "standard", dynamic_batch, max_batch,
+        graph = deform_graph(notes)
+        onnx_export = export_onnx(model, Path(tmp) / "model.onnx", image_size, graph, dynamic_batch, max_batch,
                                   verify=verify, labels=labels, reference=reference)
         checks += onnx_export.checks
         ir = convert_onnx(onnx_export.path)

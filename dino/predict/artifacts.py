@@ -25,7 +25,7 @@ import torch
 from dino.errors import UserError
 from dino.predict.backend import INPUT_NAMES, OUTPUT_NAMES
 from dino.predict.labels import LABEL_KEYS, read_engine_sidecar, read_label_metadata
-from dino.predict.openvino_runtime import compile_cpu, core, read_metadata, recorded_precision, run_compiled
+from dino.predict.openvino_runtime import compile_cpu, read_ir, read_metadata, recorded_precision, run_compiled
 from dino.predict.tensorrt_runtime import TensorRTRunner
 
 # AOTInductor package metadata key of the image size ("H,W") the package was compiled for (dino export aoti writes it).
@@ -111,7 +111,7 @@ class OpenVinoBackend:
             raise UserError(f"--openvino {path}: give the IR's .xml file (its weights are read from the .bin beside "
                             "it)")
         try:
-            model = core().read_model(str(path))
+            model = read_ir(path)  # with dino's OpenVINO extension when the IR records it
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - OpenVINO raises RuntimeError with a long log for bad files

@@ -10,16 +10,21 @@ itself compiles a bf16 hint to f32 without a word on such CPUs). ``openvino`` is
 from __future__ import annotations
 
 import os
+import xml.etree.ElementTree as ElementTree
 
 import numpy as np
 import torch
 
 from dino.errors import UserError
+from dino.ops.openvino_build import OP_NAME, load_openvino_extension, openvino_extension_failure
 
 PRECISIONS = ("f32", "bf16")
 # OPTIMIZATION_CAPABILITIES entry a CPU must list for each precision (f32 is always there).
 _CAPABILITY = {"f32": "FP32", "bf16": "BF16"}
 PRECISION_KEY = "dino.precision"
+# rt_info: the op of dino's OpenVINO extension (dino.ops.openvino_build) that the IR holds; absent when it needs none.
+EXTENSION_KEY = "dino.extension"
+_extension_core = []  # the one Core holding the extension library (it stays loaded while this process runs)
 
 
 def openvino():
@@ -33,6 +38,46 @@ def openvino():
 
 def core():
     return openvino().Core()
+
+
+def extension_library(source: str | os.PathLike) -> str:
+    """The path of dino's OpenVINO extension library (built on first use), also loaded into :func:`extension_core`;
+    UserError naming ``source`` (what needs it) and why when it cannot be built here."""
+    library = load_openvino_extension()
+    if library is None:
+        raise UserError(f"{source} needs dino's OpenVINO extension (op {OP_NAME}), which is unavailable here: "
+                        f"{openvino_extension_failure()}; build it with python -m dino.ops.openvino_build (a C++ "
+                        "compiler and the openvino wheel), or use an IR exported without it")
+    if not _extension_core:
+        ov_core = core()
+        ov_core.add_extension(str(library))
+        _extension_core.append(ov_core)
+    return str(library)
+
+
+def extension_core(source: str | os.PathLike):
+    """A Core with dino's OpenVINO extension added (:func:`extension_library`), one per process."""
+    extension_library(source)
+    return _extension_core[0]
+
+
+def needs_extension(xml: str | os.PathLike) -> bool:
+    """Whether the IR file ``xml`` records :data:`EXTENSION_KEY` (read without OpenVINO, which cannot read such an IR
+    before the extension is added)."""
+    info = ElementTree.parse(str(xml)).getroot().find("rt_info")
+    return info is not None and any(child.tag == EXTENSION_KEY for child in info)
+
+
+def read_ir(xml: str | os.PathLike):
+    """The ``openvino.Model`` of the IR ``xml``, read by a Core with dino's extension when the IR records that it needs
+    it (UserError, one line, when the extension is unavailable here)."""
+    ov_core = extension_core(xml) if needs_extension(xml) else core()
+    return ov_core.read_model(str(xml))
+
+
+def set_extension(model) -> None:
+    """Records in ``model``'s rt_info that it holds the extension's op (:data:`EXTENSION_KEY`)."""
+    model.set_rt_info(OP_NAME, [EXTENSION_KEY])
 
 
 def cpu_capabilities() -> list[str]:
