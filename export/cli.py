@@ -14,6 +14,7 @@ from dino.device import check_device
 from dino.durable import check_output_file
 from dino.engine.recipe import RECIPE_RUNS_AS_PYTHON
 from dino.errors import CheckFailure, UserError
+from dino.models.memory import check_forward_fits
 from dino.model_loading import checkpoint_file
 from dino_export.check_reference import REFERENCES
 from dino_export.query_check import ExportCheckError, GraphDisagrees
@@ -157,6 +158,7 @@ def _load(args, half: bool = False):
         args.checkpoint = str(checkpoint_file(args.checkpoint))
     model, desc = build_deploy_model(args.recipe, args.checkpoint, half=half, overrides=args.overrides)
     check_canvas_fits(model.model, size)
+    check_forward_fits(model.model, 1, *size, getattr(args, "device", None) or "cpu", f"canvas {size[0]}x{size[1]}")
     return model, desc, size
 
 

@@ -20,10 +20,11 @@ from dino.device import check_device
 from dino.durable import check_output_file
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint, checkpoint_file
+from dino.models.memory import check_forward_fits
 from dino.predict.recipe import detector_recipe
 from dino_export.aoti import export_aoti
 from dino_export.artifact_labels import model_labels
-from dino_export.deploy_model import DeployModel
+from dino_export.deploy_model import DeployModel, check_canvas_fits
 from dino_export.onnx_export import export_onnx
 
 FORMATS = {"onnx": "model.onnx", "aoti": "model.pt2"}  # format -> the command's default output
@@ -67,6 +68,8 @@ def export(checkpoint: str | os.PathLike, format: str = "onnx", output: str | os
     cfg = detector_recipe(recipe, weights, overrides)
     model = DeployModel(build_model_from_checkpoint(cfg.model, weights), cfg.model.num_select,
                         half=fp16 and format == "onnx")
+    check_canvas_fits(model.model, size)
+    check_forward_fits(model.model, 1, *size, device if format == "aoti" else "cpu", f"image_size {size}")
     labels = model_labels(model.model.num_classes, weights)
     if format == "onnx":
         return export_onnx(model, output, size, deform_op, dynamic_batch, max_batch or 32, verify=verify,

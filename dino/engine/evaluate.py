@@ -23,6 +23,7 @@ from dino.engine.setup import build_accelerator, fit_classes_to
 from dino.engine.termination import data_worker_init
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint
+from dino.models.memory import check_resize_fits
 from dino.plots.pr_curves import PR_CURVES_PNG, plot_pr_curves
 
 logger = logging.getLogger("dino.engine")
@@ -158,6 +159,7 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
                         "or only crowd or dropped ones); use `dino predict` for predictions without ground truth")
     fit_classes_to(cfg, dataset)
     model = build_model_from_checkpoint(cfg.model, weights)  # never downloads backbone weights
+    check_resize_fits(model, cfg.data.val_scale, cfg.data.val_max_size, cfg.train.eval_batch_size, accelerator.device)
     model, loader = accelerator.prepare(model, build_val_loader(dataset, cfg))
     stats = evaluate(accelerator, model, PostProcess(cfg.model.num_select), loader, dataset, output_dir,
                      pr_curves=True)

@@ -31,6 +31,7 @@ from dino.config import DataConfig, Recipe
 from dino.device import check_device
 from dino.errors import UserError
 from dino.model_loading import build_model_from_checkpoint, checkpoint_file, read_categories
+from dino.models.memory import check_forward_fits, check_resize_fits
 from dino.predict.artifacts import KINDS, open_artifact
 from dino.predict.backend import Backend, ModelBackend
 from dino.predict.draw import draw_detections
@@ -136,6 +137,7 @@ class Detector:
             device = _device(device, "cuda" if torch.cuda.is_available() else "cpu")
             model = build_model_from_checkpoint(cfg.model, weights)
             names = LabelNames.build(cfg.model.num_classes, read_categories(weights))
+            check_resize_fits(model, cfg.data.val_scale, cfg.data.val_max_size, 1, device)
             return cls(ModelBackend(model, cfg.model.num_select, device), cfg.data, names,
                        f"{cfg.name}, weights {weights}")
         weights = checkpoint_file(checkpoint) if checkpoint is not None else None
@@ -190,6 +192,8 @@ class Detector:
         for group in self._batches(tensors, batch_size):
             images, mask = self.preprocess.batch([tensors[i] for i in group])
             try:
+                if isinstance(self.backend, ModelBackend):  # refused before the allocation, not by the allocator
+                    check_forward_fits(self.backend.model, len(group), *images.shape[-2:], self.device, "resized")
                 boxes, scores, labels = self.backend.run(images.to(self.device), mask.to(self.device))
             except UserError as err:  # the model cannot take images of this size (e.g. fewer tokens than queries)
                 for i in group:
