@@ -118,6 +118,9 @@ class DataConfig:
     shapes_train_images: int = 512
     shapes_val_images: int = 64
     shapes_image_size: int = 128
+    # (height, width) of the validation images, e.g. (40, 64) to measure non-square images (an exported graph's
+    # fixed canvas letterboxes them); None: shapes_image_size squares, as the training images.
+    shapes_val_image_size: tuple[int, int] | None = None
     shapes_seed: int = 0
     # Batches are padded to a multiple of this (1: the batch maximum, as the official code).
     size_divisibility: int = 1

@@ -1,6 +1,7 @@
 """Shared pytest setup: GPU and TensorRT tests skip cleanly where their hardware or library is missing."""
 import importlib.util
 import multiprocessing
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +29,49 @@ def pytest_sessionfinish(session, exitstatus):
     if children:
         session.config.get_terminal_writer().line(
             f"conftest: killed {len(children)} leftover child process(es): {', '.join(map(str, children))}", yellow=True)
+
+
+# A tiny model and its exports, paid once per session (tests/test_eval_artifacts.py; reusable by any test).
+TINY_RECIPE = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
+TINY_CATEGORIES = [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}, {"id": 3, "name": "triangle"}]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``(model.safetensors, overrides)``: the tests' tiny recipe (engine_tiny_recipe.py) with random weights (seed 0),
+    recording its recipe and categories as training does; ``overrides`` point data.root at its 64 px shapes images
+    (5 validation images, generated here)."""
+    from dino.data import build_dataset
+    from dino.engine.recipe import load_recipe
+    from dino.engine.setup import weights_metadata
+    from dino.models.dino import build_model
+    from dino.weights import save_weights
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    overrides = [f"data.root={root / 'shapes'}"]
+    cfg = load_recipe(TINY_RECIPE, overrides)
+    build_dataset(cfg.data, "val")
+    torch.manual_seed(0)
+    weights = root / "model.safetensors"
+    save_weights(build_model(cfg.model).state_dict(), weights, weights_metadata(cfg, TINY_CATEGORIES))
+    return weights, overrides
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run, tmp_path_factory):
+    """``tiny_run``'s model exported to ONNX at 64x64, batch 1 (checked against PyTorch by the export tests)."""
+    import dino_export
+
+    path = tmp_path_factory.mktemp("tiny_onnx") / "tiny.onnx"
+    return dino_export.export(tiny_run[0], "onnx", path, image_size=(64, 64), verify=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_openvino(tiny_run, tmp_path_factory):
+    """``tiny_run``'s model exported to an f32 OpenVINO IR at 64x64 through `dino export openvino`."""
+    from dino_cli import main
+
+    xml = tmp_path_factory.mktemp("tiny_openvino") / "tiny.xml"
+    assert main(["export", "openvino", "--checkpoint", str(tiny_run[0]), "--image-size", "64", "64", "--output",
+                 str(xml), "--no-verify"]) == 0
+    return xml

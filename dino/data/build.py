@@ -55,4 +55,5 @@ def prepare_dataset(data_cfg: DataConfig) -> None:
             data_cfg.shapes_val_images,
             data_cfg.shapes_image_size,
             seed=data_cfg.shapes_seed,
+            val_image_size=data_cfg.shapes_val_image_size,
         )

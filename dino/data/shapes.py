@@ -24,6 +24,7 @@ import colorsys
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,20 +49,22 @@ _MAX_OVERLAP = 0.25  # intersection / area of the smaller box
 _SPLITS = {"train": 0, "val": 1}
 # The parameters of generate_shapes_dataset, by the recipe fields that set them (dino.config.DataConfig).
 _FIELDS = {"num_train": "data.shapes_train_images", "num_val": "data.shapes_val_images",
-           "image_size": "data.shapes_image_size", "seed": "data.shapes_seed"}
+           "image_size": "data.shapes_image_size", "seed": "data.shapes_seed",
+           "val_image_size": "data.shapes_val_image_size"}
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float32 in [0, 255], low saturation so saturated objects stand out."""
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(height, width, 3) float32 in [0, 255], low saturation so saturated objects stand out."""
     base = rng.uniform(50, 200, size=3)
     base = base.mean() + 0.25 * (base - base.mean())  # desaturate
     kind = rng.integers(3)
     if kind == 0:  # smooth noise: upsampled low-resolution noise
         cells = int(rng.integers(4, 17))
         low = rng.normal(0, 30, size=(cells, cells)).astype(np.float32)
-        tex = np.asarray(Image.fromarray(low, mode="F").resize((size, size), Image.BICUBIC))
+        tex = np.asarray(Image.fromarray(low, mode="F").resize((width, height), Image.BICUBIC))
     else:
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        yy, xx = yy / height, xx / width
         angle = rng.uniform(0, np.pi)
         proj = np.cos(angle) * xx + np.sin(angle) * yy
         if kind == 1:  # linear gradient
@@ -86,18 +89,23 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return iw * ih / smaller
 
 
-def _place_boxes(rng: np.random.Generator, size: int) -> list[tuple[int, int, int, int]]:
+def _side_range(side: int) -> tuple[int, int]:
+    """(min, max) extent in pixels of an object along an image side of ``side`` pixels: 15-50% of it."""
+    return max(4, round(0.15 * side)), max(5, round(0.5 * side))
+
+
+def _place_boxes(rng: np.random.Generator, height: int, width: int) -> list[tuple[int, int, int, int]]:
     """1-4 integer boxes (x0, y0, x1, y1), x1/y1 exclusive, inside the image, overlapping at most _MAX_OVERLAP."""
     wanted = int(rng.integers(1, 5))
-    lo, hi = max(4, round(0.15 * size)), max(5, round(0.5 * size))
+    (lo_w, hi_w), (lo_h, hi_h) = _side_range(width), _side_range(height)
     boxes: list[tuple[int, int, int, int]] = []
     for _ in range(wanted * 20):
         if len(boxes) == wanted:
             break
-        w, h = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        w, h = int(rng.integers(lo_w, hi_w + 1)), int(rng.integers(lo_h, hi_h + 1))
         if max(w, h) > 2.5 * min(w, h):  # keep aspect ratios where shapes stay recognisable
             continue
-        x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+        x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
         box = (x0, y0, x0 + w, y0 + h)
         if all(_overlap(box, other) <= _MAX_OVERLAP for other in boxes):
             boxes.append(box)
@@ -118,12 +126,14 @@ def _triangle(rng: np.random.Generator, box: tuple[int, int, int, int]) -> list[
     return [(x1, y0 + t * (y1 - y0)), (x0, y0), (x0, y1)]
 
 
-def render_shapes_image(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[dict]]:
-    """Draws one image; returns it and its objects as ``{"category_id", "bbox": [x, y, w, h]}`` (pixels)."""
-    canvas = Image.fromarray(_background(rng, size).astype(np.uint8), mode="RGB")
+def render_shapes_image(rng: np.random.Generator, size: int | tuple[int, int]) -> tuple[Image.Image, list[dict]]:
+    """Draws one ``size`` (pixels; an int: a square, a pair: (height, width)) image; returns it and its objects as
+    ``{"category_id", "bbox": [x, y, w, h]}`` (pixels). A square draws the same numbers as (size, size)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    canvas = Image.fromarray(_background(rng, height, width).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(canvas)
     objects = []
-    for box in _place_boxes(rng, size):
+    for box in _place_boxes(rng, height, width):
         category_id = int(rng.integers(1, 4))
         colour = _object_colour(rng)
         corners = [box[0], box[1], box[2] - 1, box[3] - 1]  # PIL's rectangle/ellipse bounds are inclusive
@@ -137,11 +147,12 @@ def render_shapes_image(rng: np.random.Generator, size: int) -> tuple[Image.Imag
             {"category_id": category_id, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]}
         )
     # Mild sensor noise over everything so flat colours are not a shortcut.
-    pixels = np.asarray(canvas, dtype=np.float32) + rng.normal(0, 4, size=(size, size, 3))
+    pixels = np.asarray(canvas, dtype=np.float32) + rng.normal(0, 4, size=(height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB"), objects
 
 
-def _write_split(folder: Path, split: str, count: int, size: int, seed: int) -> None:
+def _write_split(folder: Path, split: str, count: int, size: tuple[int, int], seed: int) -> None:
+    """``count`` images of ``size`` (height, width) pixels and their annotations json."""
     (folder / split).mkdir(parents=True)
     images, annotations = [], []
     for index in range(count):
@@ -150,7 +161,7 @@ def _write_split(folder: Path, split: str, count: int, size: int, seed: int) -> 
         file_name = f"{index:06d}.png"
         image.save(folder / split / file_name, format="PNG")
         image_id = index + 1
-        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+        images.append({"id": image_id, "file_name": file_name, "width": size[1], "height": size[0]})
         for obj in objects:
             w, h = obj["bbox"][2], obj["bbox"][3]
             annotations.append(
@@ -246,8 +257,10 @@ def _generate(root: Path, params: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not secret
     try:
-        for split, count in (("train", params["num_train"]), ("val", params["num_val"])):
-            _write_split(tmp, split, count, params["image_size"], params["seed"])
+        square = (params["image_size"], params["image_size"])
+        val_size = tuple(params.get("val_image_size", square))
+        for split, count, size in (("train", params["num_train"], square), ("val", params["num_val"], val_size)):
+            _write_split(tmp, split, count, size, params["seed"])
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         with open(tmp / _STAMP, "w") as f:
             json.dump({**params, "files": files}, f)
@@ -262,20 +275,30 @@ def _generate(root: Path, params: dict) -> None:
 
 
 def generate_shapes_dataset(
-    root: str | os.PathLike, num_train: int, num_val: int, image_size: int, seed: int = 0
+    root: str | os.PathLike, num_train: int, num_val: int, image_size: int, seed: int = 0,
+    val_image_size: tuple[int, int] | None = None,
 ) -> Path:
     """Generates the shapes dataset into ``root`` (see the module docstring) and returns ``root`` as a Path.
 
     A no-op when ``root`` already holds a dataset generated with the same parameters. A ``root`` holding a shapes
     dataset with other parameters is replaced when it holds nothing else; a ``root`` holding anything the generator
     did not make (listed in its stamp) is a UserError and is never deleted. Concurrent callers (the processes of one launch) serialise on a lock file next to ``root`` and
-    generate once. 512 + 64 images of 128 px take a few seconds.
+    generate once. 512 + 64 images of 128 px take a few seconds. ``val_image_size``: (height, width) of the
+    validation images (None: ``image_size`` squares, as the training images). Generating says where on stderr, in
+    one line.
     """
     for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("image_size", image_size, 32)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise UserError(f"{_FIELDS[name]} ({name}) must be an integer >= {low}, got {value!r}")
+    if val_image_size is not None and not (
+            len(val_image_size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 32
+                                             for v in val_image_size)):
+        raise UserError(f"{_FIELDS['val_image_size']} must be (height, width), integers >= 32, or None, got "
+                        f"{val_image_size!r}")
     root = Path(root)
     params = {"version": _VERSION, "num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
+    if val_image_size is not None:  # absent when square, so the stamps of earlier square datasets still match
+        params["val_image_size"] = list(val_image_size)
     if _settings(_read_stamp(root)) == params:
         return root
     lock = root.parent / f".{root.name}.lock"
@@ -290,5 +313,9 @@ def generate_shapes_dataset(
     with run_lock(root, "data.root", hold=first_process(), lock_file=root.parent / f".{root.name}.dino-run.lock"), \
             FileLock(lock):
         if _settings(_read_stamp(root)) != params:  # another process may have generated it while we waited
+            val_size = "x".join(map(str, params.get("val_image_size", (image_size, image_size))))
+            # One line, so a data.root that was meant to hold a dataset already does not fill up unnoticed.
+            print(f"generating the synthetic shapes dataset ({num_train} train images of {image_size}x{image_size} "
+                  f"px, {num_val} val images of {val_size} px, seed {seed}) into {root}", file=sys.stderr)
             _generate(root, params)
     return root

@@ -3,6 +3,7 @@
     dino train recipes/quickstart.py --set optim.lr=2e-4 data.root=/data/shapes
     accelerate launch --num_processes 8 launch.py recipes/dino_r50_4scale_12ep.py --set data.root=/data/coco
     dino eval --recipe dino_r50_4scale_12ep --checkpoint checkpoint0011_4scale.pth --set data.root=/data/coco
+    dino eval --recipe quickstart --onnx model.onnx      # or --openvino model.xml, --aoti model.pt2, --engine F
 """
 from __future__ import annotations
 
@@ -59,15 +60,44 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", required=True, help="recipe file or name giving the model and the validation "
                         f"data; {RECIPE_RUNS_AS_PYTHON}")
     parser.add_argument(
-        "--checkpoint", required=True, metavar="PATH",
+        "--checkpoint", metavar="PATH",
         help="model.safetensors (ours), a training checkpoint or output folder (its model.safetensors), "
         "or an official DINO .pth checkpoint (converted in memory)",
     )
+    # One flag per exported artifact kind (dino.predict.artifacts.KINDS), as dino predict's.
+    parser.add_argument("--onnx", metavar="PATH", help="exported ONNX graph (standard deform op), run in ONNX Runtime "
+                                                      "on the CPU")
+    parser.add_argument("--openvino", metavar="PATH", help="OpenVINO IR (model.xml), run on the CPU at the precision "
+                                                          "recorded in it")
+    parser.add_argument("--aoti", metavar="PATH", help="AOTInductor package (.pt2) from dino export aoti")
+    parser.add_argument("--engine", metavar="PATH", help="TensorRT engine from dino export trt (CUDA)")
     add_override_argument(parser)
     parser.add_argument(
         "--output-dir", metavar="DIR",
-        help="where results.json and predictions.json go (default: <train.output_dir>/eval/<checkpoint name>)",
+        help="where results.json, predictions.json and pr_curves.png go (default: <train.output_dir>/eval/<checkpoint "
+        "name>, or <train.output_dir>/eval/<artifact file name>)",
     )
+
+
+def _eval_model(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """``(path, kind)`` of the one model flag given (kind None: --checkpoint), checked without loading anything."""
+    from dino.evaluation import artifact_suffix_kind, model_source
+    from dino.predict.artifacts import KINDS
+
+    flags = ["checkpoint", *(kind.name for kind in KINDS)]
+    given = [flag for flag in flags if getattr(args, flag)]
+    if len(given) != 1:
+        choices = " / ".join("--" + flag for flag in flags)
+        raise UserError(f"give exactly one model: {choices}" + (f" (got {', '.join('--' + g for g in given)})"
+                                                                 if given else ""))
+    flag = given[0]
+    path = getattr(args, flag)
+    if flag == "checkpoint":
+        found = artifact_suffix_kind(path)
+        if found is not None:
+            raise UserError(f"--checkpoint {path} is an exported {found.what}: evaluate it with --{found.name} {path}")
+        return model_source(path)
+    return model_source(path, flag)
 
 
 def _setup_logging() -> None:
@@ -102,14 +132,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    # Every argument is checked before anything is written, generated or loaded (issue 35 item 13).
+    path, kind = _eval_model(args)
     cfg = load_recipe(args.recipe, args.overrides)
     _setup_logging()
-    from dino.engine.evaluate import evaluate_checkpoint
+    from dino.evaluation import run_evaluation
 
-    output_dir = args.output_dir or Path(cfg.train.output_dir) / "eval" / Path(args.checkpoint).stem
+    given = Path(getattr(args, kind or "checkpoint"))
+    output_dir = args.output_dir or Path(cfg.train.output_dir) / "eval" / (given.stem if kind is None else given.name)
     make_output_dir(output_dir, "--output-dir" if args.output_dir else "train.output_dir")
     with run_lock(output_dir, "--output-dir", hold=first_process()):  # one evaluation writes a folder
-        evaluate_checkpoint(cfg, args.checkpoint, output_dir)
+        run_evaluation(cfg, path, kind, output_dir)
     return 0
 
 
@@ -124,9 +157,10 @@ def register(subparsers) -> None:
     add_train_arguments(train)
     train.set_defaults(func=run_train)
     evaluate = subparsers.add_parser(
-        "eval", help="COCO AP of a checkpoint (ours or official) on a recipe's validation set",
-        description="Evaluate a checkpoint on the recipe's validation split and print the 12-line COCO AP table. "
-        "Runs distributed under accelerate launch.",
+        "eval", help="COCO AP of a checkpoint (ours or official) or an exported artifact on a recipe's validation set",
+        description="Evaluate a checkpoint (--checkpoint) or an exported artifact (--onnx, --openvino, --aoti, --engine; "
+        "images letterboxed onto its fixed canvas as dino predict does) on the recipe's validation split and print "
+        "the 12-line COCO AP table. A checkpoint runs distributed under accelerate launch.",
         epilog=_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_eval_arguments(evaluate)

@@ -92,28 +92,38 @@ def evaluate(
 ) -> dict | None:
     """COCO box AP of ``model`` on ``dataset`` (whose prepared loader is ``loader``); call on every process.
 
+    Returns :func:`score`'s stats on the main process, None elsewhere.
+    """
+    records = gather_predictions(accelerator, predict(accelerator, model, postprocess, loader))
+    stats = score(records, dataset, output_dir, pr_curves) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return stats
+
+
+def score(records: list[dict], dataset: Dataset, output_dir: str | Path | None = None,
+          pr_curves: bool = False) -> dict:
+    """COCO box AP of ``records`` (``[{"image_id", "scores" (K,), "labels" (K,), "boxes" (K, 4) xyxy pixels of the
+    original image}]``, one per image, sorted by id) against ``dataset``'s ground truth: every model kind (PyTorch,
+    exported artifacts) is scored here.
+
     Returns the 12 stats (``AP``, ``AP50``, ... as named by ``dino.data.STAT_NAMES``), ``per_category`` ({name: AP or
-    None}) and ``num_images`` on the main process, None elsewhere. With ``output_dir``, the main process writes
-    ``results.json`` (stats) and ``predictions.json`` (COCO-format detections of every image) there. ``pr_curves``:
-    the stats also hold the precision-recall curves (``pr_curves``, see :func:`dino.data.evaluate_coco`).
+    None}) and ``num_images``. With ``output_dir``, writes ``results.json`` (stats) and ``predictions.json``
+    (COCO-format detections of every image) there. ``pr_curves``: the stats also hold the precision-recall curves
+    (``pr_curves``, see :func:`dino.data.evaluate_coco`).
     """
     from dino.data import coco_gt, evaluate_coco, label_to_category, predictions_to_coco
 
-    records = gather_predictions(accelerator, predict(accelerator, model, postprocess, loader))
-    stats = None
-    if accelerator.is_main_process:
-        ids = [r["image_id"] for r in records]
-        detections = predictions_to_coco(records, ids, label_to_category(dataset))
-        stats = {**evaluate_coco(coco_gt(dataset), detections, image_ids=ids, pr_curves=pr_curves),
-                 "num_images": len(ids)}
-        if len(ids) != len(dataset):
-            logger.warning("evaluated %d images but the validation set has %d", len(ids), len(dataset))
-        if output_dir is not None:
-            output_dir = Path(output_dir)
-            # The curves' 1,300 numbers are drawn (pr_curves.png), not written: results.json stays readable.
-            write_json({k: v for k, v in stats.items() if k != "pr_curves"}, output_dir / "results.json")
-            _write_predictions(detections, output_dir / "predictions.json")
-    accelerator.wait_for_everyone()
+    ids = [r["image_id"] for r in records]
+    detections = predictions_to_coco(records, ids, label_to_category(dataset))
+    stats = {**evaluate_coco(coco_gt(dataset), detections, image_ids=ids, pr_curves=pr_curves),
+             "num_images": len(ids)}
+    if len(ids) != len(dataset):
+        logger.warning("evaluated %d images but the validation set has %d", len(ids), len(dataset))
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        # The curves' 1,300 numbers are drawn (pr_curves.png), not written: results.json stays readable.
+        write_json({k: v for k, v in stats.items() if k != "pr_curves"}, output_dir / "results.json")
+        _write_predictions(detections, output_dir / "predictions.json")
     return stats
 
 
@@ -140,6 +150,33 @@ def checkpoint_weights(path: str | Path) -> Path:
     return path
 
 
+def validation_set(cfg: Recipe) -> Dataset:
+    """The recipe's validation set (a shapes recipe generates it first, saying where); UserError when it has no
+    ground-truth boxes (every AP would be undefined)."""
+    from dino.data import build_dataset, ground_truth_counts
+
+    dataset = build_dataset(cfg.data, "val")
+    if not any(ground_truth_counts(dataset.coco).values()):
+        raise UserError(f"{dataset.annotations_file} has no ground-truth boxes to evaluate against (no annotations, "
+                        "or only crowd or dropped ones); use `dino predict` for predictions without ground truth")
+    return dataset
+
+
+def report(stats: dict, model: str, cfg: Recipe, output_dir: str | Path | None) -> None:
+    """Prints the 12-line COCO AP table and the AP of each category of ``model`` (its name in words); with
+    ``output_dir``, draws ``pr_curves.png`` beside ``results.json``."""
+    from dino.data import format_ap_table, format_per_category
+
+    print(f"{model} on {stats['num_images']} images of {cfg.data.root} ({cfg.data.val_annotations}):")
+    print(format_ap_table(stats))
+    print(format_per_category(stats["per_category"]))
+    if output_dir is not None:
+        pictures = plot_pr_curves(stats["pr_curves"], Path(output_dir) / PR_CURVES_PNG,
+                                  f"{model} on {stats['num_images']} images of {cfg.data.root}")
+        print(f"results: {Path(output_dir) / 'results.json'}; precision-recall curves (all categories and the "
+              f"{len(pictures.categories)} largest): {Path(output_dir) / PR_CURVES_PNG}")
+
+
 def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | None = None) -> dict | None:
     """Loads ``checkpoint`` (our safetensors, an official .pth, or a checkpoint folder) and evaluates it.
 
@@ -148,15 +185,11 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
     (None elsewhere); with ``output_dir``, draws ``pr_curves.png`` beside ``results.json``. A validation set without
     ground-truth boxes is refused (every AP would be undefined).
     """
-    from dino.data import build_dataset, format_ap_table, format_per_category, ground_truth_counts
     from dino.postprocess import PostProcess
 
     weights = checkpoint_weights(checkpoint)
     accelerator = build_accelerator(cfg, use_trackers=False)
-    dataset = build_dataset(cfg.data, "val")
-    if not any(ground_truth_counts(dataset.coco).values()):
-        raise UserError(f"{dataset.annotations_file} has no ground-truth boxes to evaluate against (no annotations, "
-                        "or only crowd or dropped ones); use `dino predict` for predictions without ground truth")
+    dataset = validation_set(cfg)
     fit_classes_to(cfg, dataset)
     model = build_model_from_checkpoint(cfg.model, weights)  # never downloads backbone weights
     check_resize_fits(model, cfg.data.val_scale, cfg.data.val_max_size, cfg.train.eval_batch_size, accelerator.device)
@@ -164,12 +197,5 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
     stats = evaluate(accelerator, model, PostProcess(cfg.model.num_select), loader, dataset, output_dir,
                      pr_curves=True)
     if accelerator.is_main_process:
-        print(f"{weights} on {stats['num_images']} images of {cfg.data.root} ({cfg.data.val_annotations}):")
-        print(format_ap_table(stats))
-        print(format_per_category(stats["per_category"]))
-        if output_dir is not None:
-            pictures = plot_pr_curves(stats["pr_curves"], Path(output_dir) / PR_CURVES_PNG,
-                                      f"{weights} on {stats['num_images']} images of {cfg.data.root}")
-            print(f"results: {Path(output_dir) / 'results.json'}; precision-recall curves (all categories and the "
-                  f"{len(pictures.categories)} largest): {Path(output_dir) / PR_CURVES_PNG}")
+        report(stats, str(weights), cfg, output_dir)
     return stats

@@ -211,11 +211,13 @@ def artifact_kind(path: str | os.PathLike, kind: str | None = None) -> ArtifactK
 
 
 def open_artifact(path: str | os.PathLike, device: str | torch.device = "cpu", kind: str | None = None,
-                  plugin_libs: list[str | os.PathLike] = (), image_size: tuple[int, int] | None = None):
+                  plugin_libs: list[str | os.PathLike] = (), image_size: tuple[int, int] | None = None,
+                  threads: int | None = None):
     """``(backend, description)``: the backend running the exported artifact ``path`` (:mod:`dino.predict.backend`'s
     interface) on ``device`` (an OpenVINO IR runs on the CPU whatever it says), and the artifact in words
     (``"ONNX graph model.onnx"``). ``plugin_libs`` go with a TensorRT engine,
-    ``image_size`` (H, W) with an AOTInductor package that does not record it. UserError (one line) for a file that
+    ``image_size`` (H, W) with an AOTInductor package that does not record it, ``threads`` (None: every core) with an
+    OpenVINO IR. UserError (one line) for a file that
     is not an artifact of a known kind, or that its runtime cannot load."""
     found = artifact_kind(path, kind)
     if plugin_libs and found.name != "engine":
@@ -226,7 +228,7 @@ def open_artifact(path: str | os.PathLike, device: str | torch.device = "cpu", k
     if found.name == "onnx":
         return OnnxRuntimeBackend(path, device), described
     if found.name == "openvino":
-        backend = OpenVinoBackend(path)
+        backend = OpenVinoBackend(path, threads)
         return backend, f"{described} ({backend.precision})"
     if found.name == "aoti":
         return AotiBackend(path, image_size, device), described

@@ -110,7 +110,8 @@ class Detector:
     @classmethod
     def load(cls, path: str | os.PathLike, recipe: Recipe | str | None = None, device: str | torch.device | None = None,
              *, overrides: Sequence[str] = (), checkpoint: str | os.PathLike | None = None, kind: str | None = None,
-             plugin_libs: Sequence[str | os.PathLike] = (), image_size: tuple[int, int] | None = None) -> "Detector":
+             plugin_libs: Sequence[str | os.PathLike] = (), image_size: tuple[int, int] | None = None,
+             threads: int | None = None) -> "Detector":
         """The detector of ``path``: ``model.safetensors``, an official DINO ``.pth``, a training run's folder or one
         of its checkpoint folders (their ``model.safetensors``; a line on stderr says which file was taken), or an
         exported artifact: ONNX graph (``.onnx``, run in ONNX Runtime), OpenVINO IR (``.xml``, CPU), AOTInductor
@@ -123,7 +124,8 @@ class Detector:
         ``checkpoint``: for an artifact, the checkpoint it was exported from, for its recipe and category names.
         ``device``: ``"cpu"``, ``"cuda"`` (default: cuda when available; ONNX graphs default to the CPU).
         ``plugin_libs``: TensorRT plugin libraries of a plugin engine; ``image_size``: (H, W) of an AOTInductor
-        package that does not record it. UserError (one line naming the file) for a file it cannot use.
+        package that does not record it; ``threads``: inference threads of an OpenVINO IR (None: every core).
+        UserError (one line naming the file) for a file it cannot use.
         """
         path, recipe, device = check_path(path, "path"), check_recipe(recipe), check_device_argument(device)
         overrides, checkpoint = check_overrides(overrides), check_path(checkpoint, "checkpoint", optional=True)
@@ -143,7 +145,7 @@ class Detector:
         weights = checkpoint_file(checkpoint) if checkpoint is not None else None
         device = _device(device, "cpu" if kind == "onnx" or path.suffix.lower() == ".onnx" or not
                          torch.cuda.is_available() else "cuda")
-        backend, described = open_artifact(path, device, kind, list(plugin_libs), image_size)
+        backend, described = open_artifact(path, device, kind, list(plugin_libs), image_size, threads)
         cfg = detector_recipe(recipe, weights, overrides, artifact=path)
         names = artifact_label_names(getattr(backend, "labels", None), cfg.model.num_classes, cfg.name,
                                      read_categories(weights) if weights is not None else None, str(path))
