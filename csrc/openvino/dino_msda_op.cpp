@@ -1,6 +1,6 @@
-// See dino_msda_op.hpp. Parallel over the kernels' (b, q, m) rows with tbb::parallel_for: inside OpenVINO's CPU
+// See dino_msda_op.h. Parallel over the kernels' (b, q, m) rows with tbb::parallel_for: inside OpenVINO's CPU
 // plugin it runs in the stream's task arena, so it uses INFERENCE_NUM_THREADS threads and no other thread pool.
-#include "dino_msda_op.hpp"
+#include "dino_msda_op.h"
 
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>

@@ -5,7 +5,7 @@
 #include <openvino/core/op_extension.hpp>
 #include <openvino/frontend/onnx/extension/op.hpp>
 
-#include "dino_msda_op.hpp"
+#include "dino_msda_op.h"
 
 OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({
     std::make_shared<ov::OpExtension<dino_ov::DinoMSDeformAttn>>(),

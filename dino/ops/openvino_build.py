@@ -24,7 +24,7 @@ from dino.ops.kernel import CPU_DIR, CSRC, cpu_signature
 
 OPENVINO_DIR = CSRC / "openvino"
 LIBRARY_NAME = "libdino_openvino_ext.so"
-OP_NAME = "DinoMSDeformAttn"  # the op's type in an IR (csrc/openvino/dino_msda_op.hpp)
+OP_NAME = "DinoMSDeformAttn"  # the op's type in an IR (csrc/openvino/dino_msda_op.h)
 CXX_FLAGS = ["-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror"]
 
 _state: dict[str, object] = {}  # "path": the built library or None, "failure": why not; once per process
@@ -32,7 +32,7 @@ _state: dict[str, object] = {}  # "path": the built library or None, "failure": 
 
 def extension_sources() -> list[Path]:
     """The files compiled into (or included by) the library; they key the cache."""
-    return [OPENVINO_DIR / "dino_msda_op.cpp", OPENVINO_DIR / "extension.cpp", OPENVINO_DIR / "dino_msda_op.hpp",
+    return [OPENVINO_DIR / "dino_msda_op.cpp", OPENVINO_DIR / "extension.cpp", OPENVINO_DIR / "dino_msda_op.h",
             CPU_DIR / "ms_deform_attn_cpu.h"]
 
 
