@@ -159,7 +159,8 @@ def convert_official_checkpoint(in_path: str, out_path: str, preset: str = "dino
 
 
 def _run(args: argparse.Namespace) -> int:
-    check_output_file(args.output, "output", "model.safetensors", inputs=(args.input,))  # before a long load
+    # Before a long load; replacing only an older .safetensors (never a .pth, an image or another file).
+    check_output_file(args.output, "output", "model.safetensors", inputs=(args.input,), replaces=(".safetensors",))
     try:
         sd = convert_official_checkpoint(args.input, args.output, args.preset, args.trust_checkpoint)
     except UserError:

@@ -131,3 +131,32 @@ def test_help_documents_the_command(capsys):
         parser().parse_args(["convert-official", "--help"])
     text = capsys.readouterr().out
     assert "official" in text and "--preset" in text and "safetensors" in text
+
+
+def test_trust_checkpoint_on_a_file_that_is_no_checkpoint_does_not_advise_the_flag_given(tmp_path, capsys):
+    """Issue 35 item 18: the advice to rerun with --trust-checkpoint is not given when it was already given."""
+    from dino_cli import main
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(b"PK\x03\x04 not really a zip archive")
+    assert main(["convert-official", str(evil), str(tmp_path / "o.safetensors"), "--trust-checkpoint"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"dino convert-official: error: cannot load {str(evil)!r} with torch.load(weights_only=False): "
+                   f"{err.split('weights_only=False): ')[1].split(' It is not')[0]} It is not a readable PyTorch "
+                   "checkpoint (corrupt, truncated, or not written by torch.save).\n")
+    assert "--trust-checkpoint" not in err
+    assert main(["convert-official", str(evil), str(tmp_path / "o.safetensors")]) == 2
+    assert "convert it with `dino convert-official --trust-checkpoint`" in capsys.readouterr().err
+
+
+def test_convert_never_replaces_a_file_of_another_kind(tmp_path, capsys):
+    from dino_cli import main
+
+    source, other = tmp_path / "official.pth", tmp_path / "photo.png"
+    torch.save({"model": {"a": torch.zeros(1)}}, source)
+    other.write_bytes(b"a picture")
+    assert main(["convert-official", str(source), str(other)]) == 2
+    assert capsys.readouterr().err == (f"dino convert-official: error: output {other} exists and is not an older "
+                                       f".safetensors file of this kind: writing it would replace that file; choose "
+                                       f"another output (e.g. {tmp_path / 'model.safetensors'})\n")
+    assert other.read_bytes() == b"a picture"
