@@ -15,6 +15,7 @@ from pathlib import Path
 from dino.config import OptimConfig
 from dino.engine.checkpoint import latest_checkpoint, read_progress
 from dino.errors import UserError
+from dino.untrusted import printable, quote, shorten
 
 logger = logging.getLogger("dino.engine")
 
@@ -65,12 +66,17 @@ def recipe_differences(saved: dict, current: dict) -> dict[str, tuple]:
             if saved.get(k, missing) != current.get(k, missing)}
 
 
-def format_differences(differences: dict[str, tuple]) -> str:
-    return ", ".join(f"{k}: {_show(old)} -> {_show(new)}" for k, (old, new) in differences.items())
+def format_differences(differences: dict[str, tuple], limit: int = 10) -> str:
+    """``field: old -> new, ...`` of the first ``limit`` differences, each value quoted short (the saved recipe is
+    read from a file: :func:`dino.untrusted.quote`), then how many more."""
+    shown = [f"{shorten(printable(str(k)), 80)}: {_show(old)} -> {_show(new)}"
+             for k, (old, new) in list(differences.items())[:limit]]
+    more = len(differences) - limit
+    return ", ".join(shown) + (f", and {more} more" if more > 0 else "")
 
 
 def _show(value) -> str:
-    return "(absent)" if type(value) is object else repr(value)
+    return "(absent)" if type(value) is object else quote(value)
 
 
 def check_recipe(checkpoint: Path, saved: dict | str | None, current: dict, resume_anyway: bool) -> dict[str, tuple]:

@@ -4,7 +4,6 @@ input."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,15 +12,20 @@ import PIL.Image
 
 from dino.durable import is_one_of
 from dino.errors import UserError
+from dino.untrusted import parse_json
 
 PICTURE_SUFFIX = ".jpg"
+PREDICTIONS_MAX_BYTES = 2**30  # an earlier run's predictions.json: about 1 kB an image
 
 
 def earlier_outputs(folder: Path) -> set[str]:
     """Names of an earlier ``dino predict``'s outputs in ``folder``: its predictions.json and the pictures it lists
     (empty when the folder holds no predictions.json of this format)."""
     try:
-        result = json.loads((folder / "predictions.json").read_text())
+        path = folder / "predictions.json"
+        if path.stat().st_size > PREDICTIONS_MAX_BYTES:  # not one this project wrote: its name is all it shares
+            return set()
+        result = parse_json(path.read_bytes(), PREDICTIONS_MAX_BYTES)  # Invalid is a ValueError
         pictures = {r["picture"] for r in result["images"] if r.get("picture")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()

@@ -7,6 +7,7 @@ arguments to a third-party loader."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -122,6 +123,10 @@ def recorded_recipe(checkpoint: str | os.PathLike) -> Recipe | None:
                             "other files); give the recipe it was trained with (--recipe, or recipe= in Python)")
         try:
             apply_overrides(cfg, [f"{key}={_override_text(key, value)}"])
+            applied = functools.reduce(getattr, key.split("."), cfg)
+            if isinstance(value, str) != isinstance(applied, str):  # "64" for an int, 5 for a name: not as written
+                raise Invalid(f"{key} is {untrusted.quote(value)} of type {type(value).__name__}; the field is of "
+                              f"type {type(applied).__name__}")
         except (Invalid, UserError) as err:
             raise UserError(f"checkpoint {checkpoint}: recorded recipe field {untrusted.quote(key)}: "
                             f"{untrusted.shorten(str(err))}") from None
