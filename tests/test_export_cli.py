@@ -152,3 +152,15 @@ def test_bench_cli_writes_table_and_json(tmp_path, capsys, tiny_recipe):
     assert data["meta"]["image_size"] == [96, 96]
     assert [r["backend"] for r in data["rows"]] == ["eager_fp32", "ort_cuda"]
     assert data["rows"][0]["median_ms"] > 0 and data["rows"][1]["unavailable"]
+
+
+def test_bench_exits_2_naming_each_reason_when_no_requested_backend_can_run(tmp_path, capsys, tiny_recipe):
+    """Issue 35 item 14: a bench that measured nothing is a failure (exit 2, one line with every reason), not 0."""
+    out_json = tmp_path / "bench.json"
+    rc, out, err = _run(["bench", "--recipe", str(tiny_recipe), "--image-size", "96", "96", "--backends", "tensorrt",
+                         "eager_fp16", "--device", "cpu", "--json", str(out_json)], capsys)
+    assert rc == 2 and "unavailable:" in out
+    assert err.splitlines()[-1].startswith("dino bench: error: none of the requested backends can run here: "
+                                           "tensorrt: ")
+    assert "; eager_fp16: reduced-precision eager is benchmarked on CUDA only" in err.splitlines()[-1]
+    assert [r["backend"] for r in json.loads(out_json.read_text())["rows"]] == ["tensorrt", "eager_fp16"]
