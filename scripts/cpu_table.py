@@ -11,7 +11,10 @@ Rows (R50 4-scale, one 800x1333 image, batch 1, fp32 unless named, torch's threa
 - ``eager_kernel_glibc``: ours eager with the kernel under glibc's malloc defaults (``DINO_MALLOC_TUNING=0``):
   beside ``eager_kernel`` it is the allocator's effect;
 - ``ort_cpu``, ``openvino_cpu``, ``openvino_cpu_bf16``: the ``dino bench`` backends of the same names (the exported
-  standard ONNX graph in ONNX Runtime / OpenVINO), in one process with the ``dino`` allocator defaults.
+  standard ONNX graph in ONNX Runtime / OpenVINO), in one process with the ``dino`` allocator defaults;
+- ``openvino_ext``, ``openvino_ext_bf16``: the plugin ONNX graph converted with dino's OpenVINO extension
+  (deformable attention as its ``DinoMSDeformAttn`` op, the CPU kernel; what ``dino export openvino`` writes where the
+  extension builds), f32 / bf16, in the same process.
 
 Each row lives in a worker process (four: official, ours, ours without the allocator defaults, deploy) that builds
 its model once; the parent then asks the rows for one call each in turn, a warm-up round and ``--iters`` timed rounds, so every
@@ -43,6 +46,9 @@ ROWS = {
     "ort_cpu": ("deploy", "ONNX Runtime CPU, exported standard ONNX graph (dino bench ort_cpu)"),
     "openvino_cpu": ("deploy", "OpenVINO CPU f32, the same ONNX graph (dino bench openvino_cpu)"),
     "openvino_cpu_bf16": ("deploy", "OpenVINO CPU bf16 (dino bench openvino_cpu_bf16)"),
+    "openvino_ext": ("deploy", "OpenVINO CPU f32 + dino's extension (plugin graph: deformable attention on the CPU "
+                               "kernel, as dino export openvino writes it)"),
+    "openvino_ext_bf16": ("deploy", "OpenVINO CPU bf16 + dino's extension"),
 }
 
 
@@ -75,6 +81,27 @@ def _official_runners(args) -> dict:
     return {"official": OfficialDetector(model, post["bbox"], official.NestedTensor)}
 
 
+def _openvino_extension_runner(model, args, workdir: Path, precision: str):
+    """The plugin graph converted with dino's OpenVINO extension, compiled at ``precision`` with torch's threads and
+    the per-query outputs (as the openvino_cpu rows)."""
+    import torch
+
+    from dino.predict.backend import OUTPUT_NAMES
+    from dino.predict.openvino_runtime import EXTENSION_KEY, compile_cpu, run_compiled
+    from dino_export.bench import _Unavailable
+    from dino_export.onnx_export import export_onnx
+    from dino_export.openvino_export import checkable_model, convert_onnx
+
+    path = workdir / "plugin.onnx"
+    if not path.exists():
+        export_onnx(model, path, tuple(args.image_size), "plugin", verify=False)
+    ir = convert_onnx(path)
+    if not ir.has_rt_info([EXTENSION_KEY]):
+        raise _Unavailable("dino's OpenVINO extension is unavailable (python -m dino.ops.openvino_build says why)")
+    compiled = compile_cpu(checkable_model(ir), precision, torch.get_num_threads())
+    return lambda images, mask: run_compiled(compiled, images, mask, OUTPUT_NAMES)
+
+
 def _our_runners(args, names: list[str], workdir: Path) -> dict:
     import torch
 
@@ -96,6 +123,10 @@ def _our_runners(args, names: list[str], workdir: Path) -> dict:
     runners = {}
     for name in names:
         try:
+            if name.startswith("openvino_ext"):
+                precision = "bf16" if name.endswith("bf16") else "f32"
+                runners[name] = _openvino_extension_runner(model, args, workdir, precision)
+                continue
             runners[name] = {"eager_kernel": model, "eager_kernel_glibc": model,
                              "eager_pytorch": pytorch_path}.get(name) or factory.make(name)
         except _Unavailable as why:
