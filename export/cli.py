@@ -98,7 +98,8 @@ def register(subparsers) -> None:
     aoti_p.set_defaults(func=_cmd_export_aoti)
 
     ov_p = targets.add_parser("openvino", help="OpenVINO IR (model.xml + model.bin) for the CPU, converted from the "
-                                               "checked standard ONNX graph")
+                                               "checked ONNX graph: the plugin graph with dino's OpenVINO extension "
+                                               "where it builds, else the standard graph")
     _add_model_args(ov_p, checkpoint_required=True)
     ov_p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis")
     ov_p.add_argument("--max-batch", type=int, default=32, help="upper bound of the dynamic batch (default 32)")
