@@ -99,6 +99,17 @@ def test_op_matches_the_pytorch_path(case, library, tmp_path):
     assert np.abs(got - ref).max() / np.abs(ref).max() <= OP_TOLERANCE
 
 
+def test_op_takes_a_dynamic_batch(library, tmp_path):
+    """Shape inference keeps a symbolic batch (a --dynamic-batch IR); evaluate sizes the output per call."""
+    value, shapes, starts, loc, attn = make_inputs(*CASES[2])
+    model = op_model(tmp_path, shapes, starts, ["B", *value.shape[1:]], ["B", *loc.shape[1:]])
+    assert model.output(0).get_partial_shape() == ov.PartialShape([-1, *loc.shape[1:3], value.shape[3]])
+    for batch in (1, 3):
+        got = run_op(model, "f32", value[:batch], loc[:batch], attn[:batch])
+        ref = ms_deform_attn_pytorch(value[:batch], shapes.long(), starts.long(), loc[:batch], attn[:batch])
+        assert np.abs(got - ref.view(got.shape).numpy()).max() / ref.abs().max().item() <= OP_TOLERANCE
+
+
 @pytest.mark.skipif("BF16" not in openvino_runtime.cpu_capabilities(), reason="this CPU has no bf16 (OpenVINO "
                     "OPTIMIZATION_CAPABILITIES lacks BF16): needs avx512_bf16 or AMX")
 def test_op_computes_in_float32_inside_a_bf16_graph(library, tmp_path):
