@@ -167,7 +167,7 @@ def _read_files(args) -> tuple:
     """The files the command reads, which no output may replace (:func:`dino.durable.check_output_file`): the
     checkpoint (a run's or checkpoint's folder resolved to its model.safetensors, kept in ``args`` for the load), a
     recipe given as a file, the ONNX file and plugin libraries of ``dino export trt``."""
-    if args.checkpoint is not None:
+    if args.checkpoint is not None and Path(args.checkpoint).is_dir():  # a missing one is named by the load
         args.checkpoint = str(checkpoint_file(args.checkpoint))
     recipe = args.recipe if args.recipe is not None and Path(args.recipe).is_file() else None
     return (args.checkpoint, recipe, getattr(args, "onnx", None), *getattr(args, "plugin_lib", []))

@@ -72,6 +72,6 @@ def tiny_openvino(tiny_run, tmp_path_factory):
     from dino_cli import main
 
     xml = tmp_path_factory.mktemp("tiny_openvino") / "tiny.xml"
-    assert main(["export", "openvino", "--checkpoint", str(tiny_run[0]), "--image-size", "64", "64", "--output",
-                 str(xml), "--no-verify"]) == 0
+    assert main(["export", "openvino", "--recipe", TINY_RECIPE, "--checkpoint", str(tiny_run[0]), "--image-size", "64",
+                 "64", "--output", str(xml), "--no-verify"]) == 0
     return xml

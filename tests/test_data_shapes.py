@@ -172,6 +172,7 @@ def test_dino_train_with_new_shapes_settings_over_user_files_is_one_line(tmp_pat
 
     root = generate_shapes_dataset(tmp_path / "ds", 8, 5, SIZE)
     (root / "labels.csv").write_text("the user's")
+    capsys.readouterr()  # the line saying where it was generated
     tiny = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
     rc = dino_cli.main(["train", tiny, "--set", f"data.root={root}", f"train.output_dir={tmp_path / 'out'}",
                         "data.shapes_train_images=9"])
@@ -179,3 +180,50 @@ def test_dino_train_with_new_shapes_settings_over_user_files_is_one_line(tmp_pat
     assert rc == 2 and err.startswith(f"dino train: error: data.root {root} holds 1 file(s) the shapes generator did "
                                       "not make (labels.csv); ") and len(err.splitlines()) == 1
     assert (root / "labels.csv").read_text() == "the user's" and len(list((root / "train").glob("*.png"))) == 8
+
+
+def _digest(root: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, data in _files(root).items():
+        digest.update(name.encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def test_square_datasets_are_unchanged_by_the_non_square_setting(tmp_path):
+    """Every file (images, annotations, stamp) of a square dataset is byte-identical to what the generator wrote
+    before data.shapes_val_image_size existed (digest taken with that code, 2026-12-08), so the quickstart's data and
+    AP are unchanged and existing folders are not regenerated."""
+    root = generate_shapes_dataset(tmp_path / "ds", 3, 2, 64, seed=0)
+    assert _digest(root) == "23e227ceaa1747c94011dc9382e4a2f524e85ab1a812d203556f4c95742646d8"
+
+
+def test_non_square_validation_images(tmp_path, capsys):
+    square = generate_shapes_dataset(tmp_path / "square", 3, 4, 64, seed=0)
+    root = generate_shapes_dataset(tmp_path / "wide", 3, 4, 64, seed=0, val_image_size=(40, 64))
+    assert f"4 val images of 40x64 px, seed 0) into {root}" in capsys.readouterr().err
+    for name in ("train/000000.png", "train/000002.png", "annotations/train.json"):  # training images stay square
+        assert (root / name).read_bytes() == (square / name).read_bytes()
+    data = json.loads((root / "annotations" / "val.json").read_text())
+    assert {(img["height"], img["width"]) for img in data["images"]} == {(40, 64)}
+    for img in data["images"]:
+        with Image.open(root / "val" / img["file_name"]) as im:
+            assert im.size == (64, 40)
+    for ann in data["annotations"]:
+        x, y, w, h = ann["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 40
+        assert 0.15 * 64 - 1 <= w <= 0.5 * 64 + 1 and 0.15 * 40 - 1 <= h <= 0.5 * 40 + 1  # 15-50% of each side
+    # Another validation size regenerates the folder; the stamp records it.
+    tall = generate_shapes_dataset(root, 3, 4, 64, seed=0, val_image_size=(64, 40))
+    assert json.loads((tall / ".shapes_stamp.json").read_text())["val_image_size"] == [64, 40]
+    with Image.open(tall / "val" / "000000.png") as im:
+        assert im.size == (40, 64)
+
+
+@pytest.mark.parametrize("value", [(40,), (16, 64), (40.0, 64), 64])
+def test_bad_validation_size_is_named(tmp_path, value):
+    with pytest.raises(UserError, match=r"^data.shapes_val_image_size must be \(height, width\), integers >= 32"):
+        generate_shapes_dataset(tmp_path / "ds", 3, 2, 64, val_image_size=value)
+    assert not (tmp_path / "ds").exists()

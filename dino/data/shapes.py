@@ -254,6 +254,11 @@ def _generate(root: Path, params: dict) -> None:
     """Writes the dataset into a temporary sibling folder and renames it to ``root`` (which holds only files the
     generator made, :func:`_check_replaceable`)."""
     _check_replaceable(root)
+    size = params["image_size"]
+    val_size = "x".join(map(str, params.get("val_image_size", (size, size))))
+    # One line, so that a data.root meant to hold a dataset already does not fill up unnoticed.
+    print(f"generating the synthetic shapes dataset ({params['num_train']} train images of {size}x{size} px, "
+          f"{params['num_val']} val images of {val_size} px, seed {params['seed']}) into {root}", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not secret
     try:
@@ -291,7 +296,7 @@ def generate_shapes_dataset(
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise UserError(f"{_FIELDS[name]} ({name}) must be an integer >= {low}, got {value!r}")
     if val_image_size is not None and not (
-            len(val_image_size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 32
+            isinstance(val_image_size, (tuple, list)) and len(val_image_size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 32
                                              for v in val_image_size)):
         raise UserError(f"{_FIELDS['val_image_size']} must be (height, width), integers >= 32, or None, got "
                         f"{val_image_size!r}")
@@ -313,9 +318,5 @@ def generate_shapes_dataset(
     with run_lock(root, "data.root", hold=first_process(), lock_file=root.parent / f".{root.name}.dino-run.lock"), \
             FileLock(lock):
         if _settings(_read_stamp(root)) != params:  # another process may have generated it while we waited
-            val_size = "x".join(map(str, params.get("val_image_size", (image_size, image_size))))
-            # One line, so a data.root that was meant to hold a dataset already does not fill up unnoticed.
-            print(f"generating the synthetic shapes dataset ({num_train} train images of {image_size}x{image_size} "
-                  f"px, {num_val} val images of {val_size} px, seed {seed}) into {root}", file=sys.stderr)
             _generate(root, params)
     return root
