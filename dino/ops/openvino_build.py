@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,7 @@ def extension_sources() -> list[Path]:
 
 
 def _cxx() -> str | None:
-    from shutil import which
-
-    return which(os.environ.get("CXX", "c++"))
+    return shutil.which(os.environ.get("CXX", "c++"))
 
 
 def openvino_root() -> Path | None:
@@ -136,11 +135,6 @@ def load_openvino_extension() -> Path | None:
 def openvino_extension_failure() -> str | None:
     """Why :func:`load_openvino_extension` found no library (None when it did, or before it ran)."""
     return _state.get("failure")  # type: ignore[return-value]
-
-
-def reset() -> None:
-    """Forgets this process's build result, so the next :func:`load_openvino_extension` looks again (tests)."""
-    _state.clear()
 
 
 def main() -> int:
