@@ -392,3 +392,16 @@ def test_a_hostile_predictions_json_in_an_input_folder_is_an_ordinary_file(tmp_p
     (tmp_path / "predictions.json").write_text(content)
     assert list_inputs([tmp_path])[0] == [tmp_path / "good.png"]
     assert "left out 1 file(s) that are not images by their name (predictions.json)" in capsys.readouterr().err
+
+
+def test_hostile_category_names_are_drawn_in_the_pr_curves(tmp_path):
+    """A name from an annotations file is drawn as text: "$\\frac{$" would be parsed as TeX by matplotlib (a
+    ValueError), a "\\r" would break the legend."""
+    from dino.plots.pr_curves import plot_pr_curves
+
+    recall = [0.0, 0.5, 1.0]
+    pr = {"recall": recall, "ious": [0.5, 0.75], "all": [[1.0, 0.5, 0.0]] * 2,
+          "categories": {"$\\frac{$": [[1.0, 0.5, 0.0]] * 2, "ca\rt\x1b[2J": [[1.0, None, 0.0]] * 2},
+          "ground_truth": {"$\\frac{$": 3}}
+    plot_pr_curves(pr, tmp_path / "pr.png")
+    assert (tmp_path / "pr.png").stat().st_size > 0

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from matplotlib.ticker import MaxNLocator
 
-from dino import untrusted
 from dino.errors import UserError
-from dino.plots.figure import new_figure, save_png
+from dino.plots.figure import name_label, new_figure, save_png
 from dino.run_logs import EPOCH_LOG, MAIN_TERMS, STEP_LOG, read_json_lines, timeline
 
 CURVES_PNG = "curves.png"
@@ -165,13 +164,8 @@ def _draw_per_category(ax, drawn: DrawnCurves) -> None:
     bars = ax.bar(range(len(names)), values, color="tab:blue")
     if len(names) <= 20:
         ax.bar_label(bars, fmt="%.3f", fontsize="small")
-    ax.set_xticks(range(len(names)), [_label(name) for name in names], rotation=90 if len(names) > 8 else 0,
+    ax.set_xticks(range(len(names)), [name_label(name) for name in names], rotation=90 if len(names) > 8 else 0,
                   fontsize=6 if len(names) > 30 else "small")
     ax.set(title=f"AP per category at epoch {drawn.per_category_epoch} (IoU .50:.95)", ylim=(0, 1))
     ax.grid(axis="y", alpha=0.3)
 
-
-def _label(name: str) -> str:
-    """A category name as a tick label: control characters escaped, at most 40 characters, ``$`` taken literally
-    (matplotlib would parse ``$...$`` as mathtext, and fail on a name that is not valid TeX)."""
-    return untrusted.shorten(untrusted.printable(name), 40).replace("$", r"\$")

@@ -6,6 +6,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dino import untrusted
 from dino.durable import replace_durably
 
 DPI = 100  # a figure of (w, h) inches is a PNG of (w * DPI, h * DPI) pixels
@@ -28,3 +29,9 @@ def save_png(figure: Figure, path: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def name_label(name: str, limit: int = 40) -> str:
+    """A category name as drawn text: control characters escaped, at most ``limit`` characters, ``$`` taken
+    literally (matplotlib would parse ``$...$`` as mathtext, and fail on a name that is not valid TeX)."""
+    return untrusted.shorten(untrusted.printable(name), limit).replace("$", r"\$")

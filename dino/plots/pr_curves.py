@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from dino.plots.figure import new_figure, save_png
+from dino.plots.figure import name_label, new_figure, save_png
 
 PR_CURVES_PNG = "pr_curves.png"
 SIZE_IN = (12.0, 5.0)  # inches: 1200 x 500 pixels
@@ -46,7 +46,7 @@ def plot_pr_curves(pr: dict, path: str | Path, title: str = "") -> DrawnPR:
                 label=f"all categories ({ap} {_mean(drawn.all[i]):.3f})")
         for name, curves in drawn.categories.items():
             ax.plot(drawn.recall, curves[i], linewidth=1,
-                    label=f"{name}, {counts.get(name, '?')} boxes ({ap} {_mean(curves[i]):.3f})")
+                    label=f"{name_label(name)}, {counts.get(name, '?')} boxes ({ap} {_mean(curves[i]):.3f})")
         ax.set(title=f"IoU {iou}", xlabel="recall", xlim=(0, 1), ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="lower left")
