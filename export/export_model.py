@@ -58,13 +58,14 @@ def export(checkpoint: str | os.PathLike, format: str = "onnx", output: str | os
         raise UserError("fp16 goes with format='onnx'")
     if format == "aoti":
         check_device(device, "device")
-    weights = checkpoint_file(checkpoint)
     # No output replaces an input (the weights, however spelled: a run folder, a symlink, a relative path, ..) or
     # a file of another kind; an existing folder is refused here, before the export and its check.
     output = output if output is not None else Path(FORMATS[format])
     recipe_file = recipe if isinstance(recipe, str) and Path(recipe).is_file() else None
-    check_output_file(output, "output", FORMATS[format], inputs=(weights, recipe_file),
+    read = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
+    check_output_file(output, "output", FORMATS[format], inputs=(read, recipe_file),
                       replaces=(Path(FORMATS[format]).suffix,))
+    weights = checkpoint_file(checkpoint)
     cfg = detector_recipe(recipe, weights, overrides)
     model = DeployModel(build_model_from_checkpoint(cfg.model, weights), cfg.model.num_select,
                         half=fp16 and format == "onnx")
