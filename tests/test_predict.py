@@ -312,9 +312,9 @@ def test_onnx_graph_names_its_labels_and_refuses_a_recipe_of_another_class_count
 def test_engine_sidecar_round_trip(tmp_path):
     engine = tmp_path / "model.engine"
     assert write_engine_sidecar(engine, {}) is None and read_engine_sidecar(engine) is None
-    path = write_engine_sidecar(engine, label_metadata(3, CATEGORIES))
+    path = write_engine_sidecar(engine, label_metadata(10, CATEGORIES))  # labels are category ids: 10 slots for id 9
     assert path == tmp_path / "model.engine.json"
-    assert read_engine_sidecar(engine) == ArtifactLabels(3, CATEGORIES)
+    assert read_engine_sidecar(engine) == ArtifactLabels(10, CATEGORIES)
     path.write_text('{"dino.num_classes": "three"}')
     with pytest.raises(UserError, match="model.engine.json: malformed class metadata"):
         read_engine_sidecar(engine)
