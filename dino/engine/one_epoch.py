@@ -157,7 +157,7 @@ def train_one_epoch(
             f"epoch of this run has {per_epoch} micro-batches; the file is damaged or was not written with this run's "
             "data: resume an earlier checkpoint, or start over in another train.output_dir"
         )
-    if start and not progress.losses_counted:
+    if start and not progress.losses_counted and not progress.skipped_steps:
         logger.warning("the checkpoint records no loss sums of the epoch so far (written before they were kept): "
                        "log.jsonl's means of epoch %d cover its batches from %d on", progress.epoch + 1, start + 1)
     model.train()
