@@ -10,6 +10,7 @@ before anything is generated or loaded: a wrong file costs one line, not a gener
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from dino.predict.artifacts import KINDS, artifact_kind
 from dino.predict.detector import Detector
 from dino.predict.recipe import detector_recipe
 
-# Images read and run per step for a fixed-canvas artifact: every image is padded to the canvas alone or in a batch,
-# so the detections do not depend on it (the artifact's own batch limit still applies: batch 1 runs image by image).
-ARTIFACT_BATCH = 8
+# Images read per step of an artifact's evaluation (the progress bar's step); they run in forward passes of
+# train.eval_batch_size images (1 by default: an AOTInductor package does not record the batch sizes it takes) and at
+# most the artifact's static batch (an artifact exported with batch 1 runs image by image). Padded to the artifact's
+# canvas alone or in a batch, an image gets the same detections, so a dynamic-batch artifact may run more at once.
+READ_AHEAD = 8
 
 
 def artifact_suffix_kind(path: str | os.PathLike):
@@ -97,16 +100,18 @@ def evaluate_artifact(cfg: Recipe, path: Path, kind: str, output_dir: str | os.P
     """Loads the artifact ``path`` of ``kind`` (before the validation set is built or generated: a file its runtime
     cannot load costs no data), runs it on ``cfg``'s validation images in the stored orientation, as evaluation reads
     them, and scores, prints and writes its predictions as :func:`dino.engine.evaluate.evaluate_checkpoint` does."""
+    if cfg.train.eval_batch_size < 1:
+        raise UserError(f"train.eval_batch_size must be >= 1, got {cfg.train.eval_batch_size}")
     detector = Detector.load(path, cfg, kind=kind, threads=threads)
     dataset = validation_set(cfg)
     records = []
-    batch = ARTIFACT_BATCH if detector.backend.input_size is not None else cfg.train.eval_batch_size
     with tqdm(total=len(dataset), desc="eval", unit="image", dynamic_ncols=True) as bar:
-        for start in range(0, len(dataset), batch):
-            indices = range(start, min(start + batch, len(dataset)))
+        for start in range(0, len(dataset), READ_AHEAD):
+            indices = range(start, min(start + READ_AHEAD, len(dataset)))
             pictures = [dataset.load_image(i) for i in indices]
-            # Every detection the artifact gives (its num_select), as a checkpoint's PostProcess keeps them all.
-            results = detector.detect_pictures(pictures, 0.0, cfg.model.num_select, batch)
+            # Every detection the artifact gives (the num_select it was exported with), as a checkpoint's
+            # PostProcess keeps all of its num_select: no score threshold, no cap.
+            results = detector.detect_pictures(pictures, 0.0, sys.maxsize, cfg.train.eval_batch_size)
             for i, result in zip(indices, results):
                 if isinstance(result, UserError):
                     raise UserError(f"image {dataset.images_dir / dataset.image_info(i)['file_name']}: {result}")
@@ -115,5 +120,6 @@ def evaluate_artifact(cfg: Recipe, path: Path, kind: str, output_dir: str | os.P
             bar.update(len(indices))
     records.sort(key=lambda r: r["image_id"])
     stats = score(records, dataset, output_dir, pr_curves=True)
-    report(stats, detector.description, cfg, output_dir)
+    canvas = detector.backend.input_size
+    report(stats, detector.description + (f", {canvas[0]}x{canvas[1]} canvas," if canvas else ""), cfg, output_dir)
     return stats
