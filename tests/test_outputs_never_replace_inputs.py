@@ -140,3 +140,15 @@ def test_predict_refuses_an_output_folder_whose_files_would_replace_what_it_read
     rc = main(["predict", str(image), "--checkpoint", str(root / "run"), "--output", str(out)])
     assert rc == 2 and "its predictions.json would replace the input" in capsys.readouterr().err
     assert graph.read_bytes() == b"graph"
+
+
+@pytest.mark.parametrize("spelling", ["run/model.safetensors", "run", "link.safetensors"])
+def test_train_never_writes_its_final_weights_over_the_weights_it_fine_tunes_from(root, spelling, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.chdir(root)
+    before = _hash(root / "run" / "model.safetensors")
+    rc = main(["train", TINY, "--finetune-from", spelling, "--set", "train.output_dir=./run",
+               f"data.root={root / 'shapes'}"])
+    assert rc == 2 and capsys.readouterr().err.splitlines()[-1].startswith(
+        "dino train: error: train.output_dir run/model.safetensors is also this command's input")
+    assert _hash(root / "run" / "model.safetensors") == before and not (root / "shapes").exists()

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from dino.config import Recipe, add_override_argument
-from dino.durable import make_output_dir
+from dino.durable import make_output_dir, refuse_input
 from dino.engine.optim import check_schedule
 from dino.errors import UserError
 from dino.run_lock import first_process, run_lock
@@ -116,6 +116,10 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"{path} = {value!r}")
         return 0
     check_schedule(cfg.optim)
+    if args.finetune_from:  # the run's model.safetensors is written at its end: never over the weights it starts from
+        source = Path(args.finetune_from)
+        refuse_input(Path(cfg.train.output_dir) / "model.safetensors", "train.output_dir",
+                     (source, source / "model.safetensors"))
     make_output_dir(cfg.train.output_dir, "train.output_dir")  # every process: all fail together
     _setup_logging()
     from dino.engine.train import train
