@@ -38,6 +38,7 @@ from pathlib import Path
 import PIL.Image
 from tqdm.auto import tqdm
 
+from dino.api_arguments import check_fraction, check_int
 from dino.durable import give_new_file_mode, make_output_dir
 from dino.errors import UserError
 from dino.predict.detector import Detector, Detections
@@ -119,12 +120,8 @@ def predict_files(
     those of the same resized size share a forward pass, so an image's detections do not depend on its neighbours.
     UserError (nothing written) when ``output_dir`` holds an input (:func:`dino.predict.paths.check_output_dir`).
     """
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if not 0.0 <= score_threshold <= 1.0:
-        raise UserError(f"--score-threshold must be in [0, 1], got {score_threshold}")
-    if max_detections < 1:
-        raise UserError(f"--max-detections must be >= 1, got {max_detections}")
+    batch_size, max_detections = check_int(batch_size, "--batch-size"), check_int(max_detections, "--max-detections")
+    score_threshold = check_fraction(score_threshold, "--score-threshold")
     if detector.backend.max_batch is not None:
         batch_size = min(batch_size, detector.backend.max_batch)
     output_dir = make_output_dir(check_output_dir(output_dir, files), "--output")  # one line when not writable
