@@ -65,7 +65,8 @@ def test_a_wrong_type_is_also_a_type_error(detector):
 
 
 IMAGES = [  # (image, message)
-    (torch.full((3, 64, 64), 200.0), "float values must be in \\[0, 1\\] .* got 200..200; divide a 0..255 image by 255"),
+    (torch.full((3, 64, 64), 200.0),
+     "float values must be in \\[0, 1\\] .* got 200..200; divide a 0..255 image by 255"),
     (torch.full((3, 64, 64), -0.5), "float values must be in \\[0, 1\\]"),
     (torch.full((3, 64, 64), float("nan")), "holds NaN or infinite values"),
     (torch.tensor([[[float("inf")]]]).expand(3, 64, 64), "holds NaN or infinite values"),
