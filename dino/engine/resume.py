@@ -12,8 +12,9 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from dino.config import OptimConfig
+from dino.config import OptimConfig, Recipe
 from dino.engine.checkpoint import latest_checkpoint, read_progress
+from dino.engine.setup import resolved_recipe
 from dino.errors import UserError
 from dino.untrusted import printable, quote, shorten
 
@@ -59,11 +60,16 @@ def check_unfinished(checkpoint: Path | None, output_dir: str | Path, epochs: in
 
 
 def recipe_differences(saved: dict, current: dict) -> dict[str, tuple]:
-    """``{field: (saved value, current value)}`` for every field that differs, run-control fields left out."""
+    """``{field: (saved value, current value)}`` for every field that differs, run-control fields left out.
+
+    A field the saved recipe lacks but now holds its default is no difference: the checkpoint predates the field,
+    and its default is what that older code did (a new config field must not strand every run in progress)."""
     keys = (saved.keys() | current.keys()) - RUN_CONTROL
     missing = object()
+    defaults = resolved_recipe(Recipe())
     return {k: (saved.get(k, missing), current.get(k, missing)) for k in sorted(keys)
-            if saved.get(k, missing) != current.get(k, missing)}
+            if saved.get(k, missing) != current.get(k, missing)
+            and not (k not in saved and k in defaults and current.get(k, missing) == defaults[k])}
 
 
 def format_differences(differences: dict[str, tuple], limit: int = 10) -> str:
