@@ -103,7 +103,9 @@ def test_output_folder_that_is_a_file_or_read_only_is_one_line(kind, tmp_path, m
     rc, _, err = _run(["train", TINY, "--set", f"train.output_dir={out}"], capsys)
     assert (rc, err) == (2, f"dino train: error: {expected}\n")
     assert (tmp_path / "taken").read_text() == "a user's file"
-    rc, _, err = _run(["eval", "--recipe", TINY, "--checkpoint", "c.safetensors", "--output-dir", str(out)], capsys)
+    (tmp_path / "c.safetensors").write_bytes(b"weights")  # dino eval checks the model before its output folder
+    rc, _, err = _run(["eval", "--recipe", TINY, "--checkpoint", str(tmp_path / "c.safetensors"), "--output-dir",
+                       str(out)], capsys)
     assert (rc, err) == (2, f"dino eval: error: {expected.replace('train.output_dir', '--output-dir')}\n")
 
 

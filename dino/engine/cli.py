@@ -136,9 +136,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    # Every argument is checked before anything is written, generated or loaded (issue 35 item 13).
-    path, kind = _eval_model(args)
+    # The recipe and its --set first, as in every command; then the model, before anything is written, generated or
+    # loaded (issue 35 item 13).
     cfg = load_recipe(args.recipe, args.overrides)
+    path, kind = _eval_model(args)
     _setup_logging()
     from dino.evaluation import run_evaluation
 
