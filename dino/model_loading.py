@@ -195,7 +195,7 @@ def _trained_with(path, model_cfg) -> str:
     # None there: a value filled in at run time (num_classes from the data), not a difference of the recipe.
     differ = [k for k in current if recipe.get(k) is not None and recipe[k] != current[k]
               and k != "model.backbone.pretrained"]
-    shown = ", ".join(f"{untrusted.quote(k)}: {untrusted.quote(recipe[k])} there, {current[k]!r} here"
+    shown = ", ".join(f"{k}: {untrusted.quote(recipe[k])} there, {current[k]!r} here"  # k: a field of this version
                       for k in differ[:3])
     return f"; it was trained with recipe {untrusted.quote(recipe.get('name', '?'))}" + (f" ({shown}{', ...' if len(differ) > 3 else ''})"
                                                                         if differ else "")
