@@ -103,9 +103,16 @@ def register(subparsers) -> None:
     _add_model_args(ov_p, checkpoint_required=True)
     ov_p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch axis")
     ov_p.add_argument("--max-batch", type=int, default=32, help="upper bound of the dynamic batch (default 32)")
-    ov_p.add_argument("--precision", choices=("f32", "bf16"), default="f32",
-                      help="arithmetic the IR runs at, recorded in it (INFERENCE_PRECISION_HINT): f32 (default) or "
-                           "bf16 (CPUs with avx512_bf16 or AMX; checked at the bf16 tolerance)")
+    ov_p.add_argument("--precision", choices=("f32", "bf16", "int8"), default="f32",
+                      help="arithmetic the IR runs at, recorded in it (INFERENCE_PRECISION_HINT): f32 (default), "
+                           "bf16 (CPUs with avx512_bf16 or AMX; checked at the bf16 tolerance) or int8 (NNCF "
+                           "post-training quantisation calibrated on training images, the rest at bf16 where the "
+                           "CPU has it; judged by validation AP against f32, --max-ap-drop)")
+    ov_p.add_argument("--calibration-images", type=int, default=300,
+                      help="int8: training images of the recipe to calibrate on (default 300)")
+    ov_p.add_argument("--max-ap-drop", type=float, default=0.01,
+                      help="int8: largest drop of validation AP below the f32 IR's that is written (default 0.01); "
+                           "past it nothing is written")
     ov_p.add_argument("--no-verify", action="store_true",
                       help="skip the checks against PyTorch and write the IR unchecked (allows --precision bf16 on a "
                            "CPU without it)")
@@ -264,17 +271,27 @@ def _cmd_export_openvino(args) -> int:
     inputs = _read_files(args)
     check_output_file(args.output, "--output", "model.xml", inputs=inputs, replaces=(".xml",))
     check_output_file(weights_path(args.output), "--output", "model.xml", inputs=inputs, replaces=(".bin",))
+    int8 = _int8_plan(args) if args.precision == "int8" else None
     model, desc, size = _load(args)
     with _check_failure_is_one_line("the OpenVINO IR"):
         result = export_openvino(model, args.output, size, args.dynamic_batch, args.max_batch, args.precision,
                                  verify=not args.no_verify, labels=_labels(model, args),
-                                 reference=args.check_reference)
+                                 reference=args.check_reference, int8=int8)
     _print_checks(result.checks, result.notes)
     batch = f"dynamic batch 1..{args.max_batch}" if result.dynamic_batch else "batch 1"
     checked = "checked against PyTorch" if result.checks else "NOT checked (--no-verify)"
     print(f"wrote {result.path} and {weights_path(result.path)} ({desc}; {size[0]}x{size[1]}, {batch}, precision "
           f"{result.precision}); {checked}")
     return 0
+
+
+def _int8_plan(args):
+    from dino_export.deploy_model import resolve_recipe
+    from dino_export.openvino_int8 import Int8Plan
+
+    plan = Int8Plan(resolve_recipe(args.recipe, args.overrides)[1], args.calibration_images, args.max_ap_drop)
+    plan.check()  # before the model is loaded
+    return plan
 
 
 def _cmd_bench(args) -> int:

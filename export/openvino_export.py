@@ -41,6 +41,7 @@ from dino_export import files
 from dino_export.check_reference import Referee
 from dino_export.deploy_model import QUERY_OUTPUT_NAMES, DeployModel
 from dino_export.onnx_export import check_batches, export_onnx
+from dino_export.openvino_int8 import Int8Plan, write_int8
 from dino_export.query_check import ExportCheckError, QueryCheck, Tolerance
 from dino_export.tracing import check_inputs
 
@@ -165,6 +166,7 @@ def export_openvino(
     verify: bool = True,
     labels: dict[str, str] | None = None,
     reference: str = "auto",
+    int8: Int8Plan | None = None,
 ) -> OpenVinoExport:
     """Exports ``model`` for ``(H, W)`` canvases to ``output`` (``.xml``, weights beside it in ``.bin``).
 
@@ -172,7 +174,9 @@ def export_openvino(
     files are moved into place. Without ``verify`` nothing is checked (said in the notes) and a ``precision`` this
     CPU lacks may be recorded for another machine. ``reference``: what both checks judge against
     (:class:`~dino_export.check_reference.Referee`; a bf16 IR is judged against float32). Raises UserError for a bad ``output`` or ``precision`` (before
-    exporting anything) and ExportCheckError (nothing written) when a check fails.
+    exporting anything) and ExportCheckError (nothing written) when a check fails. ``precision="int8"`` needs
+    ``int8`` (:class:`~dino_export.openvino_int8.Int8Plan`): the f32 IR is checked, then quantised and judged by
+    AP (:func:`~dino_export.openvino_int8.write_int8`; ApDropTooLarge, nothing written, past its bound).
     """
     output = Path(output)
     if output.suffix != ".xml":
@@ -183,6 +187,10 @@ def export_openvino(
         check_precision(precision)
     elif precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int8":
+        if int8 is None:
+            raise ValueError("precision='int8' needs an Int8Plan (int8=...)")
+        int8.check()  # a bad --calibration-images before the f32 export's minutes
     output.parent.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     checks: list[QueryCheck] = []
@@ -192,16 +200,19 @@ def export_openvino(
                                   verify=verify, labels=labels, reference=reference)
         checks += onnx_export.checks
         ir = convert_onnx(onnx_export.path)
-        set_precision(ir, precision)
+        float_precision = "f32" if precision == "int8" else precision  # int8 quantises the checked f32 IR
+        set_precision(ir, float_precision)
         set_metadata(ir, labels or {})
         xml = Path(tmp) / "model.xml"
         openvino().save_model(ir, str(xml), compress_to_fp16=False)
         if verify:
             with torch.no_grad():
-                checks += check_openvino(model, xml, image_size, check_batches(dynamic_batch), precision,
+                checks += check_openvino(model, xml, image_size, check_batches(dynamic_batch), float_precision,
                                          reference=reference)
         else:
             notes.append("not checked against PyTorch (--no-verify): written unchecked")
+        if precision == "int8":
+            xml = write_int8(ir, xml, onnx_export.path, image_size, int8, verify, notes)
         files.commit(weights_path(xml), weights_path(output))
         path = files.commit(xml, output)
     return OpenVinoExport(path, precision, tuple(image_size), dynamic_batch, checks, notes)

@@ -5,7 +5,9 @@ arithmetic precision is a property of the compiled model (``INFERENCE_PRECISION_
 the CPU is bf16 wherever the CPU has it (avx512_bf16 or AMX) and f32 elsewhere, so the same file silently gives other
 numbers on another machine. Here the precision is explicit: it is recorded in the IR (``rt_info`` key
 :data:`PRECISION_KEY`), every compile sets it, and a CPU without it is refused instead of falling back (OpenVINO
-itself compiles a bf16 hint to f32 without a word on such CPUs). ``openvino`` is imported only when used.
+itself compiles a bf16 hint to f32 without a word on such CPUs). An ``int8`` IR (``dino export openvino --precision
+int8``) holds NNCF's quantise/dequantise nodes, and the rest of its graph runs at bf16 where the CPU has it, else
+f32 (:func:`inference_precision`). ``openvino`` is imported only when used.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import torch
 from dino.errors import UserError
 from dino.ops.openvino_build import OP_NAME, load_openvino_extension, openvino_extension_failure
 
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("f32", "bf16", "int8")
 # OPTIMIZATION_CAPABILITIES entry a CPU must list for each precision (f32 is always there).
-_CAPABILITY = {"f32": "FP32", "bf16": "BF16"}
+_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "int8": "INT8"}
 PRECISION_KEY = "dino.precision"
 # rt_info: the op of dino's OpenVINO extension (dino.ops.openvino_build) that the IR holds; absent when it needs none.
 EXTENSION_KEY = "dino.extension"
@@ -91,9 +93,18 @@ def check_precision(precision: str) -> None:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     capabilities = cpu_capabilities()
     if _CAPABILITY[precision] not in capabilities:
+        needs = "; bf16 needs avx512_bf16 or AMX" if precision == "bf16" else ""
         raise UserError(f"--precision {precision}: this CPU has no {_CAPABILITY[precision]} (OpenVINO CPU "
-                        f"capabilities: {', '.join(capabilities)}); {precision} needs avx512_bf16 or AMX. Use "
-                        "--precision f32")
+                        f"capabilities: {', '.join(capabilities)}){needs}. Use --precision f32")
+
+
+def inference_precision(precision: str) -> str:
+    """The INFERENCE_PRECISION_HINT an IR of ``precision`` compiles with: itself for f32 and bf16; for int8, the
+    precision of the graph between its quantised nodes, bf16 where this CPU has it (int8 beside bf16 measured
+    faster than beside f32, docs/deployment.md "int8"), else f32."""
+    if precision != "int8":
+        return precision
+    return "bf16" if _CAPABILITY["bf16"] in cpu_capabilities() else "f32"
 
 
 def compile_cpu(model, precision: str, threads: int | None = None):
@@ -103,13 +114,14 @@ def compile_cpu(model, precision: str, threads: int | None = None):
     Raises UserError when this CPU lacks the precision, and RuntimeError when OpenVINO compiled another one.
     """
     check_precision(precision)
-    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    hint = inference_precision(precision)
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     compiled = core().compile_model(model, "CPU", config)
     got = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # an openvino.Type, e.g. 'f32'
-    if got != precision:
-        raise RuntimeError(f"OpenVINO compiled the model at {got}, not the requested {precision}")
+    if got != hint:
+        raise RuntimeError(f"OpenVINO compiled the model at {got}, not the requested {hint}")
     return compiled
 
 
