@@ -17,7 +17,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dino.api_arguments import check_evaluate_arguments
-from dino.api_arguments import check_evaluate_arguments
 from dino.config import Recipe
 from dino.durable import make_output_dir
 from dino.engine.evaluate import evaluate_checkpoint, report, score, validation_set
@@ -74,7 +73,6 @@ def evaluate(model: str | os.PathLike, recipe: Recipe | str | None = None, *, ov
     launch``) the main process gets the dict of a checkpoint and the others None.
     """
     check_evaluate_arguments(model, recipe, overrides, output_dir)  # one line naming a bad argument
-    check_evaluate_arguments(model, recipe, overrides, output_dir, "model")  # one line per bad argument
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise UserError(f"threads must be an integer >= 1 or None, got {threads!r}")
     path, kind = model_source(model, kind)
