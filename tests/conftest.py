@@ -1,10 +1,13 @@
 """Shared pytest setup: GPU and TensorRT tests skip cleanly where their hardware or library is missing."""
+import argparse
 import importlib.util
 import multiprocessing
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.official_weights import official_state_dict
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,6 +32,18 @@ def pytest_sessionfinish(session, exitstatus):
     if children:
         session.config.get_terminal_writer().line(
             f"conftest: killed {len(children)} leftover child process(es): {', '.join(map(str, children))}", yellow=True)
+
+
+@pytest.fixture(scope="session")
+def official_r50_4scale_pth(tmp_path_factory) -> Path:
+    """``checkpoint0011_4scale.pth`` as the official DINO repository saves it (``model``, ``optimizer``,
+    ``lr_scheduler``, ``epoch``, ``args``), its R50 4-scale weights filled by the golden parity rule
+    (tests/official_weights.py). 47M parameters filled and saved (about 190 MB) once per session; tests only read it."""
+    keys = Path(__file__).resolve().parent / "fixtures" / "parity" / "official_keys_r50_4scale.txt"
+    path = tmp_path_factory.mktemp("official_r50") / "checkpoint0011_4scale.pth"
+    torch.save({"model": official_state_dict(keys), "optimizer": {}, "lr_scheduler": {}, "epoch": 11,
+                "args": argparse.Namespace(lr=1e-4)}, path)
+    return path
 
 
 # A tiny model and its exports, paid once per session (tests/test_eval_artifacts.py; reusable by any test).

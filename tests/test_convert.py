@@ -34,22 +34,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 @pytest.mark.parametrize("scale", ["4scale", "5scale"])
-def test_converted_official_weights_reproduce_golden_outputs(scale, tmp_path):
+def test_converted_official_weights_reproduce_golden_outputs(scale, tmp_path, request):
     preset = f"dino_r50_{scale}"
-    official = official_state_dict(scale)
     if scale == "4scale":
-        # The full CLI path: .pth file in, safetensors out, strict load.
-        pth, out = tmp_path / "official.pth", tmp_path / "converted.safetensors"
-        torch.save({"model": official, "epoch": 11}, pth)
+        # The full CLI path: .pth file in (the session's official checkpoint file), safetensors out, strict load.
+        pth, out = request.getfixturevalue("official_r50_4scale_pth"), tmp_path / "converted.safetensors"
         with pytest.warns(UserWarning, match=r"88 per-layer copies.*differ.*bbox_embed\.5"):
             args = parser().parse_args(["convert-official", str(pth), str(out), "--preset", preset])
             rc = args.func(args)
         assert rc == 0
         converted = safetensors.torch.load_file(out)
     else:
+        official = official_state_dict(scale)
         with pytest.warns(UserWarning, match="differ"):
             converted = convert_official_state_dict(official, preset)
-    del official
+        del official
     model = dino.build_model(preset)
     model.load_state_dict(converted, strict=True)
     assert_matches_golden(model, PARITY, f"golden_r50_{scale}.safetensors")  # measured 1.5e-14 / 2.1e-14

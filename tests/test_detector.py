@@ -17,33 +17,28 @@ import torch
 import dino
 import dino_export
 from dino.engine.recipe import load_recipe
-from dino.engine.setup import weights_metadata
 from dino.errors import UserError
 from dino.models.dino import build_model
 from dino.weights import save_weights
 from dino_cli import main
 
 TINY = str(Path(__file__).resolve().parent / "engine_tiny_recipe.py")
-CATEGORIES = [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}, {"id": 3, "name": "triangle"}]
 KEEP_ALL = {"score_threshold": 0.0, "max_detections": 10}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tiny_run, tmp_path_factory):
     """A training run's folder as training leaves it (final weights and a checkpoint folder, both recording their
-    recipe and categories) for the tiny recipe on its 64 px shapes validation images (random weights, seed 0)."""
-    root = tmp_path_factory.mktemp("detector")
-    cfg = load_recipe(TINY, [f"data.root={root / 'shapes'}"])
-    from dino.data import build_dataset
-
-    dataset = build_dataset(cfg.data, "val")  # generates the images
-    torch.manual_seed(0)
-    folder = root / "run"
+    recipe and categories) for the tiny recipe on its 64 px shapes validation images (random weights, seed 0): the
+    session's ``tiny_run`` weights (tests/conftest.py), copied, so the ONNX graph ``tiny_onnx`` holds the same model."""
+    weights, overrides = tiny_run
+    cfg = load_recipe(TINY, overrides)
+    folder = tmp_path_factory.mktemp("detector") / "run"
     step = folder / "checkpoints" / "step_00000004_end"
     step.mkdir(parents=True)
-    save_weights(build_model(cfg.model).state_dict(), folder / "model.safetensors", weights_metadata(cfg, CATEGORIES))
-    shutil.copy(folder / "model.safetensors", step / "model.safetensors")
-    images = sorted(dataset.images_dir.iterdir())
+    shutil.copy(weights, folder / "model.safetensors")
+    shutil.copy(weights, step / "model.safetensors")
+    images = sorted((Path(cfg.data.root) / cfg.data.val_images).iterdir())
     return folder, images, cfg
 
 
@@ -53,10 +48,9 @@ def detector(run):
 
 
 @pytest.fixture(scope="module")
-def onnx_graph(run, tmp_path_factory):
-    path = tmp_path_factory.mktemp("detector_onnx") / "tiny.onnx"
-    assert dino_export.export(run[0], "onnx", path, image_size=(64, 64), verify=False) == path
-    return path
+def onnx_graph(tiny_onnx):
+    """``run``'s model as a 64x64 ONNX graph: the session's ``tiny_onnx``, exported once from the same weights."""
+    return tiny_onnx
 
 
 def _cli_predictions(inputs, output, *flags) -> dict:

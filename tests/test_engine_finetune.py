@@ -1,11 +1,8 @@
 """Fine-tuning an official checkpoint on a 3-class COCO-format set in one command, never downloading anything."""
-import argparse
 import json
 import urllib.error
-from pathlib import Path
 
 import pytest
-import torch
 import torchvision.models._api
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -13,9 +10,6 @@ from safetensors.torch import load_file
 from dino.engine.recipe import load_recipe
 from dino.engine.setup import build_model
 from dino.errors import UserError
-from tests.official_weights import official_state_dict
-
-KEYS = Path(__file__).resolve().parent / "fixtures" / "parity" / "official_keys_r50_4scale.txt"
 
 
 @pytest.fixture
@@ -41,12 +35,10 @@ def test_a_failed_backbone_download_is_one_line_saying_what_to_do(offline):
 
 
 @pytest.mark.filterwarnings("ignore:.*per-layer copies of the shared heads differ")  # synthetic weights, not real ones
-def test_finetune_official_checkpoint_to_three_classes(tmp_path, offline):
+def test_finetune_official_checkpoint_to_three_classes(tmp_path, offline, official_r50_4scale_pth):
     from dino_cli import main
 
-    pth = tmp_path / "checkpoint0011_4scale.pth"
-    torch.save({"model": official_state_dict(KEYS), "optimizer": {}, "lr_scheduler": {}, "epoch": 11,
-                "args": argparse.Namespace(lr=1e-4)}, pth)
+    pth = official_r50_4scale_pth
     assert main(["convert-official", str(pth), str(tmp_path / "converted.safetensors")]) == 0
     converted = load_file(str(tmp_path / "converted.safetensors"))
 

@@ -223,15 +223,10 @@ def test_unknown_mixed_precision_is_rejected(data_root, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*per-layer copies of the shared heads differ")  # synthetic weights, not real ones
-def test_dino_eval_converts_an_official_pth_in_memory(tmp_path, capsys):
-    import argparse
-
+def test_dino_eval_converts_an_official_pth_in_memory(tmp_path, capsys, official_r50_4scale_pth):
     from dino_cli import main
-    from tests.official_weights import official_state_dict
 
-    keys = Path(__file__).resolve().parent / "fixtures" / "parity" / "official_keys_r50_4scale.txt"
-    path = tmp_path / "checkpoint0011_4scale.pth"
-    torch.save({"model": official_state_dict(keys), "epoch": 11, "args": argparse.Namespace(lr=1e-4)}, path)
+    path = official_r50_4scale_pth
     # The official R50 recipe on 2 shapes images at 256 px (enough encoder tokens for 900 queries).
     rc = main(["eval", "--recipe", "dino_r50_4scale_12ep", "--checkpoint", str(path), "--output-dir", str(tmp_path / "e"),
                "--set", "data.dataset=shapes", f"data.root={tmp_path / 'shapes'}", "data.train_images=train",
