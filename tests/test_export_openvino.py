@@ -78,7 +78,7 @@ def test_export_checks_onnx_then_openvino_and_writes_an_f32_ir_with_its_classes(
     for path in (xml, weights_path(xml)):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
-    model = ov.Core().read_model(str(xml))
+    model = openvino_runtime.read_ir(xml)
     assert [i.get_any_name() for i in model.inputs] == ["images", "mask"]
     assert [o.get_any_name() for o in model.outputs] == ["boxes", "scores", "labels"]
     assert model.inputs[0].get_partial_shape() == ov.PartialShape([1, 3, *SIZE])  # static batch 1
@@ -127,7 +127,7 @@ def test_predict_openvino_gives_eager_predictions(exported, tmp_path, capsys):
 
 def _with_first_conv_perturbed(xml):
     """The IR with one number of the backbone's first convolution changed by 1, as a corrupt file would have."""
-    model = ov.Core().read_model(str(xml))
+    model = openvino_runtime.read_ir(xml)
     const = next(op for op in model.get_ops() if op.get_type_name() == "Constant"
                  and "conv1.weight" in op.get_friendly_name() and op.get_output_element_type(0) == ov.Type.f32)
     values = const.get_data().copy()
@@ -198,7 +198,7 @@ def test_predict_openvino_refuses_bad_files_in_one_line(exported, tmp_path):
     with pytest.raises(UserError, match="OpenVINO cannot read .*corrupt.xml"):
         OpenVinoBackend(corrupt)
     other = tmp_path / "other.xml"  # an IR recording a precision this version does not run
-    model = ov.Core().read_model(str(xml))
+    model = openvino_runtime.read_ir(xml)
     model.set_rt_info("f16", [openvino_runtime.PRECISION_KEY])
     ov.save_model(model, str(other), compress_to_fp16=False)
     with pytest.raises(UserError, match="other.xml: unknown dino.precision 'f16'"):
