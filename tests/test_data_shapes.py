@@ -200,10 +200,10 @@ def test_square_datasets_are_unchanged_by_the_non_square_setting(tmp_path):
     assert _digest(root) == "23e227ceaa1747c94011dc9382e4a2f524e85ab1a812d203556f4c95742646d8"
 
 
-def test_non_square_validation_images(tmp_path, capsys):
+def test_non_square_validation_images(tmp_path, caplog):
     square = generate_shapes_dataset(tmp_path / "square", 3, 4, 64, seed=0)
     root = generate_shapes_dataset(tmp_path / "wide", 3, 4, 64, seed=0, val_image_size=(40, 64))
-    assert f"4 val images of 40x64 px, seed 0) into {root}" in capsys.readouterr().err
+    assert f"4 val images of 40x64 px, seed 0) into {root}" in caplog.text
     for name in ("train/000000.png", "train/000002.png", "annotations/train.json"):  # training images stay square
         assert (root / name).read_bytes() == (square / name).read_bytes()
     data = json.loads((root / "annotations" / "val.json").read_text())

@@ -107,16 +107,17 @@ def test_unloadable_artifact_is_refused_before_the_data_is_generated(tmp_path, c
     assert not data.exists()
 
 
-def test_shapes_data_is_generated_only_for_a_shapes_recipe_and_says_where(tiny_run, tmp_path, capsys):
+def test_shapes_data_is_generated_only_for_a_shapes_recipe_and_says_where(tiny_run, tmp_path, caplog):
     weights = tiny_run[0]
     with pytest.raises(UserError, match="annotations"):
         dino.evaluate(weights, TINY_RECIPE, overrides=["data.dataset=coco", f"data.root={tmp_path / 'coco'}"])
     assert not (tmp_path / "coco").exists()
-    capsys.readouterr()
+    caplog.clear()
     stats = dino.evaluate(weights, TINY_RECIPE, overrides=[f"data.root={tmp_path / 'new'}"])
     assert stats["num_images"] == 5
-    err = capsys.readouterr().err
+    err = caplog.text
     assert ("generating the synthetic shapes dataset (8 train images of 64x64 px, 5 val images of 64x64 px, seed 0) "
             f"into {tmp_path / 'new'}") in err
+    caplog.clear()
     dino.evaluate(weights, TINY_RECIPE, overrides=[f"data.root={tmp_path / 'new'}"])
-    assert "generating" not in capsys.readouterr().err  # there already: nothing generated, nothing said
+    assert "generating" not in caplog.text  # there already: nothing generated, nothing said

@@ -23,8 +23,8 @@ from __future__ import annotations
 import colorsys
 import json
 import os
+import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -36,6 +36,8 @@ from dino.errors import UserError
 from dino.run_lock import first_process, run_lock
 
 __all__ = ["CATEGORIES", "generate_shapes_dataset", "render_shapes_image"]
+
+logger = logging.getLogger("dino.data")
 
 CATEGORIES = [
     {"id": 1, "name": "rectangle", "supercategory": "shape"},
@@ -256,9 +258,11 @@ def _generate(root: Path, params: dict) -> None:
     _check_replaceable(root)
     size = params["image_size"]
     val_size = "x".join(map(str, params.get("val_image_size", (size, size))))
-    # One line, so that a data.root meant to hold a dataset already does not fill up unnoticed.
-    print(f"generating the synthetic shapes dataset ({params['num_train']} train images of {size}x{size} px, "
-          f"{params['num_val']} val images of {val_size} px, seed {params['seed']}) into {root}", file=sys.stderr)
+    # One line, so that a data.root meant to hold a dataset already does not fill up unnoticed; a warning, so that
+    # the Python API says it too (logging's last-resort handler prints warnings when nothing is configured).
+    logger.warning("generating the synthetic shapes dataset (%d train images of %dx%d px, %d val images of %s px, "
+                   "seed %d) into %s", params["num_train"], size, size, params["num_val"], val_size, params["seed"],
+                   root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not secret
     try:
@@ -289,8 +293,8 @@ def generate_shapes_dataset(
     dataset with other parameters is replaced when it holds nothing else; a ``root`` holding anything the generator
     did not make (listed in its stamp) is a UserError and is never deleted. Concurrent callers (the processes of one launch) serialise on a lock file next to ``root`` and
     generate once. 512 + 64 images of 128 px take a few seconds. ``val_image_size``: (height, width) of the
-    validation images (None: ``image_size`` squares, as the training images). Generating says where on stderr, in
-    one line.
+    validation images (None: ``image_size`` squares, as the training images). Generating says where, in one
+    warning line (logger ``dino.data``).
     """
     for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("image_size", image_size, 32)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:

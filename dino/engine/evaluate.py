@@ -22,7 +22,7 @@ from dino.engine.bad_images import agreed_batches
 from dino.engine.setup import build_accelerator, fit_classes_to
 from dino.engine.termination import data_worker_init
 from dino.errors import UserError
-from dino.model_loading import build_model_from_checkpoint, read_state_dict
+from dino.model_loading import build_model_from_checkpoint
 from dino.models.memory import check_resize_fits
 from dino.plots.pr_curves import PR_CURVES_PNG, plot_pr_curves
 
@@ -189,17 +189,9 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, output_dir: str | Path | No
 
     weights = checkpoint_weights(checkpoint)
     accelerator = build_accelerator(cfg, use_trackers=False)
-    # The checkpoint is read before the validation set is built (a shapes recipe generates it): a corrupt file, or
-    # one of another model when the recipe sets its class count, costs one line and no data.
-    if cfg.model.num_classes is not None:
-        model = build_model_from_checkpoint(cfg.model, weights)  # never downloads backbone weights
-    else:
-        model = None
-        read_state_dict(weights, cfg.model)
     dataset = validation_set(cfg)
     fit_classes_to(cfg, dataset)
-    if model is None:  # its class count comes from the data
-        model = build_model_from_checkpoint(cfg.model, weights)
+    model = build_model_from_checkpoint(cfg.model, weights)  # never downloads backbone weights
     check_resize_fits(model, cfg.data.val_scale, cfg.data.val_max_size, cfg.train.eval_batch_size, accelerator.device)
     model, loader = accelerator.prepare(model, build_val_loader(dataset, cfg))
     stats = evaluate(accelerator, model, PostProcess(cfg.model.num_select), loader, dataset, output_dir,
