@@ -2,6 +2,9 @@
 import argparse
 import importlib.util
 import multiprocessing
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_cuda)
         if "tensorrt" in item.keywords and not has_trt:
             item.add_marker(no_trt)
+
+
+# The official goldens (shared/parity) were made where Intel MKL takes its generic code path. On an Intel CPU MKL's
+# own paths round float32 log and exp differently (e.g. 424 vs 74,299 of 1e6 float32 logs not correctly rounded), and
+# the official model computes its proposals and sine embeddings in float32: measured on a 2-core Xeon (AMX), the R50
+# golden outputs then differ by 2.8e-7 (MKL_CBWR=AVX2: 1.5e-7), far past the 1e-10 the goldens are held to, before
+# any change of ours. MKL_CBWR=COMPATIBLE pins the generic path on every CPU (it passes there), but MKL reads it only
+# when it loads and it makes float32 GEMM about 3x slower, so only `golden` tests run under it, in a child pytest.
+GOLDEN_MKL = "COMPATIBLE"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A ``golden`` test runs in a child pytest with ``MKL_CBWR=COMPATIBLE`` unless this process already has it; the
+    child's verdict is the test's (its output tail in the failure)."""
+    if pyfuncitem.get_closest_marker("golden") is None or os.environ.get("MKL_CBWR") == GOLDEN_MKL:
+        return None
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", pyfuncitem.nodeid]
+    child = subprocess.run(cmd, cwd=pyfuncitem.config.rootpath, env={**os.environ, "MKL_CBWR": GOLDEN_MKL},
+                           capture_output=True, text=True, timeout=3600)
+    if child.returncode != 0:
+        tail = "\n".join((child.stdout + child.stderr).splitlines()[-40:])
+        pytest.fail(f"{pyfuncitem.nodeid} under MKL_CBWR={GOLDEN_MKL} (child pytest, exit {child.returncode}):\n{tail}",
+                    pytrace=False)
+    return True
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -33,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("scale", ["4scale", "5scale"])
 def test_converted_official_weights_reproduce_golden_outputs(scale, tmp_path, request):
     preset = f"dino_r50_{scale}"

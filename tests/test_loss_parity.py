@@ -38,6 +38,7 @@ def test_fill_rule_reproduces_key_list():
     assert not torch.equal(fill("a.weight", (3, 4), 0), fill("a.weight", (3, 4), 1))
 
 
+@pytest.mark.golden
 def test_official_losses_reproduced():
     golden = load_file(str(GOLDEN))
     cfg = presets.get_preset(PRESET)

@@ -36,6 +36,7 @@ def convert_with_cli(official: dict[str, torch.Tensor], preset: str, tmp_path: P
 
 
 @pytest.mark.slow  # about 1.5 min of CPU per preset (217M parameters in float64); CI runs it
+@pytest.mark.golden
 @pytest.mark.parametrize("scale", ["4scale", "5scale"])
 def test_converted_official_swinl_reproduces_golden_outputs(scale, tmp_path):
     preset = f"dino_swinl_{scale}"

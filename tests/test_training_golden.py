@@ -76,6 +76,7 @@ class Recorder:
         accelerator.backward, accelerator.clip_grad_norm_ = record_backward, record_clip
 
 
+@pytest.mark.golden
 def test_two_official_training_steps_are_reproduced():
     golden = load_file(str(GOLDEN))
     meta = json.loads(GOLDEN.with_name(GOLDEN.name + ".json").read_text())
