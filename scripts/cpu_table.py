@@ -12,9 +12,11 @@ Rows (R50 4-scale, one 800x1333 image, batch 1, fp32 unless named, torch's threa
   beside ``eager_kernel`` it is the allocator's effect;
 - ``ort_cpu``, ``openvino_cpu``, ``openvino_cpu_bf16``: the ``dino bench`` backends of the same names (the exported
   standard ONNX graph in ONNX Runtime / OpenVINO), in one process with the ``dino`` allocator defaults;
-- ``openvino_ext``, ``openvino_ext_bf16``: the plugin ONNX graph converted with dino's OpenVINO extension
-  (deformable attention as its ``DinoMSDeformAttn`` op, the CPU kernel; what ``dino export openvino`` writes where the
-  extension builds), f32 / bf16, in the same process.
+- ``openvino_cpu_int8``: the GridSample IR quantised by NNCF (as ``dino export openvino --precision int8``, on
+  :data:`INT8_CALIBRATION` random images: a speed row);
+- ``openvino_ext``, ``openvino_ext_bf16``, ``openvino_ext_int8``: the plugin ONNX graph converted with dino's OpenVINO
+  extension (deformable attention as its ``DinoMSDeformAttn`` op, the CPU kernel; what ``dino export openvino`` writes
+  where the extension builds), f32 / bf16 / int8, in the same process.
 
 Each row lives in a worker process (four: official, ours, ours without the allocator defaults, deploy) that builds
 its model once; the parent then asks the rows for one call each in turn, a warm-up round and ``--iters`` timed rounds, so every
@@ -46,10 +48,16 @@ ROWS = {
     "ort_cpu": ("deploy", "ONNX Runtime CPU, exported standard ONNX graph (dino bench ort_cpu)"),
     "openvino_cpu": ("deploy", "OpenVINO CPU f32, the same ONNX graph (dino bench openvino_cpu)"),
     "openvino_cpu_bf16": ("deploy", "OpenVINO CPU bf16 (dino bench openvino_cpu_bf16)"),
+    "openvino_cpu_int8": ("deploy", "OpenVINO CPU int8 (NNCF, TRANSFORMER, rest at bf16 where the CPU has it), "
+                                    "GridSample IR"),
     "openvino_ext": ("deploy", "OpenVINO CPU f32 + dino's extension (plugin graph: deformable attention on the CPU "
                                "kernel, as dino export openvino writes it)"),
     "openvino_ext_bf16": ("deploy", "OpenVINO CPU bf16 + dino's extension"),
+    "openvino_ext_int8": ("deploy", "OpenVINO CPU int8 (NNCF) + dino's extension"),
 }
+# int8 rows time the quantised graph; NNCF calibrates on this many random images (speed, not accuracy: the AP of
+# each deployment is scripts/deploy_ap.py's, on a trained model).
+INT8_CALIBRATION = 2
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
@@ -81,23 +89,35 @@ def _official_runners(args) -> dict:
     return {"official": OfficialDetector(model, post["bbox"], official.NestedTensor)}
 
 
-def _openvino_extension_runner(model, args, workdir: Path, precision: str):
-    """The plugin graph converted with dino's OpenVINO extension, compiled at ``precision`` with torch's threads and
-    the per-query outputs (as the openvino_cpu rows)."""
+def _openvino_runner(model, args, workdir: Path, graph: str, precision: str):
+    """The ``graph`` ONNX graph (``standard``: GridSample; ``plugin``: converted with dino's OpenVINO extension, the CPU
+    kernel, as ``dino export openvino`` writes it where the extension builds) as an OpenVINO IR compiled at
+    ``precision`` (int8: NNCF-quantised first) with torch's threads and the per-query outputs, as the dino bench
+    OpenVINO rows."""
     import torch
 
     from dino.predict.backend import OUTPUT_NAMES
-    from dino.predict.openvino_runtime import EXTENSION_KEY, compile_cpu, run_compiled
+    from dino.predict.openvino_runtime import EXTENSION_KEY, check_precision, compile_cpu, run_compiled
     from dino_export.bench import _Unavailable
     from dino_export.onnx_export import export_onnx
     from dino_export.openvino_export import checkable_model, convert_onnx
+    from dino_export.openvino_int8 import quantize
+    from dino_export.tracing import check_inputs
 
-    path = workdir / "plugin.onnx"
+    try:
+        check_precision(precision)
+    except Exception as err:  # noqa: BLE001 - a precision this CPU lacks is a row saying so, not a figure
+        raise _Unavailable(f"not measured here: {err}") from None
+    path = workdir / f"{graph}.onnx"
     if not path.exists():
-        export_onnx(model, path, tuple(args.image_size), "plugin", verify=False)
+        export_onnx(model, path, tuple(args.image_size), graph, verify=False)
     ir = convert_onnx(path)
-    if not ir.has_rt_info([EXTENSION_KEY]):
+    if graph == "plugin" and not ir.has_rt_info([EXTENSION_KEY]):
         raise _Unavailable("dino's OpenVINO extension is unavailable (python -m dino.ops.openvino_build says why)")
+    if precision == "int8":
+        samples = [dict(zip(("images", "mask"), (t.numpy() for t in check_inputs(1, tuple(args.image_size), seed))))
+                   for seed in range(INT8_CALIBRATION)]
+        ir = quantize(ir, samples, onnx_path=path)
     compiled = compile_cpu(checkable_model(ir), precision, torch.get_num_threads())
     return lambda images, mask: run_compiled(compiled, images, mask, OUTPUT_NAMES)
 
@@ -123,9 +143,10 @@ def _our_runners(args, names: list[str], workdir: Path) -> dict:
     runners = {}
     for name in names:
         try:
-            if name.startswith("openvino_ext"):
-                precision = "bf16" if name.endswith("bf16") else "f32"
-                runners[name] = _openvino_extension_runner(model, args, workdir, precision)
+            if name.startswith("openvino_ext") or name == "openvino_cpu_int8":
+                precision = next((p for p in ("bf16", "int8") if name.endswith(p)), "f32")
+                graph = "plugin" if name.startswith("openvino_ext") else "standard"
+                runners[name] = _openvino_runner(model, args, workdir, graph, precision)
                 continue
             runners[name] = {"eager_kernel": model, "eager_kernel_glibc": model,
                              "eager_pytorch": pytorch_path}.get(name) or factory.make(name)
