@@ -65,7 +65,14 @@ def test_two_processes_give_the_predictions_and_ap_of_one(tmp_path):
     torch.manual_seed(0)
     checkpoint = tmp_path / "model.safetensors"
     save_weights(build_model(cfg.model).state_dict(), checkpoint)
-    one = evaluate_checkpoint(cfg, checkpoint, tmp_path / "one")
+    # One thread, as each launched process has (launch_env): the predictions are compared exactly, and MKL's float32
+    # GEMM on an Intel CPU sums in another order at 2 threads (measured 7e-9 apart on a 2-core Xeon).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = evaluate_checkpoint(cfg, checkpoint, tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
 
     cmd = [*ACCELERATE_LAUNCH, *two_processes(free_port()), "-m", "dino_cli", "eval", "--recipe", TINY,
            "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "two"), "--set", f"data.root={root}"]
