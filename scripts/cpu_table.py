@@ -10,8 +10,10 @@ Rows (R50 4-scale, one 800x1333 image, batch 1, fp32 unless named, torch's threa
   allocator defaults of the ``dino`` command (dino_cli/allocator.py);
 - ``eager_kernel_glibc``: ours eager with the kernel under glibc's malloc defaults (``DINO_MALLOC_TUNING=0``):
   beside ``eager_kernel`` it is the allocator's effect;
-- ``ort_cpu``, ``openvino_cpu``, ``openvino_cpu_bf16``: the ``dino bench`` backends of the same names (the exported
-  standard ONNX graph in ONNX Runtime / OpenVINO), in one process with the ``dino`` allocator defaults;
+- ``ort_cpu``: the ``dino bench`` backend of that name (the exported standard ONNX graph in ONNX Runtime), in one
+  process with the ``dino`` allocator defaults;
+- ``openvino_cpu``, ``openvino_cpu_bf16``: the same standard graph as an OpenVINO IR (GridSample), compiled as the
+  ``dino bench`` backends of those names compile it;
 - ``openvino_cpu_int8``: the GridSample IR quantised by NNCF (as ``dino export openvino --precision int8``, on
   :data:`INT8_CALIBRATION` random images: a speed row);
 - ``openvino_ext``, ``openvino_ext_bf16``, ``openvino_ext_int8``: the plugin ONNX graph converted with dino's OpenVINO
@@ -46,8 +48,8 @@ ROWS = {
     "eager_pytorch": ("ours", "ours eager, PyTorch path (grid_sample), dino's allocator defaults"),
     "eager_kernel_glibc": ("ours_glibc", "ours eager, CPU kernel, glibc malloc defaults (DINO_MALLOC_TUNING=0)"),
     "ort_cpu": ("deploy", "ONNX Runtime CPU, exported standard ONNX graph (dino bench ort_cpu)"),
-    "openvino_cpu": ("deploy", "OpenVINO CPU f32, the same ONNX graph (dino bench openvino_cpu)"),
-    "openvino_cpu_bf16": ("deploy", "OpenVINO CPU bf16 (dino bench openvino_cpu_bf16)"),
+    "openvino_cpu": ("deploy", "OpenVINO CPU f32, the same ONNX graph: GridSample IR (as dino bench openvino_cpu)"),
+    "openvino_cpu_bf16": ("deploy", "OpenVINO CPU bf16, GridSample IR (as dino bench openvino_cpu_bf16)"),
     "openvino_cpu_int8": ("deploy", "OpenVINO CPU int8 (NNCF, TRANSFORMER, rest at bf16 where the CPU has it), "
                                     "GridSample IR"),
     "openvino_ext": ("deploy", "OpenVINO CPU f32 + dino's extension (plugin graph: deformable attention on the CPU "
@@ -118,6 +120,11 @@ def _openvino_runner(model, args, workdir: Path, graph: str, precision: str):
         samples = [dict(zip(("images", "mask"), (t.numpy() for t in check_inputs(1, tuple(args.image_size), seed))))
                    for seed in range(INT8_CALIBRATION)]
         ir = quantize(ir, samples, onnx_path=path)
+    if args.benchmark_app:  # the IR as compiled here, for OpenVINO's own benchmark_app (main)
+        from dino.predict.openvino_runtime import openvino, set_precision
+
+        set_precision(ir, precision)
+        openvino().save_model(ir, str(Path(args.benchmark_app) / f"{graph}_{precision}.xml"), compress_to_fp16=False)
     compiled = compile_cpu(checkable_model(ir), precision, torch.get_num_threads())
     return lambda images, mask: run_compiled(compiled, images, mask, OUTPUT_NAMES)
 
@@ -143,7 +150,7 @@ def _our_runners(args, names: list[str], workdir: Path) -> dict:
     runners = {}
     for name in names:
         try:
-            if name.startswith("openvino_ext") or name == "openvino_cpu_int8":
+            if name.startswith("openvino_"):
                 precision = next((p for p in ("bf16", "int8") if name.endswith(p)), "f32")
                 graph = "plugin" if name.startswith("openvino_ext") else "standard"
                 runners[name] = _openvino_runner(model, args, workdir, graph, precision)
@@ -187,6 +194,8 @@ class Worker:
     def __init__(self, kind: str, names: list[str], args, env: dict[str, str]):
         cmd = [sys.executable, __file__, "--worker", kind, "--rows", *names, "--preset", args.preset,
                "--image-size", *map(str, args.image_size)]
+        if args.benchmark_app:
+            cmd += ["--benchmark-app", str(args.benchmark_app)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
                                      env={**os.environ, **env})
 
@@ -257,6 +266,34 @@ def _table(args, times: dict[str, list[float]], notes: dict[str, str]) -> tuple[
     return rows, "\n".join(lines)
 
 
+def benchmark_app_rows(args) -> str:
+    """OpenVINO's own ``benchmark_app`` on each IR the deploy worker saved (``-hint none -nstreams 1``, torch's
+    thread count, the IR's inference precision, dino's extension where the IR holds its op): an independent client
+    beside the table's OpenVINO rows. Its median latency, in s."""
+    import re
+
+    import torch
+
+    from dino.ops.openvino_build import load_openvino_extension
+    from dino.predict.openvino_runtime import inference_precision
+
+    lines = ["| IR | benchmark_app median s | iterations |", "|---|---|---|"]
+    for xml in sorted(Path(args.benchmark_app).glob("*.xml")):
+        graph, precision = xml.stem.split("_")
+        cmd = [str(Path(sys.executable).with_name("benchmark_app")), "-m", str(xml), "-d", "CPU", "-hint", "none",
+               "-nstreams", "1", "-nthreads", str(torch.get_num_threads()), "-infer_precision",
+               inference_precision(precision), "-niter", str(max(3, args.warmup + args.iters)), "-api", "sync"]
+        if graph == "plugin":
+            cmd += ["-extensions", str(load_openvino_extension())]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        median = re.search(r"Median:\s+([0-9.]+) ms", result.stdout)
+        count = re.search(r"Count:\s+([0-9]+)", result.stdout)
+        shown = f"{float(median.group(1)) / 1e3:.2f}" if median else f"failed: {(result.stdout + result.stderr)[-200:]!r}"
+        lines.append(f"| {xml.stem} | {shown} | {count.group(1) if count else '-'} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def training_rows(args, out_dir: Path) -> tuple[list[dict], str]:
     """Quickstart recipe, ``--train-epochs`` with ``dino train``, kernel on / off alternated; images/s of log.jsonl."""
     runs = []
@@ -303,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, help="markdown file for the tables (and a .json beside it)")
     parser.add_argument("--train-only", action="store_true", help="only the quickstart training rows")
+    parser.add_argument("--benchmark-app", type=Path, metavar="DIR",
+                        help="save each OpenVINO row's IR in DIR and time it with OpenVINO's benchmark_app too")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -319,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
             args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows,
                                                                  "training": train_runs or []}, indent=1))
 
+    if args.benchmark_app:
+        args.benchmark_app.mkdir(parents=True, exist_ok=True)
     rows, table = inference_rows(args, save) if not args.train_only else ([], "")
+    if args.benchmark_app:
+        table += "\n\nOpenVINO benchmark_app on the same IRs:\n\n" + benchmark_app_rows(args)
     save(rows, table)
     text = header + "\n\n" + table
     train_runs: list[dict] = []
