@@ -3,12 +3,14 @@ import argparse
 import importlib.util
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.data._utils.signal_handling as loader_signals
 
 from tests.official_weights import official_state_dict
 
@@ -47,6 +49,21 @@ def pytest_pyfunc_call(pyfuncitem):
         pytest.fail(f"{pyfuncitem.nodeid} under MKL_CBWR={GOLDEN_MKL} (child pytest, exit {child.returncode}):\n{tail}",
                     pytrace=False)
     return True
+
+
+@pytest.fixture(autouse=True)
+def _sigchld_as_found():
+    """Each test leaves SIGCHLD's handler as it found it. A DataLoader with workers installs torch's SIGCHLD handler
+    for the rest of the process; then every child that any later test starts and waits for delivers a signal to this
+    process. On the 2-core Xeon (AMX) VM, pytest then died of a SIGSEGV from the kernel itself (si_code SI_KERNEL:
+    a signal frame it could not deliver) while waiting for a child, at the same test of each run (a core dump: the
+    main thread in waitpid, torch's handler installed), CI included. Clearing the flag lets the next loader with
+    workers install its handler again."""
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    if signal.getsignal(signal.SIGCHLD) is not before:
+        signal.signal(signal.SIGCHLD, before)
+        loader_signals._SIGCHLD_handler_set = False
 
 
 def pytest_sessionfinish(session, exitstatus):

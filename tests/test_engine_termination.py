@@ -164,7 +164,9 @@ def test_sigterm_at_an_epoch_end_saves_once_a_second_signal_does_not_break_it_an
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
 
     # 2. The rerun is killed (SIGKILL) while writing its next checkpoint: that folder is never a checkpoint.
+    # Both of part 1's files go: a `go_save` left behind would let this save finish before the SIGKILL arrives.
     (pause / "saving").unlink()
+    (pause / "go_save").unlink()
     run, log = start(started, cmd, tmp_path, "log2", env_extra={"DINO_PAUSE_DIR": str(pause), "DINO_PAUSE_SAVE": "1"})
     wait_for([pause / "saving"], run, log)
     run.send_signal(signal.SIGKILL)
