@@ -40,7 +40,10 @@ def evaluated_run(data_root, tmp_path_factory):
     handler = _Lines()
     logger = logging.getLogger("dino.engine")
     logger.addHandler(handler)
-    previous, logger.level = logger.level, logging.INFO
+    # setLevel, not `logger.level =`: only setLevel clears the cache of isEnabledFor answers, and an earlier test in
+    # this process may have asked this logger about INFO while it was at WARNING (no lines here, in a 2-worker run).
+    previous = logger.level
+    logger.setLevel(logging.INFO)
     try:
         train(tiny(data_root, out, "train.eval_every_epochs=1"))
     finally:
@@ -68,7 +71,8 @@ def test_each_epoch_is_one_short_line_with_the_figures_of_its_log_record(evaluat
     out, lines = evaluated_run
     records = _records(out / "log.jsonl")
     shown = [line for line in lines if line.startswith("epoch ") and "img/s" in line]
-    assert len(shown) == len(records) == 2
+    assert len(records) == 2, records
+    assert len(shown) == 2, lines
     for line, record in zip(shown, records):
         assert len(line) <= MAX_LINE and "\n" not in line, line
         assert line.startswith(f"epoch {record['epoch']}/2 ")
