@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 	$(VPY) -m dino.quickstart
 
 test: $(STAMP)
-	$(VPY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(VPY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) outputs

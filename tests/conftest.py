@@ -27,9 +27,10 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
 
 
-# The files that take longest, longest first (docs/testing.md, "Where the time goes"). make test runs pytest-xdist
-# with --dist loadfile --no-loadscope-reorder: a file's tests stay on one worker (its module fixtures are made once)
-# and a worker that runs dry takes the next file in this order, so no long file is started last.
+# The files that take longest, longest first (docs/testing.md, "Where the time goes"). Under pytest-xdist's
+# -n 2 --dist loadfile --no-loadscope-reorder (docs/testing.md; not make test's command yet) a file's tests stay on
+# one worker, so its module fixtures are made once, and a worker that runs dry takes the next file in this order, so
+# no long file is started last.
 LONGEST_FILES = ("test_swinl_parity.py", "test_export_onnx.py", "test_gpu_check.py", "test_export_check_reference.py",
                  "test_export_cli.py", "test_training_golden.py", "test_engine_termination.py", "test_export_aoti.py",
                  "test_export_int8.py", "test_convert.py", "test_engine_train.py", "test_wheel.py",
